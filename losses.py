@@ -1,0 +1,252 @@
+"""
+The contrastive objectives, as pure functions (tensors in, tensor out; no global config):
+
+    nt_xent      SimCLR NT-Xent over 2B global embeddings                      SPEC 3, 1.3
+    match        dense correspondence: argmax cosine token of the other view   SPEC 1.4
+    dense_loss   dense InfoNCE with every negative formulation                 SPEC 1.5, 1.6
+    recon_loss   auxiliary pixel reconstruction                                SPEC 1.7
+
+Views are laid out as [view 1 of images 0..B-1, view 2 of images 0..B-1]. Under torch.distributed the negatives come from
+every rank through a differentiable all-gather; global image g = rank * B + i, so the global layout is that of one
+process holding the concatenated batch. Each rank returns the mean over its own anchors: the mean over ranks is the
+single-process loss, and DDP's gradient averaging then gives exactly the single-process gradients (the gather's
+backward sums every rank's gradient into the features it came from).
+"""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+NEGATIVES = ("densecl", "random", "guided", "all")
+
+
+def world():
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _Gather(torch.autograd.Function):
+    """all_gather along dim 0 whose backward all-reduces (sums) the gradient and keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x):
+        rank, size = world()
+        ctx.rank, ctx.n = rank, x.shape[0]
+        out = torch.empty((size * x.shape[0],) + x.shape[1:], dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def gather(x):
+    """Differentiable concatenation of x [n, ...] from every rank -> [world * n, ...] (identity in one process)."""
+    return _Gather.apply(x) if world()[1] > 1 else x
+
+
+def gather_images(x, dim=1):
+    """Gather along the image dimension `dim`: [.., B, ..] per rank -> [.., world * B, ..] in global image order."""
+    return gather(x.movedim(dim, 0)).movedim(0, dim) if world()[1] > 1 else x
+
+
+def _acc(dtype):
+    return torch.promote_types(dtype, torch.float32)  # float32 for bf16/fp16 inputs, float64 stays float64
+
+
+def nt_xent(u1, u2, tau):
+    """SimCLR NT-Xent (SPEC 3). u1, u2: unnormalised projections [B, D] of the two views of B images.
+    With u = norm(.), for the 2B anchors k and positive p(k) (the other view of the same image):
+        l_k = -log exp(u_k.u_p(k)/tau) / sum_{j != k} exp(u_k.u_j/tau),     L = mean_k l_k
+    The sum runs over the 2·B_global - 1 other views of the globally gathered batch (the positive included).
+    Returns the mean over this rank's 2B anchors (see the module docstring for DDP)."""
+    if u1.ndim != 2 or u1.shape != u2.shape:
+        raise ValueError(f"nt_xent: u1 and u2 must both be [B, D]; got {tuple(u1.shape)} and {tuple(u2.shape)}")
+    rank, _ = world()
+    B = u1.shape[0]
+    u = F.normalize(torch.stack([u1, u2]).to(_acc(u1.dtype)), dim=-1)  # [2, B, D]
+    everyone = gather_images(u)  # [2, Bg, D]
+    Bg = everyone.shape[1]
+    if Bg < 2:
+        raise ValueError("nt_xent: needs at least 2 images in the (global) batch to have negatives")
+    logits = (u.reshape(2 * B, -1) @ everyone.reshape(2 * Bg, -1).T) / tau  # [2B, 2Bg]
+    a = torch.arange(2, device=u.device).repeat_interleave(B)
+    g = rank * B + torch.arange(B, device=u.device).repeat(2)
+    self_col, pos_col = a * Bg + g, (1 - a) * Bg + g
+    logits = logits.index_put((torch.arange(2 * B, device=u.device), self_col), torch.tensor(float("-inf"), device=u.device,
+                                                                                            dtype=logits.dtype))
+    return F.cross_entropy(logits, pos_col)
+
+
+@torch.no_grad()
+def match(f1, f2):
+    """Dense correspondence (SPEC 1.4): for each token t of view 1, j*(t) = argmax_j cos(f1_t, f2_j). [B, T] (int64)."""
+    if f1.ndim != 3 or f1.shape[0] != f2.shape[0] or f1.shape[2] != f2.shape[2]:
+        raise ValueError(f"match: f1, f2 must be [B, T, K] with equal B and K; got {tuple(f1.shape)}, {tuple(f2.shape)}")
+    return torch.bmm(F.normalize(f1, dim=-1), F.normalize(f2, dim=-1).transpose(1, 2)).argmax(-1)
+
+
+def _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator):
+    if z1.ndim != 3 or z1.shape != z2.shape:
+        raise ValueError(f"dense_loss: z1 and z2 must both be [B, T, Dz]; got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if f1.ndim != 3 or f1.shape != f2.shape or f1.shape[:2] != z1.shape[:2]:
+        raise ValueError(f"dense_loss: f1 and f2 must both be [B, T, Df] with the B, T of z ({tuple(z1.shape[:2])}); "
+                         f"got {tuple(f1.shape)} and {tuple(f2.shape)}")
+    if negatives not in NEGATIVES:
+        raise ValueError(f"dense_loss: negatives={negatives!r}; expected one of {NEGATIVES}")
+    if not isinstance(M, int) or M < 1:
+        raise ValueError(f"dense_loss: M={M!r}; expected an integer >= 1 (the number of candidate sets)")
+    if beta is not None and not (-1.0 <= beta <= 1.0):
+        raise ValueError(f"dense_loss: beta={beta!r}; expected a cosine threshold in [-1, 1] or None")
+    if beta is not None and negatives != "guided":
+        raise ValueError(f"dense_loss: beta={beta} thresholds the guided set score; it needs negatives='guided', "
+                         f"not {negatives!r}")
+    T = z1.shape[1]
+    if not isinstance(N, int) or not 0 <= N < T:
+        raise ValueError(f"dense_loss: N={N!r}; expected an integer in [0, T-1] = [0, {T - 1}] (cross-view negatives)")
+    if generator is None and (negatives in ("random", "guided") or 0 < N < T - 1):
+        raise ValueError(f"dense_loss: negatives={negatives!r}, N={N} samples indices; pass generator=torch.Generator")
+
+
+def _draw(generator, high, shape, device):
+    """Integer draws from `generator` (on its own device), moved to the tensors' device."""
+    return torch.randint(high, shape, generator=generator, device=generator.device).to(device)
+
+
+def _guided_choice(z, cand, own, beta, chunk_elems=1 << 26):
+    """Guided set selection (SPEC 1.6.2-1.6.3), no gradient. z [2, B, T, D] normalised anchors, cand [M, 2Bg, D]
+    normalised candidate sets, own [2, B, 2] the global columns of each anchor view's own image. Returns m* [2, B].
+      beta None: s(v, m) = zbar_v . (sum_u n_u^m - own-image members) / (2Bg-2)      (exact, by linearity)
+      beta:      s(v, m) = mean_t mean_{u not in img(v)} qbar(z_t^v . n_u^m),  qbar(q) = q if q > beta else -1
+    Ties go to the smallest m. The thresholded score is computed in chunks of anchor views (one [c*T, M*2Bg] product)."""
+    M, n_cols, D = cand.shape
+    _, B, T, _ = z.shape
+    own_m = own[:, :, None, :].expand(2, B, M, 2)
+    if beta is None:
+        zbar = z.mean(2)  # [2, B, D]
+        s_all = torch.einsum("abd,md->abm", zbar, cand.sum(1))
+        s_own = torch.einsum("abd,abmkd->abm", zbar, cand[torch.arange(M, device=cand.device)[None, None, :, None], own_m])
+        return (s_all - s_own).argmax(-1)
+    flat = z.reshape(2 * B, T, D)
+    own = own.reshape(2 * B, 2)
+    c = max(1, chunk_elems // (T * M * n_cols))
+    scores = []
+    for s in range(0, 2 * B, c):
+        q = flat[s:s + c] @ cand.reshape(M * n_cols, D).T  # [c, T, M*2Bg]
+        per_col = torch.where(q > beta, q, -torch.ones((), dtype=q.dtype, device=q.device)).sum(1)
+        per_col = per_col.view(-1, M, n_cols).scatter(-1, own[s:s + c][:, None, :].expand(-1, M, 2), 0.0)
+        scores.append(per_col.sum(-1))  # own-image columns zeroed, not subtracted: exact ties stay exact
+    return torch.cat(scores).view(2, B, M).argmax(-1)
+
+
+def _lse_all(z, z_all, own_img, tau, acc, chunk_elems=1 << 24):
+    """logsumexp over every token of every other-image view (the poster's exact sum over j-, m), chunked over anchor
+    views; each chunk is recomputed in backward (activation checkpointing), so memory stays O(chunk)."""
+    _, B, T, D = z.shape
+    Bg = z_all.shape[1]
+    flat, cols = z.reshape(2 * B, T, D), z_all.reshape(2 * Bg * T, D)
+    c = max(1, chunk_elems // (T * 2 * Bg * T))
+
+    def chunk(zc, mask):
+        logits = (zc @ cols.T).to(acc).view(zc.shape[0], T, 2, Bg, T) / tau
+        logits = logits.masked_fill(mask[:, None, :, :, None], float("-inf"))
+        return logits.flatten(2).logsumexp(-1)
+
+    own = torch.zeros(2 * B, 2, Bg, dtype=torch.bool, device=z.device)
+    own[torch.arange(2 * B, device=z.device), :, own_img.reshape(-1)] = True
+    out = [checkpoint(chunk, flat[s:s + c], own[s:s + c], use_reentrant=False) if torch.is_grad_enabled()
+           else chunk(flat[s:s + c], own[s:s + c]) for s in range(0, 2 * B, c)]
+    return torch.cat(out).view(2, B, T)
+
+
+def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator=None):
+    """Dense InfoNCE of SPEC 1.5, averaged over all 2B·T anchor tokens of both directions.
+    z1, z2: unnormalised dense projections [B, T, Dz] (L2-normalised here); f1, f2: pairing features [B, T, Df].
+    For anchor token t of view v (image i, partner view v', matched token j*(t) = match(f_v, f_v')[t]):
+        p_t = z^v_t . z^v'_j*(t)
+        l_{v,t} = -log e^{p_t/tau} / (e^{p_t/tau} + sum_{n in NegImg(v)} e^{z^v_t.n/tau} + sum_{k in NegXV(v,t)} e^{z^v_t.z^v'_k/tau})
+    NegImg(v), over the views u of the other images of the (gathered) batch (2Bg-2 of them):
+        'densecl': norm(mean_t' Z^u_t')                         the pooled dense vector of each view   (SPEC 1.6.0)
+        'random' : z^u_{r_u},  r ~ U{0..T-1}^{2Bg}, shared by all anchors                              (SPEC 1.6.1)
+        'guided' : z^u_{r^m*(v)_u}, M index vectors r^m, m*(v) the highest-scoring set (see
+                   _guided_choice; beta thresholds inside the score)                                  (SPEC 1.6.2-1.6.3)
+        'all'    : every token of every such view                                                      (SPEC 1.6, exact)
+    NegXV(v, t): N tokens of the partner view drawn uniformly without replacement from {0..T-1} minus {j*(t)}, per
+    anchor token; N = T-1 takes all of them deterministically (SPEC 1.6.4). Gradients flow through anchors, positives
+    and negatives; the matching and the set selection are not differentiated.
+    Draw order from `generator` (on its own device): first r, shape (2, Bg) for 'random' or (M, 2, Bg) for 'guided'
+    (global, identical on every rank); then, if 0 < N < T-1, uniform keys of shape (2, B, T, T) for this rank's anchors
+    (the N largest keys off the positive are the draw). Under DDP the cross-view keys are therefore per rank (one
+    process with the whole batch draws other ones); every other draw matches the single-process run exactly."""
+    _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator)
+    rank, _ = world()
+    B, T, Dz = z1.shape
+    acc = _acc(z1.dtype)
+    z = F.normalize(torch.stack([z1, z2]).to(acc), dim=-1).to(z1.dtype)  # [2, B, T, Dz]
+    j = torch.stack([match(f1, f2), match(f2, f1)])  # [2, B, T] index into the partner view
+    zp = z.flip(0)  # partner view of each view
+    if N > 0:
+        xv = torch.einsum("abtd,absd->abts", z, zp)  # [2, B, T, T]
+        pos = xv.gather(-1, j[..., None]).squeeze(-1)
+    else:
+        pos = (z * zp.gather(2, j[..., None].expand(-1, -1, -1, Dz))).sum(-1)
+    pos = pos.to(acc) / tau
+    Bg = B * world()[1]
+    if Bg < 2:
+        raise ValueError("dense_loss: needs at least 2 images in the (global) batch to have other-image negatives")
+    dev = z.device
+    img = rank * B + torch.arange(B, device=dev)
+    own = torch.stack([img, Bg + img], -1)[None].expand(2, B, 2)  # global columns of each view's own image
+
+    if negatives == "all":
+        lse_img = _lse_all(z, gather_images(z), img[None].expand(2, B), tau, acc)
+    else:
+        if negatives == "densecl":
+            pooled = F.normalize(torch.stack([z1, z2]).to(acc).mean(2), dim=-1).to(z.dtype)  # [2, B, Dz]
+            negs = gather_images(pooled).reshape(2 * Bg, Dz)
+            logits = torch.einsum("abtd,ud->abtu", z, negs)
+        elif negatives == "random":
+            r = _draw(generator, T, (2, Bg), dev)[:, rank * B:(rank + 1) * B]
+            picked = z.gather(2, r[:, :, None, None].expand(-1, -1, 1, Dz)).squeeze(2)  # [2, B, Dz]
+            negs = gather_images(picked).reshape(2 * Bg, Dz)
+            logits = torch.einsum("abtd,ud->abtu", z, negs)
+        else:  # guided
+            r = _draw(generator, T, (M, 2, Bg), dev)[:, :, rank * B:(rank + 1) * B]
+            picked = z[torch.arange(2, device=dev)[None, :, None], torch.arange(B, device=dev)[None, None, :], r]
+            cand = gather_images(picked, dim=2).reshape(M, 2 * Bg, Dz)  # [M, 2Bg, Dz]
+            with torch.no_grad():
+                best = _guided_choice(z.detach(), cand.detach(), own, beta)  # [2, B]
+            logits = torch.einsum("abtd,abud->abtu", z, cand[best])
+        logits = logits.to(acc) / tau
+        mask = torch.zeros(2, B, 2 * Bg, dtype=torch.bool, device=dev)
+        mask.scatter_(-1, own, True)
+        lse_img = logits.masked_fill(mask[:, :, None, :], float("-inf")).logsumexp(-1)  # [2, B, T]
+
+    terms = [pos, lse_img]
+    if N > 0:
+        xv = xv.to(acc) / tau
+        if N == T - 1:
+            xv = xv.scatter(-1, j[..., None], float("-inf"))
+        else:
+            keys = torch.rand((2, B, T, T), generator=generator, device=generator.device).to(dev)
+            keys.scatter_(-1, j[..., None], -1.0)  # never pick the positive
+            xv = xv.gather(-1, keys.topk(N, dim=-1).indices)
+        terms.append(xv.logsumexp(-1))
+    return (torch.stack(terms).logsumexp(0) - pos).mean()
+
+
+def recon_loss(x, x_hat, kind="l2"):
+    """Auxiliary reconstruction (SPEC 1.7): mean over all elements of (x_hat - x)^2 ('l2') or |x_hat - x| ('l1').
+    x is the augmented, normalised view fed to the network; x_hat the decoder output of the same shape."""
+    if x.shape != x_hat.shape:
+        raise ValueError(f"recon_loss: x {tuple(x.shape)} and x_hat {tuple(x_hat.shape)} must have the same shape")
+    if kind == "l2":
+        return F.mse_loss(x_hat, x)
+    if kind == "l1":
+        return F.l1_loss(x_hat, x)
+    raise ValueError(f"recon_loss: kind={kind!r}; expected 'l2' or 'l1'")

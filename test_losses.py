@@ -1,0 +1,357 @@
+"""
+Every loss against a naive Python-loop implementation written from the SPEC formulas (float64, values and gradients),
+closed forms, argument errors, two-process (gloo) equivalence, and the ViT's timm layout.
+The naive versions replay the documented draw order of losses.dense_loss from a generator with the same seed.
+"""
+import math
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import losses
+import vit
+
+torch.set_default_dtype(torch.float64)
+
+
+def unit(x):
+    return x / x.norm()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# naive references (scalar loops; slow, obviously right)
+
+def naive_nt_xent(u1, u2, tau):
+    views = [unit(u) for u in u1] + [unit(u) for u in u2]
+    B = len(u1)
+    total = 0.0
+    for k in range(2 * B):
+        p = (k + B) % (2 * B)
+        denom = sum(torch.exp(views[k] @ views[j] / tau) for j in range(2 * B) if j != k)
+        total = total - torch.log(torch.exp(views[k] @ views[p] / tau) / denom)
+    return total / (2 * B)
+
+
+def naive_match(f1, f2):
+    B, T, _ = f1.shape
+    out = torch.zeros(B, T, dtype=torch.long)
+    for b in range(B):
+        for t in range(T):
+            best, arg = -2.0, 0
+            for j in range(f2.shape[1]):
+                c = float(unit(f1[b, t]) @ unit(f2[b, j]))
+                if c > best:
+                    best, arg = c, j
+            out[b, t] = arg
+    return out
+
+
+def naive_dense(z1, z2, f1, f2, tau, negatives, M=1, beta=None, N=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, T, _ = z1.shape
+    z = [z1, z2]
+    f = [f1, f2]
+    views = [(a, i) for a in range(2) for i in range(B)]
+    if negatives == "random":
+        r = torch.randint(T, (2, B), generator=g)
+    if negatives == "guided":
+        r = torch.randint(T, (M, 2, B), generator=g)
+    if 0 < N < T - 1:
+        keys = torch.rand((2, B, T, T), generator=g)
+    j = [naive_match(f1, f2), naive_match(f2, f1)]
+
+    def qbar(q):
+        return q if beta is None or q > beta else -1.0
+
+    total = 0.0
+    for a, i in views:
+        others = [(a2, i2) for a2, i2 in views if i2 != i]
+        if negatives == "densecl":
+            negs = [unit(z[a2][i2].mean(0)) for a2, i2 in others]
+        elif negatives == "random":
+            negs = [unit(z[a2][i2, r[a2, i2]]) for a2, i2 in others]
+        elif negatives == "all":
+            negs = [unit(z[a2][i2, t2]) for a2, i2 in others for t2 in range(T)]
+        else:
+            best, best_m = None, 0
+            for m in range(M):
+                s = sum(float(qbar(float((unit(z[a][i, t]) @ unit(z[a2][i2, r[m, a2, i2]])).detach())))
+                        for t in range(T) for a2, i2 in others) / (T * len(others))
+                if best is None or s > best:
+                    best, best_m = s, m
+            negs = [unit(z[a2][i2, r[best_m, a2, i2]]) for a2, i2 in others]
+        for t in range(T):
+            anchor = unit(z[a][i, t])
+            jt = int(j[a][i, t])
+            pos = anchor @ unit(z[1 - a][i, jt])
+            terms = [torch.exp(pos / tau)] + [torch.exp(anchor @ n / tau) for n in negs]
+            if N == T - 1:
+                xv = [k for k in range(T) if k != jt]
+            elif N > 0:
+                xv = sorted((k for k in range(T) if k != jt), key=lambda k: -float(keys[a, i, t, k]))[:N]
+            else:
+                xv = []
+            terms += [torch.exp(anchor @ unit(z[1 - a][i, k]) / tau) for k in xv]
+            total = total - torch.log(terms[0] / sum(terms))
+    return total / (2 * B * T)
+
+
+def inputs(B, T, Dz, Df, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = [torch.randn(B, T, Dz, generator=g, requires_grad=True) for _ in range(2)]
+    f = [torch.randn(B, T, Df, generator=g) for _ in range(2)]
+    return t[0], t[1], f[0], f[1]
+
+
+def grads(loss, tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# NT-Xent
+
+@pytest.mark.parametrize("B,D,tau", [(2, 3, 0.5), (5, 8, 0.2), (7, 16, 0.1)])
+def test_nt_xent_matches_naive(B, D, tau):
+    g = torch.Generator().manual_seed(B)
+    u1 = torch.randn(B, D, generator=g, requires_grad=True)
+    u2 = torch.randn(B, D, generator=g, requires_grad=True)
+    fast, slow = losses.nt_xent(u1, u2, tau), naive_nt_xent(u1, u2, tau)
+    assert torch.allclose(fast, slow, atol=1e-12)
+    for a, b in zip(grads(fast, (u1, u2)), grads(slow, (u1, u2))):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+@pytest.mark.parametrize("B", [2, 4, 9])
+def test_nt_xent_collinear_closed_form(B):
+    u = torch.randn(1, 6).repeat(2 * B, 1) * torch.rand(2 * B, 1)  # all collinear, various norms
+    assert math.isclose(losses.nt_xent(u[:B], u[B:], 0.3).item(), math.log(2 * B - 1), rel_tol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# match and dense_loss
+
+def test_match_matches_naive():
+    f1, f2 = torch.randn(3, 7, 5), torch.randn(3, 6, 5)
+    assert torch.equal(losses.match(f1, f2), naive_match(f1, f2))
+    assert torch.equal(losses.match(f1, f1), torch.arange(7).expand(3, 7))  # a view matches itself
+
+
+CASES = [  # negatives, M, beta, N, B, T
+    ("densecl", 1, None, 0, 3, 4),
+    ("densecl", 1, None, 2, 2, 5),
+    ("random", 1, None, 0, 3, 4),
+    ("random", 1, None, 3, 4, 6),
+    ("random", 1, None, 5, 2, 6),  # N = T-1: every other partner token
+    ("guided", 4, None, 0, 3, 5),
+    ("guided", 6, 0.2, 0, 3, 4),
+    ("guided", 5, 0.9, 2, 2, 5),  # high threshold: most sets tie, the first one must win in both
+    ("guided", 3, -0.3, 1, 3, 3),
+    ("all", 1, None, 0, 3, 4),
+    ("all", 1, None, 2, 2, 4),
+]
+
+
+@pytest.mark.parametrize("negatives,M,beta,N,B,T", CASES)
+def test_dense_loss_matches_naive(negatives, M, beta, N, B, T):
+    z1, z2, f1, f2 = inputs(B, T, 4, 3, seed=B * 100 + T)
+    fast = losses.dense_loss(z1, z2, f1, f2, tau=0.2, negatives=negatives, M=M, beta=beta, N=N,
+                             generator=torch.Generator().manual_seed(7))
+    slow = naive_dense(z1, z2, f1, f2, 0.2, negatives, M, beta, N, seed=7)
+    assert torch.allclose(fast, slow, atol=1e-12), (fast.item(), slow.item())
+    for a, b in zip(grads(fast, (z1, z2)), grads(slow, (z1, z2))):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_guided_m1_equals_random():
+    z1, z2, f1, f2 = inputs(4, 6, 5, 5, seed=1)
+    a = losses.dense_loss(z1, z2, f1, f2, tau=0.2, negatives="guided", M=1, N=2, generator=torch.Generator().manual_seed(3))
+    b = losses.dense_loss(z1, z2, f1, f2, tau=0.2, negatives="random", N=2, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_all_equals_random_with_single_token_views():
+    z1, z2, f1, f2 = inputs(5, 1, 4, 4, seed=2)
+    a = losses.dense_loss(z1, z2, f1, f2, tau=0.2, negatives="all")
+    b = losses.dense_loss(z1, z2, f1, f2, tau=0.2, negatives="random", generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(a, b, atol=1e-14)
+
+
+def test_guided_picks_the_hardest_set():
+    """With two candidate sets, one made of tokens identical to the anchors' direction, guided must pick it:
+    its loss then equals the loss computed with that set given as the only candidate."""
+    B, T, D = 3, 4, 4
+    z1, z2, f1, f2 = inputs(B, T, D, D, seed=5)
+    g = torch.Generator().manual_seed(11)
+    r = torch.randint(T, (2, 2, B), generator=g)
+    scores = []
+    zn = torch.nn.functional.normalize(torch.stack([z1, z2]).detach(), dim=-1)
+    for m in range(2):
+        s = [float(sum(zn[a, i].mean(0) @ zn[a2, i2, r[m, a2, i2]] for a2 in range(2) for i2 in range(B) if i2 != i))
+             for a in range(2) for i in range(B)]
+        scores.append(s)
+    loss2 = losses.dense_loss(z1, z2, f1, f2, tau=0.2, negatives="guided", M=2, generator=torch.Generator().manual_seed(11))
+    assert torch.allclose(loss2, naive_dense(z1, z2, f1, f2, 0.2, "guided", M=2, seed=11), atol=1e-12)
+    assert any(a != b for a, b in zip(scores[0], scores[1]))  # the choice is not trivial
+
+
+@pytest.mark.parametrize("kwargs,word", [
+    (dict(negatives="nope"), "negatives"),
+    (dict(negatives="guided", M=0), "M"),
+    (dict(negatives="guided", M=2, beta=1.5), "beta"),
+    (dict(negatives="random", beta=0.5), "beta"),
+    (dict(negatives="densecl", N=4), "N"),
+    (dict(negatives="random", generator=None), "generator"),
+])
+def test_dense_loss_bad_arguments(kwargs, word):
+    z1, z2, f1, f2 = inputs(2, 4, 3, 3, seed=0)
+    kw = dict(tau=0.2, generator=torch.Generator())
+    kw.update(kwargs)
+    with pytest.raises(ValueError, match=word):
+        losses.dense_loss(z1, z2, f1, f2, **kw)
+
+
+def test_dense_loss_bad_shapes():
+    z1, z2, f1, f2 = inputs(2, 4, 3, 3, seed=0)
+    with pytest.raises(ValueError, match="z1 and z2"):
+        losses.dense_loss(z1, z2[:, :3], f1, f2, tau=0.2, negatives="densecl")
+    with pytest.raises(ValueError, match="f1 and f2"):
+        losses.dense_loss(z1, z2, f1[:, :3], f2[:, :3], tau=0.2, negatives="densecl")
+    with pytest.raises(ValueError, match="u1 and u2"):
+        losses.nt_xent(torch.randn(3, 4), torch.randn(2, 4), 0.2)
+
+
+def test_recon_loss():
+    x, y = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    assert torch.allclose(losses.recon_loss(x, y), ((x - y) ** 2).sum() / x.numel())
+    assert torch.allclose(losses.recon_loss(x, y, "l1"), (x - y).abs().sum() / x.numel())
+    with pytest.raises(ValueError, match="kind"):
+        losses.recon_loss(x, y, "l3")
+    with pytest.raises(ValueError, match="same shape"):
+        losses.recon_loss(x, y[:1])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# two processes (gloo) against one process holding the whole batch
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DIST_CASES = [("densecl", 1, None, 0), ("random", 1, None, 0), ("guided", 4, 0.3, 0), ("all", 1, None, 4)]  # N = T-1: no draw
+
+
+def _worker(rank, world_size, port, u1, u2, zs, out_dir):
+    torch.set_default_dtype(torch.float64)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world_size)
+    B = u1.shape[0] // world_size
+    sl = slice(rank * B, (rank + 1) * B)
+    a, b = u1[sl].clone().requires_grad_(), u2[sl].clone().requires_grad_()
+    loss = losses.nt_xent(a, b, 0.2)
+    loss.backward()
+    result = {"nt_xent": (loss.detach(), a.grad, b.grad)}
+    z1, z2, f1, f2 = zs
+    for negatives, M, beta, N in DIST_CASES:
+        c, d = z1[sl].clone().requires_grad_(), z2[sl].clone().requires_grad_()
+        loss = losses.dense_loss(c, d, f1[sl], f2[sl], tau=0.2, negatives=negatives, M=M, beta=beta, N=N,
+                                 generator=torch.Generator().manual_seed(5))
+        loss.backward()
+        result[negatives] = (loss.detach(), c.grad, d.grad)
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_two_processes_equal_one():
+    B, T = 6, 5
+    g = torch.Generator().manual_seed(0)
+    u1, u2 = torch.randn(B, 8, generator=g), torch.randn(B, 8, generator=g)
+    zs = tuple(torch.randn(B, T, 4, generator=g) for _ in range(4))
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker, args=(2, free_port(), u1, u2, zs, d), nprocs=2, join=True)
+        ranks = [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=True) for r in range(2)]
+    # one process: the rank losses average to the full loss; each rank's input gradient is world_size times the
+    # single-process gradient of its rows (DDP then averages parameter gradients over the ranks)
+    a, b = u1.clone().requires_grad_(), u2.clone().requires_grad_()
+    full = losses.nt_xent(a, b, 0.2)
+    full.backward()
+    assert torch.allclose((ranks[0]["nt_xent"][0] + ranks[1]["nt_xent"][0]) / 2, full, atol=1e-12)
+    for r in range(2):
+        sl = slice(r * B // 2, (r + 1) * B // 2)
+        assert torch.allclose(ranks[r]["nt_xent"][1], 2 * a.grad[sl], atol=1e-12)
+        assert torch.allclose(ranks[r]["nt_xent"][2], 2 * b.grad[sl], atol=1e-12)
+    z1, z2, f1, f2 = zs
+    for negatives, M, beta, N in DIST_CASES:
+        c, e = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+        full = losses.dense_loss(c, e, f1, f2, tau=0.2, negatives=negatives, M=M, beta=beta, N=N,
+                                 generator=torch.Generator().manual_seed(5))
+        full.backward()
+        assert torch.allclose((ranks[0][negatives][0] + ranks[1][negatives][0]) / 2, full, atol=1e-12), negatives
+        for r in range(2):
+            sl = slice(r * B // 2, (r + 1) * B // 2)
+            assert torch.allclose(ranks[r][negatives][1], 2 * c.grad[sl], atol=1e-12), negatives
+            assert torch.allclose(ranks[r][negatives][2], 2 * e.grad[sl], atol=1e-12), negatives
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the ViT
+
+def test_vit_small_has_timm_layout():
+    sd = vit.vit_small().state_dict()
+    assert len(sd) == 150
+    assert sum(v.numel() for v in sd.values()) == 21_665_664
+    shapes = {"cls_token": (1, 1, 384), "pos_embed": (1, 197, 384), "patch_embed.proj.weight": (384, 3, 16, 16),
+              "blocks.11.attn.qkv.weight": (1152, 384), "blocks.0.attn.qkv.bias": (1152,),
+              "blocks.5.attn.proj.weight": (384, 384), "blocks.3.mlp.fc1.weight": (1536, 384),
+              "blocks.3.mlp.fc2.weight": (384, 1536), "norm.weight": (384,), "blocks.7.norm2.bias": (384,)}
+    for k, s in shapes.items():
+        assert tuple(sd[k].shape) == s, k
+
+
+def test_vit_matches_timm_when_available():
+    timm = pytest.importorskip("timm")
+    torch.set_default_dtype(torch.float32)
+    try:
+        ours = vit.vit_small().eval()
+        theirs = timm.create_model("vit_small_patch16_224", num_classes=0, pretrained=False).eval()
+        theirs.load_state_dict(ours.state_dict(), strict=True)
+        x = torch.randn(2, 3, 224, 224)
+        with torch.no_grad():
+            assert torch.allclose(ours.forward_features(x), theirs.forward_features(x), atol=1e-5)
+    finally:
+        torch.set_default_dtype(torch.float64)
+
+
+def test_vit_attention_matches_explicit_softmax():
+    """qkv packing [q|k|v] with contiguous heads, SDPA output and the CLS attention row against the textbook formula."""
+    m = vit.create_vit("vit_test").eval()
+    blk = m.blocks[-1].attn
+    x = torch.randn(2, 5, 32)
+    out, cls_attn = blk(x, return_cls_attn=True)
+    H, d = blk.num_heads, 32 // blk.num_heads
+    W, b = blk.qkv.weight, blk.qkv.bias
+    q, k, v = [(x @ W[i * 32:(i + 1) * 32].T + b[i * 32:(i + 1) * 32]).view(2, 5, H, d).transpose(1, 2) for i in range(3)]
+    att = (q @ k.transpose(-1, -2) / math.sqrt(d)).softmax(-1)
+    ref = blk.proj((att @ v).transpose(1, 2).reshape(2, 5, 32))
+    assert torch.allclose(out, ref, atol=1e-12)
+    assert torch.allclose(cls_attn.double(), att[:, :, 0, 1:], atol=1e-6)  # returned in float32
+
+
+def test_pos_embed_interpolation():
+    m = vit.create_vit("vit_test").eval()
+    x = torch.randn(1, 3, 32, 32)
+    assert m.pos_embed_for(4, 4) is m.pos_embed  # the training size uses the parameter itself: output unchanged
+    # an explicit identity interpolation gives the same output
+    same = torch.nn.functional.interpolate(m.pos_embed[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2), size=(4, 4),
+                                           mode="bicubic", align_corners=False)
+    assert torch.allclose(same.permute(0, 2, 3, 1).reshape(1, 16, -1), m.pos_embed[:, 1:], atol=1e-12)
+    assert m.forward_features(torch.randn(2, 3, 64, 48)).shape == (2, 1 + 8 * 6, 32)
+    with pytest.raises(ValueError, match="multiples of the patch size"):
+        m.forward_features(torch.randn(1, 3, 30, 32))
+    assert m.forward_features(x).shape == (1, 17, 32)

@@ -1,0 +1,313 @@
+"""
+A hand-written Vision Transformer (ViT-S/16 and smaller configs) whose state_dict has exactly the key layout of
+timm's `vit_small_patch16_224` (num_classes=0), plus the one place that loads a backbone from a file.
+
+    cls_token [1,1,D]  pos_embed [1,1+T,D]  patch_embed.proj.{weight,bias}
+    blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}.{weight,bias}  norm.{weight,bias}
+
+qkv is packed as timm does it: the 3*D outputs are [q | k | v], each split into heads of D/heads contiguous channels.
+"""
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CONFIGS = {
+    # the paper's backbone: 150 state_dict keys, 21,665,664 parameters
+    "vit_small": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    # the built-in demo: 64 px crops, 8x8 tokens, trains in minutes on a laptop CPU
+    "vit_demo": dict(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4),
+    # unit tests
+    "vit_test": dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2),
+}
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim={dim} must be divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, attn_mask=None, return_cls_attn=False):
+        """softmax(q k^T / sqrt(d_head) + mask) v through SDPA (flash / memory-efficient kernels on CUDA).
+        return_cls_attn: also return the CLS row of the attention over the patch tokens, [B, heads, T], computed from the
+        same q and k (one extra [B, heads, 1, 1+T] product: the attention itself still runs through SDPA)."""
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = self.proj(out.transpose(1, 2).reshape(B, N, C))
+        if not return_cls_attn:
+            return out, None
+        logits = (q[:, :, :1] * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, H, 1, N]
+        if attn_mask is not None:
+            logits = logits + (attn_mask[..., :1, :] if attn_mask.dtype != torch.bool
+                               else torch.zeros_like(logits).masked_fill(~attn_mask[..., :1, :], float("-inf")))
+        return out, logits.float().softmax(-1)[:, :, 0, 1:]
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as timm
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, attn_mask=None, return_cls_attn=False):
+        a, cls_attn = self.attn(self.norm1(x), attn_mask, return_cls_attn)
+        x = x + a
+        return x + self.mlp(self.norm2(x)), cls_attn
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, dim):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, T, D], tokens in row-major order
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size={img_size} must be a multiple of patch_size={patch_size}")
+        self.config = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                           num_heads=num_heads, mlp_ratio=mlp_ratio)
+        self.patch_size, self.embed_dim, self.num_heads = patch_size, embed_dim, num_heads
+        self.grid = img_size // patch_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, embed_dim))
+        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """timm's ViT init: trunc-normal(0.02) for pos-embed and linears, 1e-6-normal CLS token, zero biases."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.proj.weight  # as a linear layer on the flattened patch (timm / MAE)
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+
+    def pos_embed_for(self, gh, gw):
+        """The position embedding for a gh x gw token grid: bicubic interpolation of the learned grid (the CLS slot is
+        kept as is). The stored grid size returns the parameter itself, so the training resolution is unchanged."""
+        if gh == gw == self.grid:
+            return self.pos_embed
+        cls, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        grid = grid.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False).to(cls.dtype)
+        return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)], dim=1)
+
+    def forward_features(self, x, attn_mask=None, return_cls_attn=False):
+        """x [B, 3, H, W] (H, W multiples of the patch size) -> final-LayerNorm tokens [B, 1+T, D], CLS first.
+        attn_mask: optional SDPA mask broadcastable to [B, heads, 1+T, 1+T] (bool: True = may attend).
+        return_cls_attn: also return the last block's CLS-to-patch attention [B, heads, T] (ContrastiveCrop)."""
+        B, _, H, W = x.shape
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"input of {H}x{W} px: height and width must be multiples of the patch size {p}")
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_embed_for(H // p, W // p)
+        cls_attn = None
+        for i, blk in enumerate(self.blocks):
+            x, cls_attn = blk(x, attn_mask, return_cls_attn and i == len(self.blocks) - 1)
+        x = self.norm(x)
+        return (x, cls_attn) if return_cls_attn else x
+
+    def forward(self, x):
+        return self.forward_features(x)
+
+
+def create_vit(name="vit_small", **overrides):
+    """A ViT from one of CONFIGS, with any field overridden (depth, embed_dim, num_heads, patch_size, img_size)."""
+    if name not in CONFIGS:
+        raise ValueError(f"--model {name!r}: expected one of {sorted(CONFIGS)}")
+    return VisionTransformer(**{**CONFIGS[name], **overrides})
+
+
+def vit_small(**overrides):
+    return create_vit("vit_small", **overrides)
+
+
+def global_feature(tokens, agg):
+    """The image-level feature of SPEC 1.2 from final-LN tokens [B, 1+T, D]: 'cls' = the CLS token,
+    'gap' = the mean of the T patch tokens."""
+    if agg == "cls":
+        return tokens[:, 0]
+    if agg == "gap":
+        return tokens[:, 1:].mean(1)
+    raise ValueError(f"agg={agg!r}: expected 'cls' or 'gap'")
+
+
+def vit_flops(config, img_size=None):
+    """Forward matmul FLOPs (2 per multiply-add) of one image: patch embedding, qkv/proj/MLP linears and the two
+    attention products; norms, softmax and GELU are ignored, as in the usual MFU accounting (training = 3x this)."""
+    D, p, depth = config["embed_dim"], config["patch_size"], config["depth"]
+    n = 1 + ((img_size or config["img_size"]) // p) ** 2
+    hidden = int(D * config.get("mlp_ratio", 4.0))
+    per_block = 2 * n * (3 * D * D + D * D + 2 * D * hidden) + 2 * 2 * n * n * D
+    return 2 * (n - 1) * 3 * p * p * D + depth * per_block
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading a backbone from a file: our pretraining checkpoint, a plain timm-layout state dict (timm, DINO), or a
+# DINO-style training checkpoint ('teacher'/'student' with 'module.backbone.' prefixes). Shared by both probes.
+
+def _config_from_state_dict(sd):
+    try:
+        D = sd["cls_token"].shape[-1]
+        p = sd["patch_embed.proj.weight"].shape[-1]
+        T = sd["pos_embed"].shape[1] - 1
+        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
+    except (KeyError, ValueError, IndexError) as e:
+        raise ValueError(f"not a ViT state dict in the timm key layout (missing {e}); keys start with "
+                         f"{sorted(sd)[:5]}") from None
+    grid = int(math.isqrt(T))
+    # the head count is not visible in the shapes: timm's ViTs use 64 channels a head
+    return dict(img_size=grid * p, patch_size=p, embed_dim=D, depth=depth, num_heads=max(1, D // 64),
+                mlp_ratio=hidden / D)
+
+
+def load_backbone(path, device="cpu"):
+    """Load a ViT backbone from `path`; returns (model in eval mode, args dict of the pretraining run or {}).
+    Refuses, with a message naming the file: a missing file, a pickle that is not a plain tensor checkpoint
+    (weights_only=True executes nothing), NaN/Inf weights, and a state dict of another architecture (lists the keys)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for code-carrying pickles, RuntimeError for non-torch files
+        raise ValueError(f"checkpoint {path}: refused by torch.load(weights_only=True) - not a plain tensor checkpoint "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint {path}: expected a dict of tensors, got {type(ckpt).__name__}")
+    args, config = {}, None
+    if isinstance(ckpt.get("model"), dict):  # ours
+        sd, args, config = ckpt["model"], ckpt.get("args") or {}, ckpt.get("vit_config")
+    elif isinstance(ckpt.get("teacher"), dict):  # DINO training checkpoint
+        sd = ckpt["teacher"]
+    elif isinstance(ckpt.get("state_dict"), dict):
+        sd = ckpt["state_dict"]
+    else:
+        sd = ckpt
+    clean = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod.", "backbone."):
+            k = k[len(prefix):] if k.startswith(prefix) else k
+        if not k.startswith(("head.", "fc_norm.")):  # classifier heads are not part of the backbone
+            clean[k] = v
+    bad = [k for k, v in clean.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"checkpoint {path}: non-finite values (NaN/Inf) in {len(bad)} tensors, e.g. {bad[:3]}")
+    model = VisionTransformer(**(config or _config_from_state_dict(clean)))
+    want = model.state_dict()
+    missing = sorted(set(want) - set(clean))
+    unexpected = sorted(set(clean) - set(want))
+    shapes = [f"{k}: file {tuple(clean[k].shape)} vs model {tuple(want[k].shape)}"
+              for k in sorted(set(want) & set(clean)) if clean[k].shape != want[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"checkpoint {path}: not a ViT backbone of the expected layout: "
+                         f"{len(missing)} missing keys {missing[:6]}, {len(unexpected)} unexpected keys {unexpected[:6]}, "
+                         f"{len(shapes)} shape mismatches {shapes[:4]}")
+    model.load_state_dict(clean, strict=True)
+    return model.to(device).eval(), args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shared by the two evaluation probes (probe_multilabel.py, probe_segment.py): the frozen backbone they evaluate
+# (a file or a seeded random init), batched no-grad feature extraction, and the progress line of their long loops.
+import sys  # noqa: E402  (this section is appended; its imports stay with it)
+import time  # noqa: E402
+
+
+def probe_backbone(ckpt, random_init, name, seed, device):
+    """The frozen backbone a probe evaluates -> (model in eval mode, pretraining args or {}).
+    CKPT goes through load_backbone (weights_only=True, layout checks); --random-init builds CONFIGS[name] with
+    timm's init under torch.manual_seed(seed) (the 'no pretraining' baseline)."""
+    if random_init and ckpt:
+        raise ValueError(f"give either CKPT ({ckpt}) or --random-init, not both")
+    if not random_init and not ckpt:
+        raise ValueError("no backbone: give CKPT (a checkpoint file) or --random-init")
+    if not random_init:
+        if name:
+            raise ValueError(f"--model {name} only applies with --random-init (a checkpoint carries its own config)")
+        return load_backbone(ckpt, device)
+    torch.manual_seed(seed)
+    model = create_vit(name)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(device).eval(), {}
+
+
+class Progress:
+    """One status line on stderr for a long loop: `what done/total unit, rate/s, ETA m:ss [info]`. On a terminal it
+    rewrites itself with \\r; in a log (not a TTY) it prints a line about every 10% of the total or every 30 s."""
+
+    def __init__(self, what, total, unit="img"):
+        self.what, self.total, self.unit = what, max(1, total), unit
+        self.done, self.t0, self.last, self.next_pct = 0, time.time(), time.time(), 10
+        self.tty = sys.stderr.isatty()
+
+    def update(self, n=1, info=""):
+        self.done += n
+        now = time.time()
+        pct = 100 * self.done / self.total
+        if self.done < self.total and not (self.tty and now - self.last > 0.2) and pct < self.next_pct \
+                and now - self.last < 30:
+            return
+        self.last = now
+        while self.next_pct <= pct:
+            self.next_pct += 10
+        rate = self.done / max(now - self.t0, 1e-9)
+        eta = (self.total - self.done) / max(rate, 1e-9)
+        line = (f"{self.what} {self.done}/{self.total} {self.unit} {rate:.1f} {self.unit}/s "
+                f"ETA {int(eta) // 60}:{int(eta) % 60:02d} {info}")
+        end = "\n" if self.done >= self.total or not self.tty else ""
+        print(("\r" if self.tty else "") + line.rstrip(), end=end, file=sys.stderr, flush=True)
+
+
+def frozen_tokens(model, images):
+    """Final-LN tokens [B, 1+T, D] in float32 of the frozen backbone for a batch of normalised images [B, 3, H, W]:
+    no grad, bf16 autocast on CUDA."""
+    device = next(model.parameters()).device
+    images = images.to(device, non_blocking=True)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return model.forward_features(images).float()
+
+
+def extract_features(model, loader, fn, what="features"):
+    """Run the frozen backbone once over `loader` (batches whose first item is the image tensor) and keep fn(tokens)
+    of every image on the CPU, concatenated in loader order (with a progress line)."""
+    out, bar = [], Progress(what, len(loader.dataset))
+    for batch in loader:
+        out.append(fn(frozen_tokens(model, batch[0])).cpu())
+        bar.update(len(batch[0]))
+    return torch.cat(out)
