@@ -261,15 +261,13 @@ def probe_backbone(ckpt, random_init, name, seed, device):
             raise ValueError(f"--model {name} only applies with --random-init (a checkpoint carries its own config)")
         return load_backbone(ckpt, device)
     torch.manual_seed(seed)
-    model = create_vit(name)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.to(device).eval(), {}
+    return create_vit(name).to(device).eval(), {}
 
 
 class Progress:
     """One status line on stderr for a long loop: `what done/total unit, rate/s, ETA m:ss [info]`. On a terminal it
-    rewrites itself with \\r; in a log (not a TTY) it prints a line about every 10% of the total or every 30 s."""
+    rewrites itself with \\r; in a log (not a TTY) it prints a line at each further 10% of the total (at most one in
+    5 s) or after 30 s without one, and always at the end."""
 
     def __init__(self, what, total, unit="img"):
         self.what, self.total, self.unit = what, max(1, total), unit
@@ -280,8 +278,9 @@ class Progress:
         self.done += n
         now = time.time()
         pct = 100 * self.done / self.total
-        if self.done < self.total and not (self.tty and now - self.last > 0.2) and pct < self.next_pct \
-                and now - self.last < 30:
+        quiet = now - self.last
+        due = quiet > 0.2 if self.tty else (pct >= self.next_pct and quiet > 5) or quiet > 30
+        if self.done < self.total and not due:
             return
         self.last = now
         while self.next_pct <= pct:

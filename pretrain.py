@@ -1,0 +1,466 @@
+"""
+Pretrain a ViT with SimCLR, DenseCL or DenseCL++ (SPEC 1.2-1.9):  L = (1-lam)*global + lam*dense + gamma*recon.
+
+    python pretrain.py                                        # the built-in demo: tiny ViT, demo set, a few CPU minutes
+    torchrun --nproc_per_node=8 pretrain.py --data /coco/annotations/instances_train2017.json --lam 0.5 --M 256
+    python pretrain.py --lam 0                                # plain SimCLR;   --neg densecl: the DenseCL baseline
+
+One process per GPU under torchrun (NCCL on CUDA, gloo on CPU) or a plain single process. Multi-node through torchrun's
+own rendezvous (see the README). Every random draw is a function of (--seed, epoch, image index) or (--seed, step), so a
+resumed run continues exactly and 1 process equals N processes with the same global batch.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import losses
+import vit
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+g = parser.add_argument_group("data")
+g.add_argument("--data", default=None, help="image folder (recursive) or COCO instances .json; default: the demo set, "
+               "which also switches every flag you do not give to the small demo preset")
+g.add_argument("--image-root", default=None, help="images folder for a COCO .json (default: guessed from the json path)")
+g.add_argument("--img-size", type=int, default=224, help="crop size of each view")
+g.add_argument("--workers", type=int, default=8, help="data-loader worker processes per GPU (decode + crop)")
+g = parser.add_argument_group("model")
+g.add_argument("--model", default="vit_small", choices=sorted(vit.CONFIGS), help="backbone config (vit.py)")
+g.add_argument("--head-hidden", type=int, default=2048, help="hidden width of the projection heads")
+g.add_argument("--head-out", type=int, default=128, help="output width of the projection heads")
+g.add_argument("--agg", choices=["cls", "gap"], default="gap", help="global feature: CLS token or mean of patch tokens")
+g.add_argument("--pair", choices=["backbone", "head"], default="backbone", help="features of the dense matching (1.4)")
+g.add_argument("--decoder", choices=["conv", "transformer"], default="conv", help="reconstruction decoder (1.7)")
+g = parser.add_argument_group("objective")
+g.add_argument("--lam", type=float, default=0.5, help="weight of the dense loss (0 = SimCLR)")
+g.add_argument("--neg", choices=list(losses.NEGATIVES), default="guided", help="dense negatives (SPEC 1.6)")
+g.add_argument("--M", type=int, default=256, help="candidate sets of guided sampling")
+g.add_argument("--beta", type=float, default=0.5, help="threshold inside the guided set score; < -1 turns it off")
+g.add_argument("--N", type=int, default=64, help="cross-view negatives per anchor token (0 = none)")
+g.add_argument("--gamma", type=float, default=0.0, help="weight of the auxiliary reconstruction loss")
+g.add_argument("--recon", choices=["l2", "l1"], default="l2", help="reconstruction loss")
+g.add_argument("--tau-g", type=float, default=0.2, help="temperature of the global NT-Xent")
+g.add_argument("--tau-d", type=float, default=0.2, help="temperature of the dense loss")
+g = parser.add_argument_group("optimisation")
+g.add_argument("--batch-size", type=int, default=256, help="images per GPU (each gives two views)")
+g.add_argument("--epochs", type=int, default=300)
+g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = run --epochs)")
+g.add_argument("--lr", type=float, default=1.5e-4, help="peak AdamW learning rate per 256 images (scaled linearly)")
+g.add_argument("--wd", type=float, default=0.1, help="weight decay (not on norms, biases, CLS token, pos-embed)")
+g.add_argument("--warmup", type=float, default=40, help="linear warm-up epochs, then cosine decay to 0")
+g.add_argument("--seed", type=int, default=0)
+g = parser.add_argument_group("run")
+g.add_argument("--out-dir", default="out", help="checkpoint and log folder; an existing run is resumed or refused")
+g.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt (start fresh if there is none)")
+g.add_argument("--ckpt-every", type=int, default=1000, help="steps between checkpoints (and one at the end)")
+g.add_argument("--log-every", type=int, default=20, help="steps between log lines")
+g.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
+g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="autocast dtype (auto: bf16 on CUDA)")
+g.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: on on CUDA)")
+
+# The demo preset: what `python pretrain.py` without --data runs. Flags given on the command line still win.
+DEMO = dict(model="vit_demo", img_size=64, batch_size=64, epochs=50, lr=1e-3, warmup=5, wd=0.05, head_hidden=512,
+            M=16, N=8, workers=2, ckpt_every=100, log_every=10)
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+
+
+def explicit_flags(argv):
+    """The dests of the flags that appear on the command line (so presets and checkpoints do not override them)."""
+    given = set()
+    for a in parser._actions:
+        if any(s == arg or arg.startswith(s + "=") for s in a.option_strings for arg in argv):
+            given.add(a.dest)
+    return given
+
+
+def peak_flops(device):
+    """Dense bf16 peak of the GPU (for MFU), or None where unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# heads and decoders (SPEC 1.2, 1.7)
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d with the statistics of the global batch across ranks, so N processes train exactly as one process
+    with the whole batch (nn.SyncBatchNorm does this on CUDA only). mean = S1/n, var = S2/n - mean^2 from the summed
+    S1 = sum x, S2 = sum x^2 of every rank (a differentiable gather: gradients reach every rank's inputs)."""
+
+    def forward(self, x):
+        if not self.training or losses.world()[1] == 1:
+            return super().forward(x)
+        xf = x.float()
+        C, n = xf.shape[1], xf.shape[0] * losses.world()[1]
+        sums = losses.gather(torch.cat([xf.sum(0), (xf * xf).sum(0)])[None]).sum(0)
+        mean = sums[:C] / n
+        var = sums[C:] / n - mean * mean
+        with torch.no_grad():
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(m * mean)
+            self.running_var.mul_(1 - m).add_(m * var * n / (n - 1))
+            self.num_batches_tracked += 1
+        return ((xf - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias).to(x.dtype)
+
+
+def mlp(d_in, hidden, d_out, bn):
+    """Linear -> (BN) -> ReLU -> Linear. Global head: with BN (SimCLR); dense head: token-wise, no BN (DenseCL)."""
+    return nn.Sequential(nn.Linear(d_in, hidden), GlobalBatchNorm1d(hidden) if bn else nn.Identity(),
+                         nn.ReLU(inplace=True), nn.Linear(hidden, d_out))
+
+
+class ConvDecoder(nn.Module):
+    """Token map [N, D, g, g] -> log2(patch) x [ConvTranspose2d(2, stride 2) + BN + ReLU] (256, 128, 64, 32 channels)
+    -> Conv1x1 -> 3 channels at the input resolution. Its BatchNorms use per-rank statistics."""
+
+    def __init__(self, dim, patch):
+        super().__init__()
+        n_up = int(math.log2(patch))
+        if 2 ** n_up != patch:
+            raise ValueError(f"--decoder conv needs a power-of-two patch size, got {patch}")
+        chans = [dim] + [max(32, 256 >> i) for i in range(n_up)]
+        layers = []
+        for a, b in zip(chans[:-1], chans[1:]):
+            layers += [nn.ConvTranspose2d(a, b, 2, stride=2), nn.BatchNorm2d(b), nn.ReLU(inplace=True)]
+        self.net = nn.Sequential(*layers, nn.Conv2d(chans[-1], 3, 1))
+
+    def forward(self, tokens, gh, gw):
+        return self.net(tokens.transpose(1, 2).reshape(tokens.shape[0], -1, gh, gw))
+
+
+class TransformerDecoder(nn.Module):
+    """MAE-lite: Linear(D, 256) + its own pos-embed + 2 ViT blocks (width 256, 8 heads) + LN + Linear(256, p*p*3)."""
+
+    def __init__(self, dim, patch, n_tokens, width=256):
+        super().__init__()
+        self.patch = patch
+        self.embed = nn.Linear(dim, width)
+        self.pos = nn.Parameter(torch.randn(1, n_tokens, width) * 0.02)
+        self.blocks = nn.ModuleList([vit.Block(width, 8) for _ in range(2)])
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.out = nn.Linear(width, patch * patch * 3)
+
+    def forward(self, tokens, gh, gw):
+        x = self.embed(tokens) + self.pos
+        for blk in self.blocks:
+            x = blk(x)[0]
+        p, n = self.patch, tokens.shape[0]
+        x = self.out(self.norm(x)).view(n, gh, gw, p, p, 3)  # unpatchify to [N, 3, gh*p, gw*p]
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(n, 3, gh * p, gw * p)
+
+
+class Pretrainer(nn.Module):
+    """Backbone + global head + dense head (+ reconstruction decoder): everything with weights."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.backbone = vit.create_vit(args.model, img_size=args.img_size)
+        D = self.backbone.embed_dim
+        self.global_head = mlp(D, args.head_hidden, args.head_out, bn=True)
+        self.dense_head = mlp(D, args.head_hidden, args.head_out, bn=False)
+        self.agg, self.pair = args.agg, args.pair
+        self.decoder = None
+        if args.gamma > 0:
+            p, grid = self.backbone.patch_size, self.backbone.grid
+            self.decoder = (ConvDecoder(D, p) if args.decoder == "conv" else TransformerDecoder(D, p, grid * grid))
+
+    def forward(self, x):
+        """x: [2B, 3, S, S], view 1 of every image then view 2. Returns the global projections u [2B, Dout], the dense
+        projections z [2B, T, Dout], the pairing features f [2B, T, K] and the reconstruction (or None)."""
+        tokens = self.backbone.forward_features(x)
+        patches = tokens[:, 1:]
+        u = self.global_head(vit.global_feature(tokens, self.agg))
+        z = self.dense_head(patches)
+        f = patches if self.pair == "backbone" else z
+        g = self.backbone.grid
+        x_hat = self.decoder(patches, g, g) if self.decoder is not None else None
+        return u, z, f.detach(), x_hat
+
+
+def objective(out, x, args, generator):
+    """The total loss of SPEC 1.8 and its terms (detached, for the log)."""
+    u, z, f, x_hat = out
+    B = u.shape[0] // 2
+    terms = {"global": losses.nt_xent(u[:B], u[B:], args.tau_g)}
+    total = (1 - args.lam) * terms["global"]
+    if args.lam > 0:
+        beta = args.beta if args.neg == "guided" and args.beta >= -1 else None
+        terms["dense"] = losses.dense_loss(z[:B], z[B:], f[:B], f[B:], tau=args.tau_d, negatives=args.neg,
+                                           M=args.M if args.neg == "guided" else 1, beta=beta, N=args.N,
+                                           generator=generator)
+        total = total + args.lam * terms["dense"]
+    if args.gamma > 0:
+        terms["recon"] = losses.recon_loss(x.float(), x_hat.float(), args.recon)
+        total = total + args.gamma * terms["recon"]
+    return total, {k: v.detach() for k, v in terms.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# optimisation
+
+def param_groups(model, wd):
+    """AdamW groups: no weight decay on norms, biases (all 1-d tensors), the CLS token and the position embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or "cls_token" in name or "pos_embed" in name or name.endswith(".pos") else
+             decay).append(p)
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step, peak, warmup_steps, total_steps):
+    """Linear warm-up from 0 to `peak`, then cosine decay to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def step_generator(seed, step, device):
+    """The generator of the dense-loss draws of one step: a function of (seed, step) only, identical on every rank."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + step) % (2 ** 63))
+    return gen
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# checkpoints and the run directory
+
+def save_checkpoint(path, state):
+    """torch.save to a temp file, fsync, then rename over `path`: a crash mid-write leaves the previous checkpoint."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Our checkpoint, refused with a message if it is not a plain tensor file or holds non-finite weights."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or not {"model", "heads", "optimizer", "step", "args"} <= set(ckpt):
+        raise ValueError(f"--resume: {path} is not a pretrain.py checkpoint (keys: {sorted(ckpt)[:8]})")
+    for part in ("model", "heads"):
+        bad = [k for k, v in ckpt[part].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"--resume: {path} holds non-finite weights in {bad[:3]}; refusing to continue from it")
+    return ckpt
+
+
+def prepare_out_dir(args, rank):
+    """Refuse to clobber an existing run, and report an unwritable or full disk before training starts."""
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    if not args.resume and (os.path.exists(ckpt_path) or os.path.exists(log_path)):
+        found = "ckpt.pt" if os.path.exists(ckpt_path) else "log.jsonl"
+        raise ValueError(f"--out-dir {args.out_dir} already holds a run ({found}); pass --resume to continue it "
+                         f"or choose another --out-dir")
+    if rank == 0:
+        try:
+            os.makedirs(args.out_dir, exist_ok=True)
+            probe = os.path.join(args.out_dir, f".write_test_{os.getpid()}")
+            with open(probe, "wb") as fh:
+                fh.write(b"\0" * 4096)
+            os.remove(probe)
+        except OSError as e:
+            raise ValueError(f"--out-dir {args.out_dir} is not writable: {e}") from None
+    return ckpt_path, log_path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the run
+
+def setup_distributed(args):
+    if "RANK" not in os.environ:
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              ("cpu" if args.device == "auto" else args.device))
+        return 0, 1, device
+    rank, world_size, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world_size, torch.device(f"cuda:{local}" if use_cuda else "cpu")
+
+
+def resolve_args(argv):
+    args = parser.parse_args(argv)
+    args.explicit = explicit_flags(argv)
+    if args.data is None:  # the demo: generate the set once, switch to the small preset
+        args.data = os.path.join(data.make_demo(), "images", "train")
+        for k, v in DEMO.items():
+            if k not in args.explicit:
+                setattr(args, k, v)
+    return args
+
+
+def train(args):
+    rank, world_size, device = setup_distributed(args)
+    ckpt_path, log_path = prepare_out_dir(args, rank)
+    ckpt = load_checkpoint(ckpt_path) if args.resume and os.path.exists(ckpt_path) else None
+    if ckpt is not None:  # the checkpoint's flags, except those given on this command line
+        for k, v in ckpt["args"].items():
+            if k not in args.explicit and k not in ("resume", "explicit"):
+                setattr(args, k, v)
+    files = data.list_images(args.data, args.image_root)
+    global_batch = args.batch_size * world_size
+    if len(files) < global_batch:
+        raise ValueError(f"--data {args.data}: {len(files)} images, fewer than one global batch of {global_batch}")
+    steps_per_epoch = len(files) // global_batch
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    warmup_steps = max(1, int(args.warmup * steps_per_epoch))
+    cuda = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and cuda) else None
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    torch.manual_seed(args.seed)
+    model = Pretrainer(args).to(device)
+    opt = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.95), fused=cuda or None)
+    step, skipped_total = 0, 0
+    if ckpt is not None:
+        model.load_state_dict({**{"backbone." + k: v for k, v in ckpt["model"].items()}, **ckpt["heads"]})
+        opt.load_state_dict(ckpt["optimizer"])
+        step, skipped_total = ckpt["step"], ckpt["skipped"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world_size > 1 \
+        else model
+    use_compile = args.compile == "on" or (args.compile == "auto" and cuda)
+    fwd = torch.compile(ddp) if use_compile else ddp
+
+    dataset = data.TwoViews(files, args.img_size, seed=args.seed)
+    sampler = data.EpochSampler(len(files), global_batch, rank, world_size, args.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+                                         num_workers=args.workers, collate_fn=data.two_view_batch, pin_memory=cuda,
+                                         prefetch_factor=4 if args.workers else None)
+    flops_per_step = 3 * vit.vit_flops(model.backbone.config, args.img_size) * 2 * global_batch
+    peak = peak_flops(device)
+    if rank == 0:
+        n_params = sum(p.numel() for p in model.backbone.parameters())
+        print(f"{len(files)} images from {args.data}; {world_size} process(es) on {device}; global batch {global_batch}; "
+              f"{steps_per_epoch} steps/epoch, {total_steps} steps; backbone {args.model} {n_params / 1e6:.1f}M params; "
+              f"lam={args.lam} neg={args.neg} M={args.M} beta={args.beta} N={args.N} gamma={args.gamma} "
+              f"agg={args.agg} pair={args.pair}" + (" (resumed at step %d)" % step if ckpt else ""), flush=True)
+
+    def checkpoint_state(epoch):
+        raw = model
+        return {"model": raw.backbone.state_dict(), "vit_config": raw.backbone.config,
+                "heads": {k: v for k, v in raw.state_dict().items() if not k.startswith("backbone.")},
+                "optimizer": opt.state_dict(), "args": {k: v for k, v in vars(args).items() if k != "explicit"},
+                "step": int(step), "epoch": int(epoch), "skipped": int(skipped_total),
+                "rng": {"torch": torch.get_rng_state()}}
+
+    window_start, window_steps, window_first = time.time(), 0, step
+    sums = {}
+    peak_lr = args.lr * global_batch / 256
+    model.train()
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
+        for batch in loader:
+            lr = lr_at(step, peak_lr, warmup_steps, total_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x = torch.cat([data.photometric(batch[f"view{i}"].to(device, non_blocking=True),
+                                            batch[f"photo{i}"].to(device, non_blocking=True)) for i in (1, 2)])
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss, terms = objective(fwd(x), x, args, step_generator(args.seed, step, device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for k, v in [("loss", loss.detach())] + list(terms.items()):
+                sums[k] = sums.get(k, 0.0) + v.float()
+            for path in batch["skipped"]:
+                skipped_total += 1
+                print(f"[rank {rank}] skipped unreadable file: {path}", flush=True)
+            step += 1
+            window_steps += 1
+            last = step == total_steps
+            log_now, ckpt_now = step % args.log_every == 0 or last, step % args.ckpt_every == 0 or last
+            # a non-finite loss stops the run before anything is saved from it (on CUDA checked where we sync anyway)
+            if (not cuda or log_now or ckpt_now) and not torch.isfinite(sums["loss"]).item():
+                if rank == 0:
+                    where = f"step {step - 1}" if not cuda else f"steps {window_first}-{step - 1}"
+                    print(f"error: non-finite loss at {where}; stopping. The last good checkpoint {ckpt_path} "
+                          f"is left as it was.", file=sys.stderr, flush=True)
+                cleanup(world_size)
+                return 3
+            if log_now:
+                log_line(args, rank, world_size, step, epoch, total_steps, lr, sums, window_steps, window_start,
+                         global_batch, flops_per_step, peak, skipped_total, log_path, device)
+                sums, window_steps, window_start, window_first = {}, 0, time.time(), step
+            if ckpt_now:
+                if rank == 0:
+                    save_checkpoint(ckpt_path, checkpoint_state(step // steps_per_epoch))
+                if world_size > 1:
+                    dist.barrier()
+            if last:
+                break
+    if rank == 0:
+        print(f"done: {step} steps; checkpoint {ckpt_path}; skipped {skipped_total} unreadable files", flush=True)
+    cleanup(world_size)
+    return 0
+
+
+def log_line(args, rank, world_size, step, epoch, total_steps, lr, sums, n, t0, global_batch, flops, peak, skipped,
+             log_path, device):
+    """Rank 0 prints one line and appends the same as one JSON object to log.jsonl (losses averaged over ranks)."""
+    keys = sorted(sums)
+    vals = torch.stack([sums[k] for k in keys]) / n
+    if world_size > 1:
+        dist.all_reduce(vals)
+        vals /= world_size
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dt = (time.time() - t0) / n
+    rec = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in zip(keys, vals.tolist())}, "lr": lr,
+           "img_per_s": round(global_batch / dt, 1), "skipped": skipped}
+    if peak:
+        rec["mfu"] = round(100 * flops / dt / (peak * world_size), 2)
+    if rank != 0:
+        return
+    eta = (total_steps - step) * dt
+    terms = " ".join(f"{k} {rec[k]:.4f}" for k in keys if k != "loss")
+    print(f"step {step}/{total_steps} ep {epoch} | loss {rec['loss']:.4f} ({terms}) | lr {lr:.2e} | "
+          f"{rec['img_per_s']:.0f} img/s" + (f" | MFU {rec['mfu']:.1f}%" if peak else "") +
+          f" | ETA {eta / 60:.1f} min" + (f" | skipped {skipped}" if skipped else ""), flush=True)
+    with open(log_path, "a") as fh:
+        fh.write(json.dumps(rec) + "\n")
+
+
+def cleanup(world_size):
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = resolve_args(argv)
+        return train(args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
