@@ -15,7 +15,13 @@ import torch.multiprocessing as mp
 import losses
 import vit
 
-torch.set_default_dtype(torch.float64)
+@pytest.fixture(autouse=True)
+def float64():
+    """Every test here runs in float64 (the naive loops are the reference); restored afterwards."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def unit(x):
@@ -317,15 +323,12 @@ def test_vit_small_has_timm_layout():
 def test_vit_matches_timm_when_available():
     timm = pytest.importorskip("timm")
     torch.set_default_dtype(torch.float32)
-    try:
-        ours = vit.vit_small().eval()
-        theirs = timm.create_model("vit_small_patch16_224", num_classes=0, pretrained=False).eval()
-        theirs.load_state_dict(ours.state_dict(), strict=True)
-        x = torch.randn(2, 3, 224, 224)
-        with torch.no_grad():
-            assert torch.allclose(ours.forward_features(x), theirs.forward_features(x), atol=1e-5)
-    finally:
-        torch.set_default_dtype(torch.float64)
+    ours = vit.vit_small().eval()
+    theirs = timm.create_model("vit_small_patch16_224", num_classes=0, pretrained=False).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(ours.forward_features(x), theirs.forward_features(x), atol=1e-5)
 
 
 def test_vit_attention_matches_explicit_softmax():
