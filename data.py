@@ -189,11 +189,14 @@ class TwoViews(torch.utils.data.Dataset):
     JPEG is decoded at the largest DCT reduction (1/2, 1/4, 1/8) that keeps both crops >= img_size pixels on each side,
     and each crop is resized to img_size x img_size with PIL's antialiased bilinear filter.
     `boxes` ([n_files, 4] normalised (h0, w0, h1, w1), SPEC 4) is read at __getitem__ time, so a tensor in shared memory
-    updated in place by the trainer is seen by running workers; pass boxes=None for plain RRC (e.g. warm-up epochs).
+    updated in place by the trainer is seen by running workers; pass boxes=None for plain RRC. With ccrop_warmup=W the
+    boxes are used from epoch W on and epochs < W use plain RRC (SPEC 4 warm-up; read from the shared epoch, so
+    persistent workers switch too).
     A file that fails to load is skipped: files (i+1) % n, (i+2) % n, ... are tried with the same generator seed, the
     failed paths are returned in 'skipped', and RuntimeError is raised after MAX_TRIES failures in a row."""
 
-    def __init__(self, files, img_size=224, scale=(0.2, 1.0), ratio=(3/4, 4/3), seed=0, boxes=None, ccrop_alpha=0.6):
+    def __init__(self, files, img_size=224, scale=(0.2, 1.0), ratio=(3/4, 4/3), seed=0, boxes=None, ccrop_alpha=0.6,
+                 ccrop_warmup=0):
         if len(files) == 0:
             raise ValueError("TwoViews: files is empty (expected a list of image paths, see list_images)")
         if not (isinstance(img_size, int) and img_size >= 1):
@@ -206,7 +209,7 @@ class TwoViews(torch.utils.data.Dataset):
         if ccrop_alpha <= 0:
             raise ValueError(f"TwoViews: ccrop_alpha={ccrop_alpha}, expected > 0")
         self.files, self.img_size, self.scale, self.ratio = list(files), img_size, tuple(scale), tuple(ratio)
-        self.seed, self.boxes, self.ccrop_alpha = seed, boxes, ccrop_alpha
+        self.seed, self.boxes, self.ccrop_alpha, self.ccrop_warmup = seed, boxes, ccrop_alpha, ccrop_warmup
         # in shared memory, so that set_epoch also reaches persistent loader workers
         self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
@@ -240,7 +243,7 @@ class TwoViews(torch.utils.data.Dataset):
             W, H = im.size
             views = []
             for _ in range(2):
-                if self.boxes is None:
+                if self.boxes is None or int(self.epoch) < self.ccrop_warmup:
                     box = rrc_params(H, W, self.scale, self.ratio, g)
                 else:
                     box = ccrop_params(H, W, self.boxes[j].tolist(), self.scale, self.ratio, self.ccrop_alpha, g)

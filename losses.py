@@ -5,6 +5,7 @@ The contrastive objectives, as pure functions (tensors in, tensor out; no global
     match        dense correspondence: argmax cosine token of the other view   SPEC 1.4
     dense_loss   dense InfoNCE with every negative formulation                 SPEC 1.5, 1.6
     recon_loss   auxiliary pixel reconstruction                                SPEC 1.7
+    montage_loss MCL montage cells vs global embeddings of the other view      SPEC 5
 
 Views are laid out as [view 1 of images 0..B-1, view 2 of images 0..B-1]. Under torch.distributed the negatives come from
 every rank through a differentiable all-gather; global image g = rank * B + i, so the global layout is that of one
@@ -91,7 +92,7 @@ def match(f1, f2):
     return torch.bmm(F.normalize(f1, dim=-1), F.normalize(f2, dim=-1).transpose(1, 2)).argmax(-1)
 
 
-def _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator):
+def _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator, score_tokens):
     if z1.ndim != 3 or z1.shape != z2.shape:
         raise ValueError(f"dense_loss: z1 and z2 must both be [B, T, Dz]; got {tuple(z1.shape)} and {tuple(z2.shape)}")
     if f1.ndim != 3 or f1.shape != f2.shape or f1.shape[:2] != z1.shape[:2]:
@@ -107,6 +108,8 @@ def _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator):
         raise ValueError(f"dense_loss: beta={beta} thresholds the guided set score; it needs negatives='guided', "
                          f"not {negatives!r}")
     T = z1.shape[1]
+    if score_tokens is not None and (not isinstance(score_tokens, int) or score_tokens < 1):
+        raise ValueError(f"dense_loss: score_tokens={score_tokens!r}; expected None or an integer >= 1")
     if not isinstance(N, int) or not 0 <= N < T:
         raise ValueError(f"dense_loss: N={N!r}; expected an integer in [0, T-1] = [0, {T - 1}] (cross-view negatives)")
     if generator is None and (negatives in ("random", "guided") or 0 < N < T - 1):
@@ -118,12 +121,13 @@ def _draw(generator, high, shape, device):
     return torch.randint(high, shape, generator=generator, device=generator.device).to(device)
 
 
-def _guided_choice(z, cand, own, beta, chunk_elems=1 << 26):
+def _guided_choice(z, cand, own, beta, chunk_elems=1 << 28):
     """Guided set selection (SPEC 1.6.2-1.6.3), no gradient. z [2, B, T, D] normalised anchors, cand [M, 2Bg, D]
     normalised candidate sets, own [2, B, 2] the global columns of each anchor view's own image. Returns m* [2, B].
       beta None: s(v, m) = zbar_v . (sum_u n_u^m - own-image members) / (2Bg-2)      (exact, by linearity)
       beta:      s(v, m) = mean_t mean_{u not in img(v)} qbar(z_t^v . n_u^m),  qbar(q) = q if q > beta else -1
-    Ties go to the smallest m. The thresholded score is computed in chunks of anchor views (one [c*T, M*2Bg] product)."""
+    Ties go to the smallest m. The thresholded score is computed in chunks of anchor views (one [c*T, M*2Bg] product);
+    z may hold a subset of each view's tokens (dense_loss's score_tokens)."""
     M, n_cols, D = cand.shape
     _, B, T, _ = z.shape
     own_m = own[:, :, None, :].expand(2, B, M, 2)
@@ -164,7 +168,7 @@ def _lse_all(z, z_all, own_img, tau, acc, chunk_elems=1 << 24):
     return torch.cat(out).view(2, B, T)
 
 
-def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator=None):
+def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator=None, score_tokens=None):
     """Dense InfoNCE of SPEC 1.5, averaged over all 2B·T anchor tokens of both directions.
     z1, z2: unnormalised dense projections [B, T, Dz] (L2-normalised here); f1, f2: pairing features [B, T, Df].
     For anchor token t of view v (image i, partner view v', matched token j*(t) = match(f_v, f_v')[t]):
@@ -179,11 +183,15 @@ def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator
     NegXV(v, t): N tokens of the partner view drawn uniformly without replacement from {0..T-1} minus {j*(t)}, per
     anchor token; N = T-1 takes all of them deterministically (SPEC 1.6.4). Gradients flow through anchors, positives
     and negatives; the matching and the set selection are not differentiated.
+    score_tokens=S (guided with beta only): the thresholded set score averages over S anchor tokens per view drawn
+    uniformly without replacement instead of all T: T/S times less scoring work, the loss itself still uses every
+    token. None or S >= T scores exactly.
     Draw order from `generator` (on its own device): first r, shape (2, Bg) for 'random' or (M, 2, Bg) for 'guided'
-    (global, identical on every rank); then, if 0 < N < T-1, uniform keys of shape (2, B, T, T) for this rank's anchors
+    (global, identical on every rank); then, for score_tokens, uniform keys of shape (2, Bg, T) (the S largest of each
+    view's keys pick its tokens); then, if 0 < N < T-1, uniform keys of shape (2, B, T, T) for this rank's anchors
     (the N largest keys off the positive are the draw). Under DDP the cross-view keys are therefore per rank (one
     process with the whole batch draws other ones); every other draw matches the single-process run exactly."""
-    _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator)
+    _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator, score_tokens)
     rank, _ = world()
     B, T, Dz = z1.shape
     acc = _acc(z1.dtype)
@@ -219,8 +227,12 @@ def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator
             r = _draw(generator, T, (M, 2, Bg), dev)[:, :, rank * B:(rank + 1) * B]
             picked = z[torch.arange(2, device=dev)[None, :, None], torch.arange(B, device=dev)[None, None, :], r]
             cand = gather_images(picked, dim=2).reshape(M, 2 * Bg, Dz)  # [M, 2Bg, Dz]
+            zs = z.detach()
+            if beta is not None and score_tokens is not None and score_tokens < T:
+                keys = torch.rand((2, Bg, T), generator=generator, device=generator.device)[:, rank * B:(rank + 1) * B]
+                zs = zs.gather(2, keys.to(dev).topk(score_tokens, -1).indices[..., None].expand(-1, -1, -1, Dz))
             with torch.no_grad():
-                best = _guided_choice(z.detach(), cand.detach(), own, beta)  # [2, B]
+                best = _guided_choice(zs, cand.detach(), own, beta)  # [2, B]
             logits = torch.einsum("abtd,abud->abtu", z, cand[best])
         logits = logits.to(acc) / tau
         mask = torch.zeros(2, B, 2 * Bg, dtype=torch.bool, device=dev)
@@ -250,3 +262,25 @@ def recon_loss(x, x_hat, kind="l2"):
     if kind == "l1":
         return F.l1_loss(x_hat, x)
     raise ValueError(f"recon_loss: kind={kind!r}; expected 'l2' or 'l1'")
+
+
+def montage_loss(cells, targets, labels, tau):
+    """MCL's montage loss for one level and one direction, ViT port (SPEC 5). cells: unnormalised projections [Nc, D]
+    of the montage cells; targets: unnormalised global projections [B, D] of this rank's images (the other view);
+    labels [Nc] (int64): the global index rank*B + i of each cell's source image. With p = norm(cells),
+    y = norm(targets) gathered over ranks (Bg rows, differentiable: the targets carry gradient, SimCLR style):
+        l_c = -log exp(p_c.y_label(c)/tau) / sum_{j < Bg} exp(p_c.y_j/tau),     L = mean_c l_c
+    i.e. the positive is the source image, the negatives all other images of the global batch. Returns the mean over
+    this rank's cells (see the module docstring for DDP)."""
+    if cells.ndim != 2 or targets.ndim != 2 or cells.shape[1] != targets.shape[1]:
+        raise ValueError(f"montage_loss: cells [Nc, D] and targets [B, D] need the same D; got {tuple(cells.shape)} "
+                         f"and {tuple(targets.shape)}")
+    if labels.shape != cells.shape[:1] or labels.dtype != torch.int64:
+        raise ValueError(f"montage_loss: labels must be int64 [Nc={cells.shape[0]}], got {labels.dtype} "
+                         f"{tuple(labels.shape)}")
+    y = gather(F.normalize(targets.to(_acc(targets.dtype)), dim=-1))
+    if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < y.shape[0]):
+        raise ValueError(f"montage_loss: labels must index the {y.shape[0]} gathered targets, got "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    p = F.normalize(cells.to(y.dtype), dim=-1)
+    return F.cross_entropy(p @ y.T / tau, labels)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import data
 import losses
+import methods
 import vit
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,6 +51,25 @@ g.add_argument("--gamma", type=float, default=0.0, help="weight of the auxiliary
 g.add_argument("--recon", choices=["l2", "l1"], default="l2", help="reconstruction loss")
 g.add_argument("--tau-g", type=float, default=0.2, help="temperature of the global NT-Xent")
 g.add_argument("--tau-d", type=float, default=0.2, help="temperature of the dense loss")
+g = parser.add_argument_group("ContrastiveCrop (SPEC 4)")
+g.add_argument("--crop", choices=["rrc", "ccrop"], default="rrc", help="crop of both views: RandomResizedCrop, or "
+               "ContrastiveCrop (boxes from the model's heat maps, centre-suppressed sampling)")
+g.add_argument("--ccrop-alpha", type=float, default=0.6, help="Beta(alpha, alpha) of the crop centre in the box "
+               "(< 1 pushes centres to the box edges, 1 = uniform)")
+g.add_argument("--ccrop-k", type=float, default=0.1, help="threshold on the min-max normalised heat map")
+g.add_argument("--ccrop-warmup", type=int, default=20, help="epochs of plain RRC before the first localisation")
+g.add_argument("--ccrop-every", type=int, default=20, help="epochs between localisation passes over the train set")
+g.add_argument("--ccrop-heat", choices=list(methods.HEATS), default="cls_attn", help="heat map: last-block CLS "
+               "attention, norm of the last block's tokens before the final LN, or channel sum of the final tokens")
+g = parser.add_argument_group("MCL montage (SPEC 5)")
+g.add_argument("--montage", action="store_true", help="add the multi-level montage loss: cells of r x r montages of "
+               "re-cropped views vs the global embedding of their source image's other view")
+g.add_argument("--montage-r", type=int, nargs="+", default=[2, 7], help="montage levels: cells per side, each must "
+               "divide the token grid (img-size / patch); weights 1/2, 1/4, ... normalised to sum 1")
+g.add_argument("--montage-block-attn", action="store_true", help="on the canvases, patch tokens attend only to "
+               "their own cell (CLS attends everywhere)")
+g.add_argument("--mu", type=float, default=1.0, help="weight of the montage loss")
+g.add_argument("--tau-m", type=float, default=0.2, help="temperature of the montage loss")
 g = parser.add_argument_group("optimisation")
 g.add_argument("--batch-size", type=int, default=256, help="images per GPU (each gives two views)")
 g.add_argument("--epochs", type=int, default=300)
@@ -69,7 +89,7 @@ g.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help=
 
 # The demo preset: what `python pretrain.py` without --data runs. Flags given on the command line still win.
 DEMO = dict(model="vit_demo", img_size=64, batch_size=64, epochs=50, lr=1e-3, warmup=5, wd=0.05, head_hidden=512,
-            M=16, N=8, workers=2, ckpt_every=100, log_every=10)
+            M=16, N=8, workers=2, ckpt_every=100, log_every=10, ccrop_warmup=10, ccrop_every=10, montage_r=[2, 4])
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 
 
@@ -116,7 +136,8 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 
 def mlp(d_in, hidden, d_out, bn):
     """Linear -> (BN) -> ReLU -> Linear. Global head: with BN (SimCLR); dense head: token-wise, no BN (DenseCL)."""
-    return nn.Sequential(nn.Linear(d_in, hidden), GlobalBatchNorm1d(hidden) if bn else nn.Identity(),
+    return nn.Sequential(nn.Linear(d_in, hidden, bias=not bn),  # a bias before BN is cancelled by it
+                         GlobalBatchNorm1d(hidden) if bn else nn.Identity(),
                          nn.ReLU(inplace=True), nn.Linear(hidden, d_out))
 
 
@@ -161,7 +182,7 @@ class TransformerDecoder(nn.Module):
 
 
 class Pretrainer(nn.Module):
-    """Backbone + global head + dense head (+ reconstruction decoder): everything with weights."""
+    """Backbone + global head + dense head (+ reconstruction decoder) (+ one montage projector per level)."""
 
     def __init__(self, args):
         super().__init__()
@@ -174,10 +195,17 @@ class Pretrainer(nn.Module):
         if args.gamma > 0:
             p, grid = self.backbone.patch_size, self.backbone.grid
             self.decoder = (ConvDecoder(D, p) if args.decoder == "conv" else TransformerDecoder(D, p, grid * grid))
+        self.montage_r = list(args.montage_r) if args.montage else []
+        for r in self.montage_r:  # the level-r canvas is an r x r grid of cells of (grid/r)^2 tokens
+            methods.block_attn_mask(self.backbone.grid, r)  # ValueError naming --montage-r unless r divides the grid
+        self.montage_heads = nn.ModuleList([mlp(D, args.head_hidden, args.head_out, bn=True) for _ in self.montage_r])
+        self.block_attn = args.montage_block_attn
 
-    def forward(self, x):
+    def forward(self, x, canvases=None):
         """x: [2B, 3, S, S], view 1 of every image then view 2. Returns the global projections u [2B, Dout], the dense
-        projections z [2B, T, Dout], the pairing features f [2B, T, K] and the reconstruction (or None)."""
+        projections z [2B, T, Dout], the pairing features f [2B, T, K], the reconstruction (or None) and, given the
+        montage canvases of each level (methods.build_montages), the cell projections of each level [2n*r*r, Dout]
+        (SPEC 5: mean of the cell's final-LN tokens -> the level's projector), else None."""
         tokens = self.backbone.forward_features(x)
         patches = tokens[:, 1:]
         u = self.global_head(vit.global_feature(tokens, self.agg))
@@ -185,12 +213,20 @@ class Pretrainer(nn.Module):
         f = patches if self.pair == "backbone" else z
         g = self.backbone.grid
         x_hat = self.decoder(patches, g, g) if self.decoder is not None else None
-        return u, z, f.detach(), x_hat
+        cells = None
+        if canvases is not None:
+            cells = []
+            for r, c, head in zip(self.montage_r, canvases, self.montage_heads):
+                mask = methods.block_attn_mask(g, r).to(c.device) if self.block_attn else None
+                cells.append(head(methods.cell_means(self.backbone.forward_features(c, attn_mask=mask)[:, 1:], g, r)))
+        return u, z, f.detach(), x_hat, cells
 
 
-def objective(out, x, args, generator):
-    """The total loss of SPEC 1.8 and its terms (detached, for the log)."""
-    u, z, f, x_hat = out
+def objective(out, x, args, generator, cell_labels=None):
+    """The total loss of SPEC 1.8 and its terms (detached, for the log). With --montage, cell_labels are the labels
+    of methods.build_montages and the montage term of SPEC 5 is added: mu * sum_r w_r * L_r, w_r = 2^-(level+1)
+    normalised to sum 1, L_r the mean of both directions (view-1 cells vs view-2 globals and vice versa)."""
+    u, z, f, x_hat, cells = out
     B = u.shape[0] // 2
     terms = {"global": losses.nt_xent(u[:B], u[B:], args.tau_g)}
     total = (1 - args.lam) * terms["global"]
@@ -203,6 +239,18 @@ def objective(out, x, args, generator):
     if args.gamma > 0:
         terms["recon"] = losses.recon_loss(x.float(), x_hat.float(), args.recon)
         total = total + args.gamma * terms["recon"]
+    if args.montage:
+        if cells is None or cell_labels is None:
+            raise ValueError("objective: --montage needs the model run with the canvases and their cell_labels "
+                             "(methods.build_montages)")
+        w = [0.5 ** (i + 1) for i in range(len(cells))]
+        terms["montage"] = 0
+        for w_r, c, lab in zip(w, cells, cell_labels):
+            lab, h = lab.reshape(-1) + losses.world()[0] * B, c.shape[0] // 2  # global source index; view-1 cells
+            l_r = (losses.montage_loss(c[:h], u[B:], lab[:h], args.tau_m) +
+                   losses.montage_loss(c[h:], u[:B], lab[h:], args.tau_m)) / 2
+            terms["montage"] = terms["montage"] + w_r / sum(w) * l_r
+        total = total + args.mu * terms["montage"]
     return total, {k: v.detach() for k, v in terms.items()}
 
 
@@ -240,11 +288,16 @@ def step_generator(seed, step, device):
 def save_checkpoint(path, state):
     """torch.save to a temp file, fsync, then rename over `path`: a crash mid-write leaves the previous checkpoint."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_checkpoint(path):
@@ -281,6 +334,15 @@ def prepare_out_dir(args, rank):
         except OSError as e:
             raise ValueError(f"--out-dir {args.out_dir} is not writable: {e}") from None
     return ckpt_path, log_path
+
+
+def check_disk_space(out_dir, model):
+    """A checkpoint holds the weights and two AdamW moments; the temp file needs room beside the old one."""
+    need = 2 * 3 * sum(p.numel() * p.element_size() for p in model.parameters()) + (64 << 20)
+    free = shutil.disk_usage(out_dir).free
+    if free < need:
+        raise ValueError(f"--out-dir {out_dir}: {free / 2**20:.0f} MiB free, a checkpoint needs about "
+                         f"{need / 2**20:.0f} MiB; free some space or choose another --out-dir")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -330,42 +392,66 @@ def train(args):
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.set_flush_denormal(True)  # tiny weights/gradients turn into denormals: up to 17x slower CPU steps
 
     torch.manual_seed(args.seed)
     model = Pretrainer(args).to(device)
+    if rank == 0:
+        check_disk_space(args.out_dir, model)
     opt = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.95), fused=cuda or None)
-    step, skipped_total = 0, 0
+    step, skipped = 0, set()  # unreadable files this rank has met (names, printed once each)
     if ckpt is not None:
-        model.load_state_dict({**{"backbone." + k: v for k, v in ckpt["model"].items()}, **ckpt["heads"]})
-        opt.load_state_dict(ckpt["optimizer"])
-        step, skipped_total = ckpt["step"], ckpt["skipped"]
+        try:
+            model.load_state_dict({**{"backbone." + k: v for k, v in ckpt["model"].items()}, **ckpt["heads"]})
+            opt.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:  # another architecture / flags than this run's
+            raise ValueError(f"--resume: {ckpt_path} does not fit this model: {str(e)[:600]}") from None
+        step, skipped = ckpt["step"], set(ckpt["skipped"])
         torch.set_rng_state(ckpt["rng"]["torch"])
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world_size > 1 \
         else model
     use_compile = args.compile == "on" or (args.compile == "auto" and cuda)
     fwd = torch.compile(ddp) if use_compile else ddp
 
-    dataset = data.TwoViews(files, args.img_size, seed=args.seed)
+    boxes = None  # ContrastiveCrop: one (h0, w0, h1, w1) per file, in shared memory so loader workers see updates
+    if args.crop == "ccrop":
+        methods.ccrop_due(0, args.ccrop_warmup, args.ccrop_every)  # checks the flags
+        if not 0 <= args.ccrop_k < 1:
+            raise ValueError(f"--ccrop-k {args.ccrop_k}: expected a threshold in [0, 1)")
+        boxes = torch.tensor(methods.FULL_BOX).repeat(len(files), 1)
+        if ckpt is not None and "ccrop_boxes" in ckpt:
+            if ckpt["ccrop_boxes"].shape != boxes.shape:
+                raise ValueError(f"--resume: {ckpt_path} holds {ckpt['ccrop_boxes'].shape[0]} ContrastiveCrop boxes, "
+                                 f"--data {args.data} has {len(files)} images")
+            boxes.copy_(ckpt["ccrop_boxes"])
+        boxes.share_memory_()
+    dataset = data.TwoViews(files, args.img_size, seed=args.seed, boxes=boxes, ccrop_alpha=args.ccrop_alpha,
+                            ccrop_warmup=args.ccrop_warmup)
     sampler = data.EpochSampler(len(files), global_batch, rank, world_size, args.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
                                          num_workers=args.workers, collate_fn=data.two_view_batch, pin_memory=cuda,
-                                         prefetch_factor=4 if args.workers else None)
-    flops_per_step = 3 * vit.vit_flops(model.backbone.config, args.img_size) * 2 * global_batch
+                                         prefetch_factor=4 if args.workers else None,
+                                         persistent_workers=args.workers > 0)  # set_epoch reaches them (shared memory)
+    n_canvases = sum(2 * max(1, math.ceil(args.batch_size / r ** 2)) for r in model.montage_r) * world_size
+    flops_per_step = 3 * vit.vit_flops(model.backbone.config, args.img_size) * (2 * global_batch + n_canvases)
     peak = peak_flops(device)
     if rank == 0:
         n_params = sum(p.numel() for p in model.backbone.parameters())
         print(f"{len(files)} images from {args.data}; {world_size} process(es) on {device}; global batch {global_batch}; "
               f"{steps_per_epoch} steps/epoch, {total_steps} steps; backbone {args.model} {n_params / 1e6:.1f}M params; "
               f"lam={args.lam} neg={args.neg} M={args.M} beta={args.beta} N={args.N} gamma={args.gamma} "
-              f"agg={args.agg} pair={args.pair}" + (" (resumed at step %d)" % step if ckpt else ""), flush=True)
+              f"agg={args.agg} pair={args.pair} crop={args.crop} montage={model.montage_r or 'off'}"
+              + (" (resumed at step %d)" % step if ckpt else ""), flush=True)
 
     def checkpoint_state(epoch):
         raw = model
         return {"model": raw.backbone.state_dict(), "vit_config": raw.backbone.config,
                 "heads": {k: v for k, v in raw.state_dict().items() if not k.startswith("backbone.")},
                 "optimizer": opt.state_dict(), "args": {k: v for k, v in vars(args).items() if k != "explicit"},
-                "step": int(step), "epoch": int(epoch), "skipped": int(skipped_total),
-                "rng": {"torch": torch.get_rng_state()}}
+                "step": int(step), "epoch": int(epoch), "skipped": sorted(skipped),
+                "rng": {"torch": torch.get_rng_state()},
+                **({"ccrop_boxes": boxes.clone()} if boxes is not None else {})}
 
     window_start, window_steps, window_first = time.time(), 0, step
     sums = {}
@@ -375,21 +461,32 @@ def train(args):
         epoch = step // steps_per_epoch
         dataset.set_epoch(epoch)
         sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
+        if boxes is not None and step % steps_per_epoch == 0 and methods.ccrop_due(epoch, args.ccrop_warmup,
+                                                                                    args.ccrop_every):
+            t0 = time.time()
+            boxes.copy_(methods.localise(model.backbone, files, args.img_size, args.ccrop_heat, args.ccrop_k,
+                                         args.batch_size, args.workers, device, amp_dtype))
+            window_start += time.time() - t0  # not counted in the img/s of the log
+            if rank == 0:
+                area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).mean().item()
+                print(f"ccrop: new boxes at epoch {epoch}, mean area {area:.3f} ({time.time() - t0:.1f} s)", flush=True)
         for batch in loader:
             lr = lr_at(step, peak_lr, warmup_steps, total_steps)
             for group in opt.param_groups:
                 group["lr"] = lr
             x = torch.cat([data.photometric(batch[f"view{i}"].to(device, non_blocking=True),
                                             batch[f"photo{i}"].to(device, non_blocking=True)) for i in (1, 2)])
+            gen = step_generator(args.seed, step, device)  # montage draws first, then the dense loss's
+            canvases, cell_labels = methods.build_montages(x, args.montage_r, gen) if args.montage else (None, None)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, terms = objective(fwd(x), x, args, step_generator(args.seed, step, device))
+                loss, terms = objective(fwd(x, canvases), x, args, gen, cell_labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             for k, v in [("loss", loss.detach())] + list(terms.items()):
                 sums[k] = sums.get(k, 0.0) + v.float()
-            for path in batch["skipped"]:
-                skipped_total += 1
+            for path in set(batch["skipped"]) - skipped:
+                skipped.add(path)
                 print(f"[rank {rank}] skipped unreadable file: {path}", flush=True)
             step += 1
             window_steps += 1
@@ -405,7 +502,7 @@ def train(args):
                 return 3
             if log_now:
                 log_line(args, rank, world_size, step, epoch, total_steps, lr, sums, window_steps, window_start,
-                         global_batch, flops_per_step, peak, skipped_total, log_path, device)
+                         global_batch, flops_per_step, peak, len(skipped), log_path, device)
                 sums, window_steps, window_start, window_first = {}, 0, time.time(), step
             if ckpt_now:
                 if rank == 0:
@@ -415,7 +512,8 @@ def train(args):
             if last:
                 break
     if rank == 0:
-        print(f"done: {step} steps; checkpoint {ckpt_path}; skipped {skipped_total} unreadable files", flush=True)
+        print(f"done: {step} steps; checkpoint {ckpt_path}; skipped {len(skipped)} unreadable files on rank 0"
+              + (": " + ", ".join(sorted(skipped)) if skipped else ""), flush=True)
     cleanup(world_size)
     return 0
 
@@ -424,10 +522,11 @@ def log_line(args, rank, world_size, step, epoch, total_steps, lr, sums, n, t0, 
              log_path, device):
     """Rank 0 prints one line and appends the same as one JSON object to log.jsonl (losses averaged over ranks)."""
     keys = sorted(sums)
-    vals = torch.stack([sums[k] for k in keys]) / n
+    vals = torch.cat([torch.stack([sums[k] for k in keys]) / n, torch.tensor([float(skipped)], device=device)])
     if world_size > 1:
         dist.all_reduce(vals)
-        vals /= world_size
+        vals[:-1] /= world_size
+    vals, skipped = vals[:-1], int(vals[-1])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     dt = (time.time() - t0) / n

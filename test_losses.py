@@ -56,7 +56,7 @@ def naive_match(f1, f2):
     return out
 
 
-def naive_dense(z1, z2, f1, f2, tau, negatives, M=1, beta=None, N=0, seed=0):
+def naive_dense(z1, z2, f1, f2, tau, negatives, M=1, beta=None, N=0, seed=0, score_tokens=None):
     g = torch.Generator().manual_seed(seed)
     B, T, _ = z1.shape
     z = [z1, z2]
@@ -66,6 +66,11 @@ def naive_dense(z1, z2, f1, f2, tau, negatives, M=1, beta=None, N=0, seed=0):
         r = torch.randint(T, (2, B), generator=g)
     if negatives == "guided":
         r = torch.randint(T, (M, 2, B), generator=g)
+    scored = {(a, i): range(T) for a in range(2) for i in range(B)}
+    if negatives == "guided" and beta is not None and score_tokens is not None and score_tokens < T:
+        skeys = torch.rand((2, B, T), generator=g)
+        scored = {(a, i): sorted(range(T), key=lambda t: -float(skeys[a, i, t]))[:score_tokens]
+                  for a in range(2) for i in range(B)}
     if 0 < N < T - 1:
         keys = torch.rand((2, B, T, T), generator=g)
     j = [naive_match(f1, f2), naive_match(f2, f1)]
@@ -86,7 +91,7 @@ def naive_dense(z1, z2, f1, f2, tau, negatives, M=1, beta=None, N=0, seed=0):
             best, best_m = None, 0
             for m in range(M):
                 s = sum(float(qbar(float((unit(z[a][i, t]) @ unit(z[a2][i2, r[m, a2, i2]])).detach())))
-                        for t in range(T) for a2, i2 in others) / (T * len(others))
+                        for t in scored[a, i] for a2, i2 in others) / (len(scored[a, i]) * len(others))
                 if best is None or s > best:
                     best, best_m = s, m
             negs = [unit(z[a2][i2, r[best_m, a2, i2]]) for a2, i2 in others]
@@ -146,7 +151,7 @@ def test_match_matches_naive():
     assert torch.equal(losses.match(f1, f1), torch.arange(7).expand(3, 7))  # a view matches itself
 
 
-CASES = [  # negatives, M, beta, N, B, T
+CASES = [  # negatives, M, beta, N, B, T (, score_tokens)
     ("densecl", 1, None, 0, 3, 4),
     ("densecl", 1, None, 2, 2, 5),
     ("random", 1, None, 0, 3, 4),
@@ -156,20 +161,32 @@ CASES = [  # negatives, M, beta, N, B, T
     ("guided", 6, 0.2, 0, 3, 4),
     ("guided", 5, 0.9, 2, 2, 5),  # high threshold: most sets tie, the first one must win in both
     ("guided", 3, -0.3, 1, 3, 3),
+    ("guided", 6, 0.1, 0, 3, 6, 2),  # thresholded score on 2 of the 6 anchor tokens
+    ("guided", 4, 0.3, 2, 2, 5, 3),
     ("all", 1, None, 0, 3, 4),
     ("all", 1, None, 2, 2, 4),
 ]
 
 
-@pytest.mark.parametrize("negatives,M,beta,N,B,T", CASES)
-def test_dense_loss_matches_naive(negatives, M, beta, N, B, T):
+@pytest.mark.parametrize("case", CASES)
+def test_dense_loss_matches_naive(case):
+    negatives, M, beta, N, B, T = case[:6]
+    S = case[6] if len(case) > 6 else None
     z1, z2, f1, f2 = inputs(B, T, 4, 3, seed=B * 100 + T)
     fast = losses.dense_loss(z1, z2, f1, f2, tau=0.2, negatives=negatives, M=M, beta=beta, N=N,
-                             generator=torch.Generator().manual_seed(7))
-    slow = naive_dense(z1, z2, f1, f2, 0.2, negatives, M, beta, N, seed=7)
+                             generator=torch.Generator().manual_seed(7), score_tokens=S)
+    slow = naive_dense(z1, z2, f1, f2, 0.2, negatives, M, beta, N, seed=7, score_tokens=S)
     assert torch.allclose(fast, slow, atol=1e-12), (fast.item(), slow.item())
     for a, b in zip(grads(fast, (z1, z2)), grads(slow, (z1, z2))):
         assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_score_tokens_all_equals_exact():
+    z1, z2, f1, f2 = inputs(3, 5, 4, 4, seed=4)
+    kw = dict(tau=0.2, negatives="guided", M=5, beta=0.2, N=0)
+    a = losses.dense_loss(z1, z2, f1, f2, generator=torch.Generator().manual_seed(1), score_tokens=5, **kw)
+    b = losses.dense_loss(z1, z2, f1, f2, generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(a, b)
 
 
 def test_guided_m1_equals_random():

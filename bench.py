@@ -1,0 +1,368 @@
+"""
+Speed of pretraining, in one table (medians over timed steps after warm-up; CUDA events on GPU, perf_counter on CPU):
+
+    train  the pretrain.py training step (forward, backward, AdamW) of every objective, on batches already on the device
+    vit    our ViT forward+backward against timm's vit_small_patch16_224 (when timm is installed)
+    data   our two-view pipeline (TwoViews in the worker + batched photometric) against a per-image torchvision.v2 one
+    e2e    the training step fed by the JPEG DataLoader against the same step on batches already on the device
+
+    python bench.py                          # H100: vit_small, 224 px, batch 256, bf16 + torch.compile (as pretrain.py)
+    python bench.py --quick                  # a CPU smoke run (< 2 min on 2 cores); its numbers say nothing about GPUs
+    python bench.py --out bench.json         # also write the rows as JSON
+"""
+import argparse
+import gc
+import itertools
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+import data
+import pretrain
+import vit
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+add = parser.add_argument
+add("--quick", action="store_true", help="vit_demo at 64 px, batch 16, 3 timed steps, 64 JPEGs: a CPU smoke run")
+add("--model", default=None, help="backbone config of vit.py (default vit_small; --quick: vit_demo)")
+add("--img-size", type=int, default=None, help="view size (default 224; --quick: 64)")
+add("--batch-size", type=int, default=None, help="images per step, two views each (default 256; --quick: 16)")
+add("--steps", type=int, default=None, help="timed steps per row (default 20; --quick: 3)")
+add("--warmup", type=int, default=None, help="untimed steps first, compilation included (default 5; --quick: 1)")
+add("--workers", type=int, default=os.cpu_count(), help="DataLoader workers of the data and e2e parts")
+add("--jpeg-dir", default=None, help="folder for the synthetic JPEGs, kept and reused (default: a temp dir)")
+add("--n-jpegs", type=int, default=None, help="synthetic COCO-sized JPEGs (default 512; --quick: 64)")
+add("--crop", type=int, default=None, help="view size of the data part (default: --img-size)")
+add("--threads", type=int, default=None, help="torch threads of the main process (default: torch's; --quick on CPU: 1, "
+    "as 2+ OpenMP threads next to loader workers or another busy process on a small CPU slow down up to 30x)")
+add("--skip", default="", help="comma-separated parts to leave out: train, vit, data, e2e (e2e runs inside train)")
+add("--out", default=None, help="also write the rows to this JSON file")
+
+OBJECTIVES = {  # row name -> pretrain.py flags (beta < -1 turns thresholding off in pretrain)
+    "SimCLR": ["--lam", "0"],
+    "DenseCL": ["--neg", "densecl", "--N", "0"],
+    "DenseCL++ random": ["--neg", "random", "--N", "0"],
+    "guided M=256": ["--neg", "guided", "--M", "256", "--beta", "-2", "--N", "0"],
+    "guided M=256 beta=0.5": ["--neg", "guided", "--M", "256", "--beta", "0.5", "--N", "0"],
+    "DenseCL++* (+N=64)": ["--neg", "guided", "--M", "256", "--beta", "0.5", "--N", "64"],
+    "DenseCL++* + recon": ["--neg", "guided", "--M", "256", "--beta", "0.5", "--N", "64", "--gamma", "0.1",
+                           "--decoder", "conv"],
+}
+E2E = ("SimCLR", "DenseCL++* (+N=64)")
+MEAN, STD = data.IMAGENET_MEAN, data.IMAGENET_STD
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, device, warmup, steps):
+    """Median seconds of fn() over `steps` calls after `warmup` calls (CUDA event pairs on GPU)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        return statistics.median(s.elapsed_time(e) / 1e3 for s, e in events)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def free(device):
+    gc.collect()
+    torch._dynamo.reset()  # a fresh compile per config, never the recompile limit
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def train_step(pargs, device):
+    """pretrain.py's model, optimiser and step (autocast bf16 + torch.compile on CUDA); returns (model, step(x))."""
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    model = pretrain.Pretrainer(pargs).to(device)
+    opt = torch.optim.AdamW(pretrain.param_groups(model, pargs.wd), lr=pargs.lr, betas=(0.9, 0.95), fused=cuda or None)
+    fwd = torch.compile(model) if cuda else model
+    counter = itertools.count()
+
+    def step(x):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss, _ = pretrain.objective(fwd(x), x, pargs, pretrain.step_generator(pargs.seed, next(counter), device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model, step
+
+
+def bench_train(cfg, device, files, rows):
+    """Part 1, and part 4 for the E2E configs (reusing the compiled model)."""
+    cuda, B, S = device.type == "cuda", cfg.batch_size, cfg.img_size
+    T = (S // vit.CONFIGS[cfg.model]["patch_size"]) ** 2
+    peak, simclr_time = pretrain.peak_flops(device), None  # SimCLR runs first: the reference of the ratios
+    for objective, flags in OBJECTIVES.items():
+        name = objective
+        if "--N" in flags and int(flags[flags.index("--N") + 1]) > T - 2:  # --quick: fewer tokens than N=64
+            flags, name = flags + ["--N", str(T // 2)], name.replace("N=64", f"N={T // 2}")
+        pargs = pretrain.resolve_args(["--data", "unused", "--model", cfg.model, "--img-size", str(S), "--batch-size",
+                                       str(B)] + (["--head-hidden", "512"] if cfg.quick else []) + flags)
+        row, model, step, x = {"part": "train", "name": name, "objective": objective}, None, None, None
+        try:
+            free(device)
+            model, step = train_step(pargs, device)
+            x = torch.randn(2 * B, 3, S, S, device=device)
+            t = median_time(lambda: step(x), device, cfg.warmup, cfg.steps)
+            simclr_time = t if objective == "SimCLR" else simclr_time
+            flops = 3 * vit.vit_flops(model.backbone.config, S) * 2 * B
+            row.update(img_s=B / t, views_s=2 * B / t, mfu=100 * flops / t / peak if peak else None,
+                       mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+                       ratio=t / simclr_time if simclr_time else None)
+            if objective in E2E and files:
+                bench_e2e(cfg, device, files, name, step, x, rows)
+        except torch.cuda.OutOfMemoryError:
+            row["oom"] = True
+        model = step = x = None
+        rows.append(row)
+    free(device)
+
+
+def bench_e2e(cfg, device, files, name, step, x, rows):
+    """Part 4: steps/s (wall clock, data waits included) fed by the JPEG loader as in pretrain.py (workers, pinned
+    memory, non_blocking copy, photometric on the device) against the same steps on the batch x already there."""
+    B, cuda = cfg.batch_size, device.type == "cuda"
+    loader = torch.utils.data.DataLoader(
+        data.TwoViews(files, cfg.img_size), batch_size=B, num_workers=cfg.workers, collate_fn=data.two_view_batch,
+        sampler=[i % len(files) for i in range((cfg.warmup + cfg.steps) * B)], pin_memory=cuda,
+        prefetch_factor=4 if cfg.workers else None)
+
+    def batches():
+        for b in loader:
+            yield torch.cat([data.photometric(b[f"view{i}"].to(device, non_blocking=True),
+                                              b[f"photo{i}"].to(device, non_blocking=True)) for i in (1, 2)])
+
+    def steps_per_s(feed, n):
+        sync(device)
+        t0 = time.perf_counter()
+        for xb in itertools.islice(feed, n):
+            step(xb)
+        sync(device)
+        return n / (time.perf_counter() - t0)
+
+    on_device = steps_per_s(itertools.repeat(x), cfg.steps)
+    feed = batches()
+    steps_per_s(feed, cfg.warmup)  # worker start-up
+    fed = steps_per_s(feed, cfg.steps)
+    feed.close()
+    for label, v in (("on device", on_device), ("JPEG loader", fed)):
+        rows.append({"part": "e2e", "name": f"{name} {label}", "steps_s": v, "img_s": v * B, "ratio": v / on_device})
+
+
+def bench_vit(cfg, device, rows):
+    """Part 2: backbone forward+backward, loss = mean of the output tokens, ours against timm with the same config."""
+    try:
+        import timm
+    except ImportError:
+        rows.append({"part": "vit", "name": "timm not installed: skipped"})
+        return
+    cuda, conf, S = device.type == "cuda", vit.CONFIGS[cfg.model], cfg.img_size
+    kw = dict(img_size=S, patch_size=conf["patch_size"], embed_dim=conf["embed_dim"], depth=conf["depth"],
+              num_heads=conf["num_heads"])
+    times = {}
+    for name, make in (("ours", lambda: vit.create_vit(cfg.model, img_size=S)),
+                       ("timm", lambda: timm.create_model("vit_small_patch16_224", num_classes=0, **kw))):
+        free(device)
+        torch.manual_seed(0)
+        model = make().to(device)
+        fwd = torch.compile(model.forward_features) if cuda else model.forward_features
+        x = torch.randn(2 * cfg.batch_size, 3, S, S, device=device)
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                loss = fwd(x).float().mean()
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+        try:
+            times[name] = median_time(step, device, cfg.warmup, cfg.steps)
+        except torch.cuda.OutOfMemoryError:
+            times[name] = None
+        del model, fwd, x, step
+    for name, t in times.items():
+        rows.append({"part": "vit", "name": f"{name} {cfg.model} fwd+bwd", "oom": t is None,
+                     "img_s": 2 * cfg.batch_size / t if t else None,
+                     "ratio": times["ours"] / t if t and times["ours"] else None})
+    free(device)
+
+
+def make_jpegs(folder, n, seed=0):
+    """n COCO-sized JPEGs (640x480, 480x640, 640x427, 427x640; q90): smooth colour fields, stripes, pixel noise."""
+    os.makedirs(folder, exist_ok=True)
+    files = [os.path.join(folder, f"bench_{i:04d}.jpg") for i in range(n)]
+    for i, path in enumerate(files):
+        if os.path.exists(path):
+            continue
+        rng = np.random.default_rng(seed + i)
+        W, H = [(640, 480), (480, 640), (640, 427), (427, 640)][i % 4]
+        low = Image.fromarray((rng.random((6, 8, 3)) * 255).astype(np.uint8)).resize((W, H), Image.BICUBIC)
+        yy, xx = np.mgrid[0:H, 0:W]
+        a, period = rng.uniform(0, np.pi), rng.uniform(4, 24)
+        stripes = 30 * np.sin((xx * np.cos(a) + yy * np.sin(a)) * 2 * np.pi / period)
+        img = np.asarray(low, np.float32) + (stripes * (xx < rng.integers(W)))[..., None] + rng.normal(0, 8, (H, W, 3))
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
+    return files
+
+
+class TorchvisionTwoViews(torch.utils.data.Dataset):
+    """The baseline: full PIL decode, then the SPEC 1.9 ops per image and view in the worker (PIL ops, then to tensor:
+    on a 2-core CPU ~1.5x faster than v2.ToImage first and tensor ops)."""
+
+    def __init__(self, files, S):
+        self.files = files
+        self.tf = v2.Compose([
+            v2.RandomResizedCrop(S, scale=(0.2, 1.0)), v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(0.2),
+            v2.RandomApply([v2.GaussianBlur(2 * int(0.05 * S) + 1, (0.1, 2.0))], p=0.5),
+            v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        img = data.load_rgb(self.files[i])
+        return self.tf(img), self.tf(img)
+
+
+def data_img_s(ours, files, S, workers, n_images, batch, device):
+    """Images/s (two views each) of one pipeline over n_images, from DataLoader creation to the last batch ready."""
+    ds = data.TwoViews(files, S) if ours else TorchvisionTwoViews(files, S)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=[i % len(files) for i in range(n_images)],
+                                         num_workers=workers, collate_fn=data.two_view_batch if ours else None,
+                                         pin_memory=device.type == "cuda")
+    threads = torch.get_num_threads()
+    if workers == 0:
+        torch.set_num_threads(1)  # one process: as in a loader worker
+    try:
+        sync(device)
+        t0 = time.perf_counter()
+        for b in loader:
+            if ours:  # on CPU this counts the photometric ops; on CUDA they run on the GPU
+                _ = [data.photometric(b[f"view{i}"].to(device, non_blocking=True), b[f"photo{i}"].to(device))
+                     for i in (1, 2)]
+            else:
+                _ = [v.to(device, non_blocking=True) for v in b]
+        sync(device)
+        return n_images / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def bench_data(cfg, device, files, rows):
+    """Part 3: one process (num_workers=0), then --workers workers, ours against torchvision."""
+    batch = min(32, cfg.batch_size)
+    for workers in sorted({0, cfg.workers}):
+        n = len(files) if workers == 0 else max(len(files), 8 * batch * workers)
+        n -= n % batch
+        for name in ("ours", "torchvision"):  # warm the page cache and the imports once
+            data_img_s(name == "ours", files, cfg.crop, 0, batch, batch, device)
+        ours = data_img_s(True, files, cfg.crop, workers, n, batch, device)
+        tv = data_img_s(False, files, cfg.crop, workers, n, batch, device)
+        label = "1 process" if workers == 0 else f"{workers} workers"
+        rows.append({"part": "data", "name": f"ours, {label}", "img_s": ours, "views_s": 2 * ours, "ratio": ours / tv})
+        rows.append({"part": "data", "name": f"torchvision, {label}", "img_s": tv, "views_s": 2 * tv, "ratio": 1.0})
+
+
+def fmt(v, width, digits):
+    return f"{'-' if v is None else f'{v:.{digits}f}':>{width}}"
+
+
+def print_table(rows, header):
+    print(header)
+    print(f"{'part':<6}{'row':<36}{'img/s':>10}{'views/s':>10}{'steps/s':>9}{'MFU %':>7}{'mem GiB':>9}{'ratio':>8}")
+    explain = {"train": "ratio: step time / SimCLR's", "vit": "ratio: time ours / time timm",
+               "data": "ratio: img/s ours / torchvision's (same number of processes)",
+               "e2e": "ratio: steps/s JPEG loader / on device (wall clock over all timed steps)"}
+    part = None
+    for r in rows:
+        if r["part"] != part:
+            part = r["part"]
+            print(f"  -- {explain[part]}")
+        if r.get("oom"):
+            print(f"{r['part']:<6}{r['name']:<36}{'OOM':>10}")
+            continue
+        print(f"{r['part']:<6}{r['name']:<36}{fmt(r.get('img_s'), 10, 1)}{fmt(r.get('views_s'), 10, 1)}"
+              f"{fmt(r.get('steps_s'), 9, 2)}{fmt(r.get('mfu'), 7, 1)}{fmt(r.get('mem_gb'), 9, 2)}"
+              f"{fmt(r.get('ratio'), 8, 2)}")
+
+
+def main(argv=None):
+    cfg = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    q = cfg.quick
+    for k, full, quick in (("model", "vit_small", "vit_demo"), ("img_size", 224, 64), ("batch_size", 256, 16),
+                           ("steps", 20, 3), ("warmup", 5, 1), ("n_jpegs", 512, 64)):
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, quick if q else full)
+    cfg.crop = cfg.crop or cfg.img_size
+    skip = set(cfg.skip.split(",")) - {""}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    threads = torch.get_num_threads()
+    if cfg.threads or (q and device.type == "cpu"):
+        torch.set_num_threads(cfg.threads or 1)
+    if device.type == "cuda":  # as pretrain.train does
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.set_flush_denormal(True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    header = (f"bench.py | {name} | torch {torch.__version__} | {cfg.model} {cfg.img_size} px, batch {cfg.batch_size} "
+              f"(x2 views) | {'bf16 autocast + torch.compile' if device.type == 'cuda' else 'fp32 eager'} | "
+              f"median of {cfg.steps} steps after {cfg.warmup} | data: {cfg.n_jpegs} JPEGs, {cfg.crop} px crops, "
+              f"{cfg.workers} workers | {torch.get_num_threads()} torch threads")
+    if device.type == "cpu":
+        header += ("\nnote: CPU numbers say nothing about GPU speed (the data rows are CPU work on any machine); "
+                   f"load average {os.getloadavg()[0]:.1f} at the start: other processes on these {os.cpu_count()} "
+                   "cores skew the timings")
+    t_start = time.perf_counter()
+    tmp = None if cfg.jpeg_dir else tempfile.mkdtemp(prefix="bench_jpegs_")
+    rows = []
+    try:
+        files = make_jpegs(cfg.jpeg_dir or tmp, cfg.n_jpegs) if {"data", "e2e"} - skip else []
+        if "train" not in skip:
+            bench_train(cfg, device, [] if "e2e" in skip else files, rows)
+        if "vit" not in skip:
+            bench_vit(cfg, device, rows)
+        if "data" not in skip:
+            bench_data(cfg, device, files, rows)
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    order = ["train", "vit", "data", "e2e"]
+    rows.sort(key=lambda r: order.index(r["part"]))  # stable: e2e rows are measured with the train rows
+    print_table(rows, header)
+    print(f"bench time {time.perf_counter() - t_start:.0f} s")
+    if cfg.out:
+        with open(cfg.out, "w") as fh:
+            json.dump({"header": header, "config": {k: v for k, v in vars(cfg).items()}, "rows": rows}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

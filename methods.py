@@ -1,0 +1,224 @@
+"""
+The two optional pretraining methods on top of pretrain.py, as plain functions (their loss is losses.montage_loss):
+
+    ContrastiveCrop (--crop ccrop, SPEC 4)    ccrop_due, heat_maps, heat_to_boxes / heat_to_box, localise
+    MCL montage (--montage, SPEC 5)           assemble_montage, build_montages, block_attn_mask, cell_means
+
+Every random draw comes from the torch.Generator passed in, in the order the docstrings give, so tests replay them.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import losses
+
+HEATS = ("cls_attn", "token_norm", "channel_sum")
+FULL_BOX = (0.0, 0.0, 1.0, 1.0)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ContrastiveCrop: semantic-aware localisation (SPEC 4); the centre-suppressed sampling is data.ccrop_params
+
+
+def ccrop_due(epoch, warmup, every):
+    """Whether the boxes are recomputed at the start of 0-based `epoch`. SPEC 4 in 0-based epochs: plain RRC before
+    epoch W = warmup (data.TwoViews(ccrop_warmup=W)); the boxes are recomputed at the start of epochs e > 0 with
+    e >= W and (e - W) % L == 0 (L = every), i.e. after e finished epochs, and used from epoch W on (W = 0: the
+    initial (0, 0, 1, 1) boxes until epoch L)."""
+    if warmup < 0 or every < 1:
+        raise ValueError(f"--ccrop-warmup {warmup} must be >= 0 and --ccrop-every {every} >= 1")
+    return epoch > 0 and epoch >= warmup and (epoch - warmup) % every == 0
+
+
+def heat_to_boxes(heat, k, out_hw):
+    """Boxes [N, 4] = (h0, w0, h1, w1) in [0, 1] from token heat maps heat [N, gh, gw] (SPEC 4): per map min-max
+    normalise to [0, 1], bilinear upsampling to out_hw = (H, W) (align_corners=False, as the official code), then
+    rows whose max > k give [h0, h1] and columns whose max > k give [w0, w1] (no connected components):
+        h0 = first row / H,  h1 = (last row + 1) / H,  w0 = first col / W,  w1 = (last col + 1) / W
+    (the pixel-edge convention: a map over the whole image gives the initial box (0, 0, 1, 1)). A constant map or one
+    with no pixel above k (or NaN) gives the full box."""
+    if heat.ndim != 3:
+        raise ValueError(f"heat_to_boxes: heat must be [N, gh, gw], got {tuple(heat.shape)}")
+    if not 0 <= k < 1:
+        raise ValueError(f"--ccrop-k {k}: expected a threshold in [0, 1)")
+    heat = heat.float()
+    lo, hi = heat.amin((1, 2), keepdim=True), heat.amax((1, 2), keepdim=True)
+    norm = (heat - lo) / (hi - lo).clamp_min(1e-12)  # a constant map becomes all 0: no pixel above k
+    up = F.interpolate(norm[:, None], size=tuple(out_hw), mode="bilinear", align_corners=False)[:, 0]
+    rows, cols = up.amax(2) > k, up.amax(1) > k  # [N, H], [N, W]
+
+    def span(m):
+        n = m.shape[1]
+        first = m.int().argmax(1)
+        last = n - 1 - m.flip(1).int().argmax(1)
+        return first / n, (last + 1) / n
+
+    (h0, h1), (w0, w1) = span(rows), span(cols)
+    boxes = torch.stack([h0, w0, h1, w1], 1).float()
+    empty = ~(rows.any(1) & cols.any(1))
+    boxes[empty] = torch.tensor(FULL_BOX, device=boxes.device)
+    return boxes
+
+
+def heat_to_box(heat, k, out_hw):
+    """heat_to_boxes for one map heat [gh, gw] -> (h0, w0, h1, w1) floats (SPEC 4)."""
+    return tuple(heat_to_boxes(heat[None], k, out_hw)[0].tolist())
+
+
+def heat_maps(backbone, x, kind):
+    """Token heat maps [N, gh, gw] (float32) of normalised images x [N, 3, H, W], SPEC 4 ViT adaptation:
+    'cls_attn'    last-block CLS -> patch attention, averaged over heads
+    'token_norm'  L2 norm of the last block's tokens before the final LayerNorm (read by a hook on backbone.norm)
+    'channel_sum' sum over channels of the final (LayerNorm'ed) tokens: the literal port of the ResNet recipe"""
+    N, _, H, W = x.shape
+    gh, gw = H // backbone.patch_size, W // backbone.patch_size
+    if kind == "cls_attn":
+        heat = backbone.forward_features(x, return_cls_attn=True)[1].mean(1)
+    elif kind == "token_norm":
+        seen = []
+        hook = backbone.norm.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+        try:
+            backbone.forward_features(x)
+        finally:
+            hook.remove()
+        heat = seen[0][:, 1:].float().norm(dim=-1)
+    elif kind == "channel_sum":
+        heat = backbone.forward_features(x)[:, 1:].float().sum(-1)
+    else:
+        raise ValueError(f"--ccrop-heat {kind!r}: expected one of {HEATS}")
+    return heat.float().reshape(N, gh, gw)
+
+
+class ResizedImages(torch.utils.data.Dataset):
+    """The un-augmented images of the localisation pass: RGB uint8 [3, S, S], resized to S x S ignoring the aspect ratio
+    (SPEC 4), and whether the file could be read (an unreadable file gives zeros and keeps the full box)."""
+
+    def __init__(self, files, size):
+        self.files, self.size = list(files), size
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        S = self.size
+        try:
+            im = data.load_rgb(self.files[i], draft_size=(S, S)).resize((S, S), Image.BILINEAR)
+        except Exception:  # as TwoViews: any decode failure; the box stays the full image
+            return torch.zeros(3, S, S, dtype=torch.uint8), False
+        return torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous(), True
+
+
+@torch.no_grad()
+def localise(backbone, files, img_size, kind, k, batch_size, workers, device, amp_dtype=None):
+    """Semantic-aware localisation (SPEC 4): one box per file, [len(files), 4] float32 on the CPU, computed with the
+    backbone in eval mode (restored afterwards) over the un-augmented images resized to img_size x img_size and
+    normalised as the training views (data.photometric with identity parameters). Under torch.distributed rank r
+    does files[r::world] and the boxes are all-gathered, so every rank returns all of them."""
+    rank, world = losses.world()
+    mine = ResizedImages(files[rank::world], img_size)
+    m = math.ceil(len(files) / world)  # equal-sized shards for the gather (the last rows of some ranks are padding)
+    out = torch.tensor(FULL_BOX, device=device).repeat(m, 1)
+    identity = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    loader = torch.utils.data.DataLoader(mine, batch_size=batch_size, num_workers=workers)
+    was_training, i = backbone.training, 0
+    backbone.eval()
+    try:
+        for imgs, ok in loader:
+            x = data.photometric(imgs.to(device, non_blocking=True), identity.expand(len(imgs), -1))
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                heat = heat_maps(backbone, x, kind)
+            boxes = heat_to_boxes(heat, k, (img_size, img_size))
+            out[i:i + len(imgs)] = torch.where(ok.to(device)[:, None], boxes, out[i:i + len(imgs)])
+            i += len(imgs)
+    finally:
+        backbone.train(was_training)
+    shards = losses.gather(out).view(world, m, 4).cpu()
+    boxes = torch.empty(len(files), 4)
+    for r in range(world):
+        boxes[r::world] = shards[r, :len(range(r, len(files), world))]
+    return boxes
+
+# ----------------------------------------------------------------------------------------------------------------------
+# MCL montages at token granularity (SPEC 5, ViT adaptation)
+
+
+def assemble_montage(views, r, generator):
+    """Level-r montages of a batch of views [B, 3, S, S] (SPEC 5): n = max(1, ceil(B / r^2)) canvases [n, 3, S, S], each
+    an r x r row-major grid of cells of c = S/r pixels, and labels [n, r*r] (int64): the source image (0..B-1) of each
+    cell. Draws from `generator`, in this order:
+        idx = randperm(r*r*n) mod B                  sources, so every image is used about equally (MCL)
+        u = rand(4, r*r*n) (float64)                 per cell: crop side, top, left, flip
+    The cell's "independent augmentation" is a re-crop of its source view: a square of side
+    s = lo + floor(u0 * (S - lo + 1)), lo = max(c, ceil(S/2)) (25-100% of the view's area), at top = floor(u1*(S-s+1)),
+    left = floor(u2*(S-s+1)), flipped horizontally if u3 < 0.5, then downsampled to c x c as
+    F.interpolate(crop, (c, c), mode='bilinear', align_corners=False) (MCL: F.interpolate, default nearest). All cells
+    are sampled in one grid_sample call; since s >= c it never reads outside the crop, so it equals that interpolate.
+    The colour augmentation is the one of the source view (the canvases are built from the photometric output)."""
+    if views.ndim != 4 or views.shape[2] != views.shape[3]:
+        raise ValueError(f"assemble_montage: views must be [B, 3, S, S], got {tuple(views.shape)}")
+    B, C, S, _ = views.shape
+    if not isinstance(r, int) or r < 1 or S % r:
+        raise ValueError(f"--montage-r {r}: expected a positive integer dividing the view size {S}")
+    n, c = max(1, math.ceil(B / (r * r))), S // r
+    cells = r * r * n
+    gdev = generator.device
+    idx = (torch.randperm(cells, generator=generator, device=gdev) % B).to(views.device)
+    u = torch.rand(4, cells, generator=generator, device=gdev, dtype=torch.float64).to(views.device)
+    lo = max(c, math.ceil(S / 2))
+    s = (lo + (u[0] * (S - lo + 1)).floor()).clamp(max=S)
+    top, left = (u[1] * (S - s + 1)).floor(), (u[2] * (S - s + 1)).floor()
+    sign = torch.where(u[3] < 0.5, -1.0, 1.0).to(torch.float64)
+    theta = torch.zeros(cells, 2, 3, dtype=torch.float64, device=views.device)  # output [-1, 1] -> input [-1, 1]
+    theta[:, 0, 0], theta[:, 0, 2] = sign * s / S, (2 * left + s) / S - 1
+    theta[:, 1, 1], theta[:, 1, 2] = s / S, (2 * top + s) / S - 1
+    grid = F.affine_grid(theta.to(views.dtype), [cells, C, c, c], align_corners=False)
+    small = F.grid_sample(views[idx], grid, mode="bilinear", padding_mode="border", align_corners=False)
+    canvases = small.view(n, r, r, C, c, c).permute(0, 3, 1, 4, 2, 5).reshape(n, C, S, S)
+    return canvases, idx.view(n, r * r)
+
+
+def build_montages(x, levels, generator):
+    """The montages of one step: x = [view 1 of B images, view 2 of them] [2B, 3, S, S]. For each level r (in order):
+    canvases [2n, 3, S, S] = (assemble_montage(view 1), assemble_montage(view 2)) and labels [2n, r*r] (0..B-1)."""
+    B = x.shape[0] // 2
+    canvases, labels = [], []
+    for r in levels:
+        (c1, l1), (c2, l2) = assemble_montage(x[:B], r, generator), assemble_montage(x[B:], r, generator)
+        canvases.append(torch.cat([c1, c2]))
+        labels.append(torch.cat([l1, l2]))
+    return canvases, labels
+
+
+def _cell_of_token(grid, r):
+    """Row-major cell index (0..r*r-1) of each of the grid x grid tokens of a level-r canvas, [grid*grid]."""
+    if r < 1 or grid % r:
+        raise ValueError(f"--montage-r {r}: expected a positive integer dividing the token grid {grid}")
+    t = torch.arange(grid) // (grid // r)
+    return (t[:, None] * r + t[None, :]).flatten()
+
+
+def block_attn_mask(grid, r):
+    """Attention mask [1+T, 1+T] (bool, True = may attend; rows = queries, CLS first) of --montage-block-attn (SPEC 5):
+    a patch token attends only to the patch tokens of its own cell; the CLS token attends to everything ("keeps CLS
+    free"), but patch tokens do not attend to CLS, which would carry other cells' content into a cell from the second
+    block on. So a cell's tokens, and its embedding, depend on its own pixels only."""
+    cell = _cell_of_token(grid, r)
+    T = cell.numel()
+    mask = torch.zeros(1 + T, 1 + T, dtype=torch.bool)
+    mask[1:, 1:] = cell[:, None] == cell[None, :]
+    mask[0] = True
+    return mask
+
+
+def cell_means(tokens, grid, r):
+    """Cell embeddings (SPEC 5): the mean of each cell's patch tokens. tokens [n, T, D] (T = grid^2, row-major) ->
+    [n * r * r, D], canvas-major then row-major cells (the layout of assemble_montage's labels)."""
+    n, T, D = tokens.shape
+    if T != grid * grid:
+        raise ValueError(f"cell_means: {T} tokens is not a {grid} x {grid} grid")
+    _cell_of_token(grid, r)
+    k = grid // r
+    return tokens.reshape(n, r, k, r, k, D).mean((2, 4)).reshape(n * r * r, D)
