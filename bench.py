@@ -14,6 +14,7 @@ import argparse
 import gc
 import itertools
 import json
+import math
 import os
 import shutil
 import statistics
@@ -27,6 +28,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 import data
+import methods
 import pretrain
 import vit
 
@@ -54,6 +56,10 @@ OBJECTIVES = {  # row name -> pretrain.py flags (beta < -1 turns thresholding of
     "guided M=256": ["--neg", "guided", "--M", "256", "--beta", "-2", "--N", "0"],
     "guided M=256 beta=0.5": ["--neg", "guided", "--M", "256", "--beta", "0.5", "--N", "0"],
     "DenseCL++* (+N=64)": ["--neg", "guided", "--M", "256", "--beta", "0.5", "--N", "64"],
+    "DenseCL++* scored on 16 tokens": ["--neg", "guided", "--M", "256", "--beta", "0.5", "--N", "64",
+                                       "--score-tokens", "16"],
+    "DenseCL++* + montage r=2,7": ["--neg", "guided", "--M", "256", "--beta", "0.5", "--N", "64", "--montage",
+                                   "--montage-r", "2", "7"],
     "DenseCL++* + recon": ["--neg", "guided", "--M", "256", "--beta", "0.5", "--N", "64", "--gamma", "0.1",
                            "--decoder", "conv"],
 }
@@ -105,8 +111,10 @@ def train_step(pargs, device):
     counter = itertools.count()
 
     def step(x):
+        gen = pretrain.step_generator(pargs.seed, next(counter), device)
+        canvases, labels = methods.build_montages(x, pargs.montage_r, gen) if pargs.montage else (None, None)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss, _ = pretrain.objective(fwd(x), x, pargs, pretrain.step_generator(pargs.seed, next(counter), device))
+            loss, _ = pretrain.objective(fwd(x, canvases), x, pargs, gen, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -122,6 +130,9 @@ def bench_train(cfg, device, files, rows):
         name = objective
         if "--N" in flags and int(flags[flags.index("--N") + 1]) > T - 2:  # --quick: fewer tokens than N=64
             flags, name = flags + ["--N", str(T // 2)], name.replace("N=64", f"N={T // 2}")
+        grid = math.isqrt(T)
+        if "--montage" in flags and grid % 7:  # --quick: levels that divide the demo's 8x8 token grid
+            flags, name = flags + ["--montage-r", "2", "4"], name.replace("r=2,7", "r=2,4")
         pargs = pretrain.resolve_args(["--data", "unused", "--model", cfg.model, "--img-size", str(S), "--batch-size",
                                        str(B)] + (["--head-hidden", "512"] if cfg.quick else []) + flags)
         row, model, step, x = {"part": "train", "name": name, "objective": objective}, None, None, None
@@ -141,6 +152,18 @@ def bench_train(cfg, device, files, rows):
             row["oom"] = True
         model = step = x = None
         rows.append(row)
+    free(device)
+    # ContrastiveCrop costs nothing per step: its price is one no-grad pass over the data every --ccrop-every epochs
+    backbone = vit.create_vit(cfg.model, img_size=S).to(device).eval()
+    x = torch.randn(B, 3, S, S, device=device)
+
+    def localise_batch():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            methods.heat_maps(backbone, x, "cls_attn")
+    t = median_time(localise_batch, device, cfg.warmup, cfg.steps)
+    every = pretrain.parser.get_default("ccrop_every")
+    rows.append({"part": "train", "name": f"ContrastiveCrop (pass every {every} ep)", "objective": "ccrop",
+                 "img_s": B / t, "ratio": 1 + (t / B) / (simclr_time / B) / every if simclr_time else None})
     free(device)
 
 

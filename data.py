@@ -292,7 +292,7 @@ def _shift_hue(x, shift):
     dd = d.clamp_min(1e-12)  # where d = 0 the hue is irrelevant (s = 0)
     h = torch.where(v == r, ((g - b) / dd) % 6, torch.where(v == g, (b - r) / dd + 2, (r - g) / dd + 4)) / 6
     h = (h + shift.view(-1, 1, 1)) % 1
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1 without a host copy
     k = (n + 6 * h.unsqueeze(1)) % 6
     return v.unsqueeze(1) - (v * s).unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
 
@@ -342,9 +342,11 @@ def photometric(views_uint8, params, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     x = torch.where(gray > 0, _gray(x).expand_as(x), x)
     with torch.autocast(x.device.type, enabled=False):  # keep the blur in float32 under a bf16 autocast
         x = torch.where(sigma > 0, _blur(x, p[:, 5].clamp_min(1e-3)), x)
-    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    m, sd = x.new_empty(1, 3, 1, 1), x.new_empty(1, 3, 1, 1)
+    for c in range(3):  # filled on the device: a torch.tensor(..., device=cuda) copy would stall the GPU queue
+        m[:, c].fill_(mean[c])
+        sd[:, c].fill_(std[c])
+    return (x - m) / sd
 
 # ----------------------------------------------------------------------------------------------------------------------
 # sampler

@@ -79,8 +79,8 @@ def nt_xent(u1, u2, tau):
     a = torch.arange(2, device=u.device).repeat_interleave(B)
     g = rank * B + torch.arange(B, device=u.device).repeat(2)
     self_col, pos_col = a * Bg + g, (1 - a) * Bg + g
-    logits = logits.index_put((torch.arange(2 * B, device=u.device), self_col), torch.tensor(float("-inf"), device=u.device,
-                                                                                            dtype=logits.dtype))
+    cols = torch.arange(2 * Bg, device=u.device)
+    logits = logits.masked_fill(cols[None, :] == self_col[:, None], float("-inf"))  # no host->device copy: no sync
     return F.cross_entropy(logits, pos_col)
 
 
@@ -142,7 +142,7 @@ def _guided_choice(z, cand, own, beta, chunk_elems=1 << 28):
     scores = []
     for s in range(0, 2 * B, c):
         q = flat[s:s + c] @ cand.reshape(M * n_cols, D).T  # [c, T, M*2Bg]
-        per_col = torch.where(q > beta, q, -torch.ones((), dtype=q.dtype, device=q.device)).sum(1)
+        per_col = q.masked_fill_(q <= beta, -1.0).sum(1, dtype=_acc(q.dtype))  # bf16 sums would reorder the sets
         per_col = per_col.view(-1, M, n_cols).scatter(-1, own[s:s + c][:, None, :].expand(-1, M, 2), 0.0)
         scores.append(per_col.sum(-1))  # own-image columns zeroed, not subtracted: exact ties stay exact
     return torch.cat(scores).view(2, B, M).argmax(-1)

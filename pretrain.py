@@ -33,7 +33,8 @@ g.add_argument("--data", default=None, help="image folder (recursive) or COCO in
                "which also switches every flag you do not give to the small demo preset")
 g.add_argument("--image-root", default=None, help="images folder for a COCO .json (default: guessed from the json path)")
 g.add_argument("--img-size", type=int, default=224, help="crop size of each view")
-g.add_argument("--workers", type=int, default=8, help="data-loader worker processes per GPU (decode + crop)")
+g.add_argument("--workers", type=int, default=None, help="data-loader worker processes per GPU (decode + crop); "
+               "default: the CPU cores divided by the processes on this node")
 g = parser.add_argument_group("model")
 g.add_argument("--model", default="vit_small", choices=sorted(vit.CONFIGS), help="backbone config (vit.py)")
 g.add_argument("--head-hidden", type=int, default=2048, help="hidden width of the projection heads")
@@ -47,6 +48,8 @@ g.add_argument("--neg", choices=list(losses.NEGATIVES), default="guided", help="
 g.add_argument("--M", type=int, default=256, help="candidate sets of guided sampling")
 g.add_argument("--beta", type=float, default=0.5, help="threshold inside the guided set score; < -1 turns it off")
 g.add_argument("--N", type=int, default=64, help="cross-view negatives per anchor token (0 = none)")
+g.add_argument("--score-tokens", type=int, default=0, help="score the thresholded guided sets on this many random "
+               "anchor tokens per view instead of all (0 = all, exact; the loss always uses every token)")
 g.add_argument("--gamma", type=float, default=0.0, help="weight of the auxiliary reconstruction loss")
 g.add_argument("--recon", choices=["l2", "l1"], default="l2", help="reconstruction loss")
 g.add_argument("--tau-g", type=float, default=0.2, help="temperature of the global NT-Xent")
@@ -189,7 +192,8 @@ class Pretrainer(nn.Module):
         self.backbone = vit.create_vit(args.model, img_size=args.img_size)
         D = self.backbone.embed_dim
         self.global_head = mlp(D, args.head_hidden, args.head_out, bn=True)
-        self.dense_head = mlp(D, args.head_hidden, args.head_out, bn=False)
+        # no dense head for SimCLR (lam 0): no wasted FLOPs, and DDP needs every parameter used
+        self.dense_head = mlp(D, args.head_hidden, args.head_out, bn=False) if args.lam > 0 else None
         self.agg, self.pair = args.agg, args.pair
         self.decoder = None
         if args.gamma > 0:
@@ -209,8 +213,8 @@ class Pretrainer(nn.Module):
         tokens = self.backbone.forward_features(x)
         patches = tokens[:, 1:]
         u = self.global_head(vit.global_feature(tokens, self.agg))
-        z = self.dense_head(patches)
-        f = patches if self.pair == "backbone" else z
+        z = self.dense_head(patches) if self.dense_head is not None else None
+        f = patches if self.pair == "backbone" or z is None else z
         g = self.backbone.grid
         x_hat = self.decoder(patches, g, g) if self.decoder is not None else None
         cells = None
@@ -234,7 +238,7 @@ def objective(out, x, args, generator, cell_labels=None):
         beta = args.beta if args.neg == "guided" and args.beta >= -1 else None
         terms["dense"] = losses.dense_loss(z[:B], z[B:], f[:B], f[B:], tau=args.tau_d, negatives=args.neg,
                                            M=args.M if args.neg == "guided" else 1, beta=beta, N=args.N,
-                                           generator=generator)
+                                           generator=generator, score_tokens=args.score_tokens or None)
         total = total + args.lam * terms["dense"]
     if args.gamma > 0:
         terms["recon"] = losses.recon_loss(x.float(), x_hat.float(), args.recon)
@@ -380,6 +384,8 @@ def train(args):
         for k, v in ckpt["args"].items():
             if k not in args.explicit and k not in ("resume", "explicit"):
                 setattr(args, k, v)
+    if args.workers is None:
+        args.workers = max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     files = data.list_images(args.data, args.image_root)
     global_batch = args.batch_size * world_size
     if len(files) < global_batch:
