@@ -313,6 +313,15 @@ def _blur(x, sigma):
     return y.view(N, C, S, S)
 
 
+def _where(mask, fn, x):
+    """fn applied where mask [N] is set, x elsewhere; fn takes an index into the batch. On CPU only the selected
+    samples are computed; on an accelerator one dense torch.where keeps the op free of host syncs (compilable)."""
+    if x.device.type == 'cpu':
+        idx = mask.nonzero().squeeze(1)
+        return x.index_copy(0, idx, fn(idx)) if len(idx) else x
+    return torch.where(mask.view(-1, 1, 1, 1), fn(slice(None)), x)
+
+
 def photometric(views_uint8, params, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Batched photometric augmentation on the training device (GPU in practice), SPEC 1.9.
     views_uint8: [N, 3, S, S] uint8; params: [N, 6] float (stacked 'photo' tensors, layout PHOTO_KEYS). Returns
@@ -334,14 +343,14 @@ def photometric(views_uint8, params, mean=IMAGENET_MEAN, std=IMAGENET_STD):
                          f"({', '.join(PHOTO_KEYS)}), got {tuple(params.shape)}")
     x = views_uint8.float() / 255
     p = params.to(x.device, torch.float32)
-    b, c, s, gray, sigma = (p[:, k].view(-1, 1, 1, 1) for k in (0, 1, 2, 4, 5))
+    b, c, s = (p[:, k].view(-1, 1, 1, 1) for k in (0, 1, 2))
     x = (b * x).clamp(0, 1)
     x = (c * x + (1 - c) * _gray(x).mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 1)
     x = (s * x + (1 - s) * _gray(x)).clamp(0, 1)
-    x = torch.where(p[:, 3].view(-1, 1, 1, 1) != 0, _shift_hue(x, p[:, 3]), x)
-    x = torch.where(gray > 0, _gray(x).expand_as(x), x)
+    x = _where(p[:, 3] != 0, lambda i: _shift_hue(x[i], p[i, 3]), x)
+    x = _where(p[:, 4] > 0, lambda i: _gray(x[i]).expand(-1, 3, -1, -1), x)
     with torch.autocast(x.device.type, enabled=False):  # keep the blur in float32 under a bf16 autocast
-        x = torch.where(sigma > 0, _blur(x, p[:, 5].clamp_min(1e-3)), x)
+        x = _where(p[:, 5] > 0, lambda i: _blur(x[i], p[i, 5].clamp_min(1e-3)), x)
     m, sd = x.new_empty(1, 3, 1, 1), x.new_empty(1, 3, 1, 1)
     for c in range(3):  # filled on the device: a torch.tensor(..., device=cuda) copy would stall the GPU queue
         m[:, c].fill_(mean[c])

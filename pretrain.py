@@ -419,6 +419,7 @@ def train(args):
         else model
     use_compile = args.compile == "on" or (args.compile == "auto" and cuda)
     fwd = torch.compile(ddp) if use_compile else ddp
+    photometric = torch.compile(data.photometric) if use_compile else data.photometric  # ~20 fused elementwise ops
 
     boxes = None  # ContrastiveCrop: one (h0, w0, h1, w1) per file, in shared memory so loader workers see updates
     if args.crop == "ccrop":
@@ -480,7 +481,7 @@ def train(args):
             lr = lr_at(step, peak_lr, warmup_steps, total_steps)
             for group in opt.param_groups:
                 group["lr"] = lr
-            x = torch.cat([data.photometric(batch[f"view{i}"].to(device, non_blocking=True),
+            x = torch.cat([photometric(batch[f"view{i}"].to(device, non_blocking=True),
                                             batch[f"photo{i}"].to(device, non_blocking=True)) for i in (1, 2)])
             gen = step_generator(args.seed, step, device)  # montage draws first, then the dense loss's
             canvases, cell_labels = methods.build_montages(x, args.montage_r, gen) if args.montage else (None, None)

@@ -199,8 +199,9 @@ def test_probes_refuse_bad_inputs(tmp_path, capsys):
     torch.save(good, tmp_path / "inf.pt")
     assert probe_multilabel.main([str(tmp_path / "inf.pt")]) == 2
     assert "non-finite" in capsys.readouterr().err
-    coco = json.load(open(os.path.join(HERE, "data", "demo", "annotations", "instances_val.json")))
-    del coco["images"]
+    coco = {"annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 4, 4], "area": 16,
+                             "iscrowd": 0, "segmentation": [[0, 0, 4, 0, 4, 4]]}],
+            "categories": [{"id": 1, "name": "thing"}]}  # a COCO file without its "images" list
     (tmp_path / "no_images.json").write_text(json.dumps(coco))
     args = [str(out / "ckpt.pt"), "--train-json", str(tmp_path / "no_images.json"), "--train-images", str(tmp_path),
             "--val-json", str(tmp_path / "no_images.json"), "--val-images", str(tmp_path), "--out",
