@@ -272,8 +272,11 @@ class TorchvisionTwoViews(torch.utils.data.Dataset):
         return self.tf(img), self.tf(img)
 
 
-def data_img_s(ours, files, S, workers, n_images, batch, device):
-    """Images/s (two views each) of one pipeline over n_images, from DataLoader creation to the last batch ready."""
+def data_img_s(pipeline, files, S, workers, n_images, batch, device):
+    """Images/s (two views each) from DataLoader creation to the last batch ready. pipeline: "ours" (loader workers +
+    photometric on `device`), "loader" (ours without the photometric part: the CPU cost per process when the
+    photometric ops run on a GPU) or "torchvision"."""
+    ours = pipeline != "torchvision"
     ds = data.TwoViews(files, S) if ours else TorchvisionTwoViews(files, S)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=[i % len(files) for i in range(n_images)],
                                          num_workers=workers, collate_fn=data.two_view_batch if ours else None,
@@ -285,9 +288,11 @@ def data_img_s(ours, files, S, workers, n_images, batch, device):
         sync(device)
         t0 = time.perf_counter()
         for b in loader:
-            if ours:  # on CPU this counts the photometric ops; on CUDA they run on the GPU
+            if pipeline == "ours":  # on CPU this counts the photometric ops; on CUDA they run on the GPU
                 _ = [data.photometric(b[f"view{i}"].to(device, non_blocking=True), b[f"photo{i}"].to(device))
                      for i in (1, 2)]
+            elif pipeline == "loader":
+                _ = [b[f"view{i}"].to(device, non_blocking=True) for i in (1, 2)]
             else:
                 _ = [v.to(device, non_blocking=True) for v in b]
         sync(device)
@@ -297,18 +302,20 @@ def data_img_s(ours, files, S, workers, n_images, batch, device):
 
 
 def bench_data(cfg, device, files, rows):
-    """Part 3: one process (num_workers=0), then --workers workers, ours against torchvision."""
+    """Part 3: one process (num_workers=0), then --workers workers; ours with and without the photometric ops against
+    torchvision doing everything."""
     batch = min(32, cfg.batch_size)
+    names = {"ours": "ours", "loader": "ours, loader only", "torchvision": "torchvision"}
     for workers in sorted({0, cfg.workers}):
         n = len(files) if workers == 0 else max(len(files), 8 * batch * workers)
         n -= n % batch
         for name in ("ours", "torchvision"):  # warm the page cache and the imports once
-            data_img_s(name == "ours", files, cfg.crop, 0, batch, batch, device)
-        ours = data_img_s(True, files, cfg.crop, workers, n, batch, device)
-        tv = data_img_s(False, files, cfg.crop, workers, n, batch, device)
+            data_img_s(name, files, cfg.crop, 0, batch, batch, device)
+        img_s = {name: data_img_s(name, files, cfg.crop, workers, n, batch, device) for name in names}
         label = "1 process" if workers == 0 else f"{workers} workers"
-        rows.append({"part": "data", "name": f"ours, {label}", "img_s": ours, "views_s": 2 * ours, "ratio": ours / tv})
-        rows.append({"part": "data", "name": f"torchvision, {label}", "img_s": tv, "views_s": 2 * tv, "ratio": 1.0})
+        for name, title in names.items():
+            rows.append({"part": "data", "name": f"{title}, {label}", "img_s": img_s[name], "views_s": 2 * img_s[name],
+                         "ratio": img_s[name] / img_s["torchvision"]})
 
 
 def fmt(v, width, digits):

@@ -18,8 +18,8 @@ def test_bench_quick_writes_every_row(tmp_path):
         assert r.get("views_s", 2 * r["img_s"]) == 2 * r["img_s"]
     assert train["SimCLR"]["ratio"] == 1.0 and train["ccrop"]["ratio"] > 1.0
     pipeline = [r for r in rows if r["part"] == "data"]
-    assert {r["name"] for r in pipeline} == {"ours, 1 process", "torchvision, 1 process", "ours, 1 workers",
-                                             "torchvision, 1 workers"}
+    assert {r["name"] for r in pipeline} == {f"{a}, {b}" for a in ("ours", "ours, loader only", "torchvision")
+                                             for b in ("1 process", "1 workers")}
     assert all(math.isfinite(r["img_s"]) and r["img_s"] > 0 for r in pipeline)
     e2e = [r for r in rows if r["part"] == "e2e"]
     assert len(e2e) == 2 * len(bench.E2E) and all(r["steps_s"] > 0 for r in e2e)

@@ -105,14 +105,18 @@ def test_two_views_shapes_boxes_and_flips(tmp_path):
         for k in (1, 2):
             v = out[f'view{k}']
             assert v.dtype == torch.uint8 and v.shape == (3, 32, 32)
-            top, left, h, w = out[f'box{k}'].tolist()
+            top, left, h, w = map(int, out[f'box{k}'].tolist())
             assert 0 <= top and top + h <= ref.height and 0 <= left and left + w <= ref.width
-            crop = ref.resize((32, 32), Image.BILINEAR, box=(left, top, left + w, top + h))
+            crop = torch.from_numpy(np.array(ref)).permute(2, 0, 1)[None, :, top:top + h, left:left + w]
+            expected = F.interpolate(crop, size=(32, 32), mode='bilinear', antialias=True)[0]
             flip = out[f'flip{k}'].item()
             flips.add(flip)
-            expected = torch.from_numpy(np.array(crop)).permute(2, 0, 1)
             assert torch.equal(v, expected.flip(-1) if flip else expected)
             assert not torch.equal(v, expected if flip else expected.flip(-1))
+            pil = torch.from_numpy(np.array(ref.resize((32, 32), Image.BILINEAR, box=(left, top, left + w, top + h))))
+            pil = pil.permute(2, 0, 1).float()  # the same antialiased bilinear filter as PIL's, up to uint8 rounding
+            diff = (v.float() - (pil.flip(-1) if flip else pil)).abs()[:, 1:-1, 1:-1]  # PIL's filter reads past the box
+            assert diff.mean() < 0.5, diff.mean()
             assert out[f'photo{k}'].shape == (6,)
     assert flips == {True, False}
 
@@ -134,6 +138,23 @@ def test_two_views_draft_decode_keeps_original_coordinates(tmp_path):
     assert drafted > 0
     small = load_rgb(path, draft_size=(100, 75))
     assert small.size == (100, 75) and small.mode == 'RGB'
+
+
+def test_two_views_jpeg_fast_decode_equals_pil(tmp_path, monkeypatch):
+    """torchvision's decode_jpeg (the fast path) and PIL give the same pixels: RGB, grayscale and CMYK JPEGs."""
+    rgb = noise_image(tmp_path / 'rgb.jpg', 90, 70, seed=1, quality=90)
+    Image.open(rgb).convert('L').save(tmp_path / 'gray.jpg')
+    Image.open(rgb).convert('CMYK').save(tmp_path / 'cmyk.jpg')
+    files = [rgb, str(tmp_path / 'gray.jpg'), str(tmp_path / 'cmyk.jpg')]
+    calls, decode_jpeg = [], data.decode_jpeg
+    monkeypatch.setattr(data, 'decode_jpeg', lambda *a, **k: calls.append(1) or decode_jpeg(*a, **k))
+    fast = [TwoViews(files, img_size=40, seed=5)[i] for i in range(3)]
+    assert len(calls) == 3
+    monkeypatch.setattr(data, 'decode_jpeg', None)
+    slow = [TwoViews(files, img_size=40, seed=5)[i] for i in range(3)]
+    for a, b in zip(fast, slow):
+        assert torch.equal(a['view1'], b['view1']) and torch.equal(a['view2'], b['view2'])
+    assert torch.equal(fast[1]['view1'][0], fast[1]['view1'][2])  # grayscale stays grey
 
 
 def test_two_views_determinism(tmp_path):
