@@ -43,7 +43,8 @@ add("--warmup", type=int, default=None, help="untimed steps first, compilation i
 add("--workers", type=int, default=os.cpu_count(), help="DataLoader workers of the data and e2e parts")
 add("--jpeg-dir", default=None, help="folder for the synthetic JPEGs, kept and reused (default: a temp dir)")
 add("--n-jpegs", type=int, default=None, help="synthetic COCO-sized JPEGs (default 512; --quick: 64)")
-add("--crop", type=int, default=None, help="view size of the data part (default: --img-size)")
+add("--crop", type=int, default=224, help="view size of the data part: the pretraining size, also with --quick "
+    "(the data rows measure CPU work)")
 add("--threads", type=int, default=None, help="torch threads of the main process (default: torch's; --quick on CPU: 1, "
     "as 2+ OpenMP threads next to loader workers or another busy process on a small CPU slow down up to 30x)")
 add("--skip", default="", help="comma-separated parts to leave out: train, vit, data, e2e (e2e runs inside train)")
@@ -348,7 +349,6 @@ def main(argv=None):
                            ("steps", 20, 3), ("warmup", 5, 1), ("n_jpegs", 512, 64)):
         if getattr(cfg, k) is None:
             setattr(cfg, k, quick if q else full)
-    cfg.crop = cfg.crop or cfg.img_size
     skip = set(cfg.skip.split(",")) - {""}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     threads = torch.get_num_threads()

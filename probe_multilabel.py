@@ -28,12 +28,7 @@ import data
 import vit
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("ckpt", nargs="?", metavar="CKPT",
-                    help="our pretraining checkpoint, or a timm-layout ViT state dict (timm / DINO weights)")
-parser.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised ViT instead of CKPT")
-parser.add_argument("--model", default=None, choices=sorted(vit.CONFIGS),
-                    help="config of --random-init (default vit_demo on the demo set, else vit_small)")
-parser.add_argument("--seed", type=int, default=0, help="seed of --random-init and of the head init")
+vit.add_probe_args(parser)
 parser.add_argument("--train-json", help="COCO instances file of the training split (default: the demo set)")
 parser.add_argument("--train-images", help="folder of the training images")
 parser.add_argument("--val-json", help="COCO instances file of the evaluation split")
@@ -49,9 +44,6 @@ parser.add_argument("--epochs", type=int, default=1000,
 parser.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate of the head (cosine-decayed to 0)")
 parser.add_argument("--wd", type=float, default=1e-4, help="AdamW weight decay of the head")
 parser.add_argument("--batch-size", type=int, default=256, help="images per batch of the feature extraction")
-parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-decoding processes")
-parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                    help="torch device (bf16 autocast on CUDA)")
 parser.add_argument("--cache", default=None,
                     help="feature cache folder (default: probe_cache/ next to --out, else in the system temp dir)")
 parser.add_argument("--out", default=None, help="write the metrics to this JSON file")

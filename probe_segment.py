@@ -30,12 +30,7 @@ import vit
 from probe_multilabel import DEMO, check_flags, load_coco, require_files, same_categories
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("ckpt", nargs="?", metavar="CKPT",
-                    help="our pretraining checkpoint, or a timm-layout ViT state dict (timm / DINO weights)")
-parser.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised ViT instead of CKPT")
-parser.add_argument("--model", default=None, choices=sorted(vit.CONFIGS),
-                    help="config of --random-init (default vit_demo on the demo set, else vit_small)")
-parser.add_argument("--seed", type=int, default=0, help="seed of --random-init, the head and the augmentations")
+vit.add_probe_args(parser)
 parser.add_argument("--dataset", choices=["voc", "coco"], default="voc", help="layout of the data")
 parser.add_argument("--root", help="VOC folder holding JPEGImages/, SegmentationClass/, ImageSets/ (default: demo)")
 parser.add_argument("--train-split", default="train",
@@ -52,9 +47,6 @@ parser.add_argument("--epochs", type=int, default=20, help="epochs of the head")
 parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the head (cosine-decayed to 0)")
 parser.add_argument("--wd", type=float, default=1e-4, help="AdamW weight decay of the head")
 parser.add_argument("--batch-size", type=int, default=16, help="training batch size")
-parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-decoding processes")
-parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                    help="torch device (bf16 autocast of the backbone on CUDA)")
 parser.add_argument("--out", default=None, help="write mIoU and the per-class IoU to this JSON file")
 parser.add_argument("--vis", default=None, metavar="DIR",
                     help="write image | truth | prediction PNGs of the first 8 val images to DIR (vis_000.png, ...)")

@@ -19,7 +19,7 @@ import losses
 import methods
 import pretrain
 import vit
-from test_pretrain import TINY, make_images, run_pretrain
+from test_pretrain import TINY, make_images, run_pretrain, tiny_trainer
 
 # ----------------------------------------------------------------------------------------------------------------------
 # ContrastiveCrop
@@ -257,11 +257,7 @@ def test_montage_loss_matches_naive_loop():
 def test_montage_objective_trains():
     args = pretrain.resolve_args(TINY + ["--montage", "--montage-r", "2", "4", "--montage-block-attn", "--lam", "0",
                                          "--data", "unused"])
-    torch.manual_seed(0)
-    model = pretrain.Pretrainer(args)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW(pretrain.param_groups(model, 0.05), lr=1e-3)
-    x = torch.randn(2 * 6, 3, 32, 32)
+    model, before, opt, x = tiny_trainer(args)
     for step in range(2):
         gen = pretrain.step_generator(0, step, torch.device("cpu"))
         canvases, labels = methods.build_montages(x, args.montage_r, gen)

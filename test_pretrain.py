@@ -40,14 +40,18 @@ def make_images(folder, n=16, size=40, seed=0):
     return str(folder)
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_each_objective_trains(name):
-    args = pretrain.resolve_args(TINY + CONFIGS[name] + ["--data", "unused"])
+def tiny_trainer(args):
+    """A Pretrainer seeded with 0, a copy of its initial state, an AdamW and a batch of 2 x 6 random 32 px views."""
     torch.manual_seed(0)
     model = pretrain.Pretrainer(args)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW(pretrain.param_groups(model, 0.05), lr=1e-3)
-    x = torch.randn(2 * 6, 3, 32, 32)
+    return model, before, torch.optim.AdamW(pretrain.param_groups(model, 0.05), lr=1e-3), torch.randn(12, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_each_objective_trains(name):
+    args = pretrain.resolve_args(TINY + CONFIGS[name] + ["--data", "unused"])
+    model, before, opt, x = tiny_trainer(args)
     for step in range(3):
         loss, terms = pretrain.objective(model(x), x, args, pretrain.step_generator(0, step, torch.device("cpu")))
         assert torch.isfinite(loss) and all(torch.isfinite(v) for v in terms.values())

@@ -248,6 +248,21 @@ import sys  # noqa: E402  (this section is appended; its imports stay with it)
 import time  # noqa: E402
 
 
+def add_probe_args(parser):
+    """The flags both probes share: CKPT, --random-init, --model, --seed (for probe_backbone), --workers, --device."""
+    parser.add_argument("ckpt", nargs="?", metavar="CKPT",
+                        help="our pretraining checkpoint, or a timm-layout ViT state dict (timm / DINO weights)")
+    parser.add_argument("--random-init", action="store_true",
+                        help="evaluate a randomly initialised ViT instead of CKPT")
+    parser.add_argument("--model", default=None, choices=sorted(CONFIGS),
+                        help="config of --random-init (default vit_demo on the demo set, else vit_small)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random-init, of the head and (segmentation) "
+                        "of the augmentations")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-decoding processes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (bf16 autocast of the backbone on CUDA)")
+
+
 def probe_backbone(ckpt, random_init, name, seed, device):
     """The frozen backbone a probe evaluates -> (model in eval mode, pretraining args or {}).
     CKPT goes through load_backbone (weights_only=True, layout checks); --random-init builds CONFIGS[name] with
