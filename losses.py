@@ -121,29 +121,36 @@ def _draw(generator, high, shape, device):
     return torch.randint(high, shape, generator=generator, device=generator.device).to(device)
 
 
-def _guided_choice(z, cand, own, beta, chunk_elems=1 << 28):
-    """Guided set selection (SPEC 1.6.2-1.6.3), no gradient. z [2, B, T, D] normalised anchors, cand [M, 2Bg, D]
-    normalised candidate sets, own [2, B, 2] the global columns of each anchor view's own image. Returns m* [2, B].
+def _guided_choice(z, z_all, r, own, beta, chunk_elems=1 << 28):
+    """Guided set selection (SPEC 1.6.2-1.6.3), no gradient. z [2, B, T, D] normalised anchors, z_all [2Bg, T', D]
+    every normalised token of every view of the global batch, r [M, 2Bg] the candidate sets (set m takes token r[m, u]
+    of view u: n_u^m = z_all[u, r[m, u]]), own [2, B, 2] the global columns of each anchor view's own image.
+    Returns m* [2, B].
       beta None: s(v, m) = zbar_v . (sum_u n_u^m - own-image members) / (2Bg-2)      (exact, by linearity)
       beta:      s(v, m) = mean_t mean_{u not in img(v)} qbar(z_t^v . n_u^m),  qbar(q) = q if q > beta else -1
-    Ties go to the smallest m. The thresholded score is computed in chunks of anchor views (one [c*T, M*2Bg] product);
-    z may hold a subset of each view's tokens (dense_loss's score_tokens)."""
-    M, n_cols, D = cand.shape
-    _, B, T, _ = z.shape
+    Ties go to the smallest m. The thresholded score needs sum_t qbar(z_t^v . w) for every candidate token w: with
+    M >= T' it is cheaper to compute it once for all 2Bg*T' tokens and pick the sets' members from that table than for
+    the M*2Bg set members (fewer columns in the product); either way one [c*T, columns] product per chunk of c anchor
+    views. z may hold a subset of each view's tokens (dense_loss's score_tokens)."""
+    M, n_cols = r.shape
+    _, B, T, D = z.shape
+    cols = torch.arange(n_cols, device=z.device)
     own_m = own[:, :, None, :].expand(2, B, M, 2)
     if beta is None:
-        zbar = z.mean(2)  # [2, B, D]
+        zbar, cand = z.mean(2), z_all[cols, r]  # [2, B, D], [M, 2Bg, D]
         s_all = torch.einsum("abd,md->abm", zbar, cand.sum(1))
         s_own = torch.einsum("abd,abmkd->abm", zbar, cand[torch.arange(M, device=cand.device)[None, None, :, None], own_m])
         return (s_all - s_own).argmax(-1)
-    flat = z.reshape(2 * B, T, D)
-    own = own.reshape(2 * B, 2)
-    c = max(1, chunk_elems // (T * M * n_cols))
+    per_token = M >= z_all.shape[1]
+    keys = z_all.reshape(-1, D) if per_token else z_all[cols, r].reshape(M * n_cols, D)
+    flat, own = z.reshape(2 * B, T, D), own.reshape(2 * B, 2)
+    c = max(1, chunk_elems // (T * keys.shape[0]))
     scores = []
     for s in range(0, 2 * B, c):
-        q = flat[s:s + c] @ cand.reshape(M * n_cols, D).T  # [c, T, M*2Bg]
-        per_col = q.masked_fill_(q <= beta, -1.0).sum(1, dtype=_acc(q.dtype))  # bf16 sums would reorder the sets
-        per_col = per_col.view(-1, M, n_cols).scatter(-1, own[s:s + c][:, None, :].expand(-1, M, 2), 0.0)
+        q = flat[s:s + c] @ keys.T  # [c, T, columns]
+        summed = q.masked_fill_(q <= beta, -1.0).sum(1, dtype=_acc(q.dtype))  # bf16 sums would reorder the sets
+        per_col = summed.view(-1, n_cols, z_all.shape[1])[:, cols, r] if per_token else summed.view(-1, M, n_cols)
+        per_col = per_col.scatter(-1, own[s:s + c][:, None, :].expand(-1, M, 2), 0.0)  # [c, M, 2Bg]
         scores.append(per_col.sum(-1))  # own-image columns zeroed, not subtracted: exact ties stay exact
     return torch.cat(scores).view(2, B, M).argmax(-1)
 
@@ -224,16 +231,16 @@ def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator
             negs = gather_images(picked).reshape(2 * Bg, Dz)
             logits = torch.einsum("abtd,ud->abtu", z, negs)
         else:  # guided
-            r = _draw(generator, T, (M, 2, Bg), dev)[:, :, rank * B:(rank + 1) * B]
-            picked = z[torch.arange(2, device=dev)[None, :, None], torch.arange(B, device=dev)[None, None, :], r]
-            cand = gather_images(picked, dim=2).reshape(M, 2 * Bg, Dz)  # [M, 2Bg, Dz]
+            r = _draw(generator, T, (M, 2, Bg), dev).reshape(M, 2 * Bg)  # set m takes token r[m, u] of view u
+            z_all = gather_images(z).reshape(2 * Bg, T, Dz)  # every token of the global batch, differentiable
             zs = z.detach()
             if beta is not None and score_tokens is not None and score_tokens < T:
                 keys = torch.rand((2, Bg, T), generator=generator, device=generator.device)[:, rank * B:(rank + 1) * B]
                 zs = zs.gather(2, keys.to(dev).topk(score_tokens, -1).indices[..., None].expand(-1, -1, -1, Dz))
             with torch.no_grad():
-                best = _guided_choice(zs, cand.detach(), own, beta)  # [2, B]
-            logits = torch.einsum("abtd,abud->abtu", z, cand[best])
+                best = _guided_choice(zs, z_all.detach(), r, own, beta)  # [2, B]
+            negs = z_all[torch.arange(2 * Bg, device=dev), r[best]]  # the chosen set of each view [2, B, 2Bg, Dz]
+            logits = torch.einsum("abtd,abud->abtu", z, negs)
         logits = logits.to(acc) / tau
         mask = torch.zeros(2, B, 2 * Bg, dtype=torch.bool, device=dev)
         mask.scatter_(-1, own, True)

@@ -163,6 +163,8 @@ CASES = [  # negatives, M, beta, N, B, T (, score_tokens)
     ("guided", 3, -0.3, 1, 3, 3),
     ("guided", 6, 0.1, 0, 3, 6, 2),  # thresholded score on 2 of the 6 anchor tokens
     ("guided", 4, 0.3, 2, 2, 5, 3),
+    ("guided", 2, 0.1, 0, 3, 6),  # M < T: the thresholded score over the M*2B set members instead of all tokens
+    ("guided", 3, 0.6, 1, 2, 7),
     ("all", 1, None, 0, 3, 4),
     ("all", 1, None, 2, 2, 4),
 ]
@@ -266,7 +268,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-DIST_CASES = [("densecl", 1, None, 0), ("random", 1, None, 0), ("guided", 4, 0.3, 0), ("all", 1, None, 4)]  # N = T-1: no draw
+DIST_CASES = [("densecl", 1, None, 0), ("random", 1, None, 0), ("guided", 4, 0.3, 0), ("guided", 8, 0.3, 0),
+              ("all", 1, None, 4)]  # guided: M < T and M >= T (the two scoring layouts); N = T-1: no draw
 
 
 def _worker(rank, world_size, port, u1, u2, zs, out_dir):
@@ -285,7 +288,7 @@ def _worker(rank, world_size, port, u1, u2, zs, out_dir):
         loss = losses.dense_loss(c, d, f1[sl], f2[sl], tau=0.2, negatives=negatives, M=M, beta=beta, N=N,
                                  generator=torch.Generator().manual_seed(5))
         loss.backward()
-        result[negatives] = (loss.detach(), c.grad, d.grad)
+        result[f"{negatives} M={M}"] = (loss.detach(), c.grad, d.grad)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -315,11 +318,12 @@ def test_two_processes_equal_one():
         full = losses.dense_loss(c, e, f1, f2, tau=0.2, negatives=negatives, M=M, beta=beta, N=N,
                                  generator=torch.Generator().manual_seed(5))
         full.backward()
-        assert torch.allclose((ranks[0][negatives][0] + ranks[1][negatives][0]) / 2, full, atol=1e-12), negatives
+        key = f"{negatives} M={M}"
+        assert torch.allclose((ranks[0][key][0] + ranks[1][key][0]) / 2, full, atol=1e-12), key
         for r in range(2):
             sl = slice(r * B // 2, (r + 1) * B // 2)
-            assert torch.allclose(ranks[r][negatives][1], 2 * c.grad[sl], atol=1e-12), negatives
-            assert torch.allclose(ranks[r][negatives][2], 2 * e.grad[sl], atol=1e-12), negatives
+            assert torch.allclose(ranks[r][key][1], 2 * c.grad[sl], atol=1e-12), key
+            assert torch.allclose(ranks[r][key][2], 2 * e.grad[sl], atol=1e-12), key
 
 
 # ---------------------------------------------------------------------------------------------------------------------
