@@ -321,9 +321,10 @@ def _blur(x, sigma):
 
 
 def _where(mask, fn, x):
-    """fn applied where mask [N] is set, x elsewhere; fn takes an index into the batch. On CPU only the selected
-    samples are computed; on an accelerator one dense torch.where keeps the op free of host syncs (compilable)."""
-    if x.device.type == 'cpu':
+    """fn applied where mask [N] is set, x elsewhere; fn takes an index into the batch. Eager on CPU only the selected
+    samples are computed; on an accelerator or under torch.compile one dense torch.where keeps the op free of host
+    syncs and of data-dependent shapes."""
+    if x.device.type == 'cpu' and not torch.compiler.is_compiling():
         idx = mask.nonzero().squeeze(1)
         return x.index_copy(0, idx, fn(idx)) if len(idx) else x
     return torch.where(mask.view(-1, 1, 1, 1), fn(slice(None)), x)
