@@ -112,13 +112,7 @@ def train_step(pargs, device):
     counter = itertools.count()
 
     def step(x):
-        gen = pretrain.step_generator(pargs.seed, next(counter), device)
-        canvases, labels = methods.build_montages(x, pargs.montage_r, gen) if pargs.montage else (None, None)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss, _ = pretrain.objective(fwd(x, canvases), x, pargs, gen, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        pretrain.train_step(fwd, opt, x, pargs, next(counter), torch.bfloat16 if cuda else None)
     return model, step
 
 
@@ -179,8 +173,7 @@ def bench_e2e(cfg, device, files, name, step, x, rows):
 
     def batches():
         for b in loader:
-            yield torch.cat([data.photometric(b[f"view{i}"].to(device, non_blocking=True),
-                                              b[f"photo{i}"].to(device, non_blocking=True)) for i in (1, 2)])
+            yield pretrain.device_views(b, device)
 
     def steps_per_s(feed, n):
         sync(device)

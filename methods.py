@@ -33,6 +33,11 @@ def ccrop_due(epoch, warmup, every):
     return epoch > 0 and epoch >= warmup and (epoch - warmup) % every == 0
 
 
+def check_ccrop_k(k):
+    if not 0 <= k < 1:
+        raise ValueError(f"--ccrop-k {k}: expected a threshold in [0, 1)")
+
+
 def heat_to_boxes(heat, k, out_hw):
     """Boxes [N, 4] = (h0, w0, h1, w1) in [0, 1] from token heat maps heat [N, gh, gw] (SPEC 4): per map min-max
     normalise to [0, 1], bilinear upsampling to out_hw = (H, W) (align_corners=False, as the official code), then
@@ -42,8 +47,7 @@ def heat_to_boxes(heat, k, out_hw):
     with no pixel above k (or NaN) gives the full box."""
     if heat.ndim != 3:
         raise ValueError(f"heat_to_boxes: heat must be [N, gh, gw], got {tuple(heat.shape)}")
-    if not 0 <= k < 1:
-        raise ValueError(f"--ccrop-k {k}: expected a threshold in [0, 1)")
+    check_ccrop_k(k)
     heat = heat.float()
     lo, hi = heat.amin((1, 2), keepdim=True), heat.amax((1, 2), keepdim=True)
     norm = (heat - lo) / (hi - lo).clamp_min(1e-12)  # a constant map becomes all 0: no pixel above k
@@ -192,10 +196,14 @@ def build_montages(x, levels, generator):
     return canvases, labels
 
 
-def _cell_of_token(grid, r):
-    """Row-major cell index (0..r*r-1) of each of the grid x grid tokens of a level-r canvas, [grid*grid]."""
+def _check_level(grid, r):
     if r < 1 or grid % r:
         raise ValueError(f"--montage-r {r}: expected a positive integer dividing the token grid {grid}")
+
+
+def _cell_of_token(grid, r):
+    """Row-major cell index (0..r*r-1) of each of the grid x grid tokens of a level-r canvas, [grid*grid]."""
+    _check_level(grid, r)
     t = torch.arange(grid) // (grid // r)
     return (t[:, None] * r + t[None, :]).flatten()
 
@@ -219,6 +227,6 @@ def cell_means(tokens, grid, r):
     n, T, D = tokens.shape
     if T != grid * grid:
         raise ValueError(f"cell_means: {T} tokens is not a {grid} x {grid} grid")
-    _cell_of_token(grid, r)
+    _check_level(grid, r)
     k = grid // r
     return tokens.reshape(n, r, k, r, k, D).mean((2, 4)).reshape(n * r * r, D)

@@ -200,8 +200,9 @@ class Pretrainer(nn.Module):
             p, grid = self.backbone.patch_size, self.backbone.grid
             self.decoder = (ConvDecoder(D, p) if args.decoder == "conv" else TransformerDecoder(D, p, grid * grid))
         self.montage_r = list(args.montage_r) if args.montage else []
-        for r in self.montage_r:  # the level-r canvas is an r x r grid of cells of (grid/r)^2 tokens
-            methods.block_attn_mask(self.backbone.grid, r)  # ValueError naming --montage-r unless r divides the grid
+        for i, r in enumerate(self.montage_r):  # the level-r canvas is an r x r grid of cells of (grid/r)^2 tokens
+            mask = methods.block_attn_mask(self.backbone.grid, r)  # ValueError naming --montage-r unless r divides
+            self.register_buffer(f"block_mask{i}", mask, persistent=False)  # built once, moves with the model
         self.montage_heads = nn.ModuleList([mlp(D, args.head_hidden, args.head_out, bn=True) for _ in self.montage_r])
         self.block_attn = args.montage_block_attn
 
@@ -220,8 +221,8 @@ class Pretrainer(nn.Module):
         cells = None
         if canvases is not None:
             cells = []
-            for r, c, head in zip(self.montage_r, canvases, self.montage_heads):
-                mask = methods.block_attn_mask(g, r).to(c.device) if self.block_attn else None
+            for i, (r, c, head) in enumerate(zip(self.montage_r, canvases, self.montage_heads)):
+                mask = getattr(self, f"block_mask{i}") if self.block_attn else None
                 cells.append(head(methods.cell_means(self.backbone.forward_features(c, attn_mask=mask)[:, 1:], g, r)))
         return u, z, f.detach(), x_hat, cells
 
@@ -286,6 +287,26 @@ def step_generator(seed, step, device):
     return gen
 
 
+def device_views(batch, device, photometric=data.photometric):
+    """The [2B, 3, S, S] float input of a TwoViews batch (view 1 of every image, then view 2): the uint8 views are
+    copied to `device` and the photometric ops run there."""
+    return torch.cat([photometric(batch[f"view{i}"].to(device, non_blocking=True),
+                                  batch[f"photo{i}"].to(device, non_blocking=True)) for i in (1, 2)])
+
+
+def train_step(fwd, opt, x, args, step, amp_dtype):
+    """One optimisation step on the views x: the step's generator (montage draws first, then the dense loss's), the
+    forward under autocast, the objective, backward, AdamW. Returns the loss (detached) and its terms."""
+    gen = step_generator(args.seed, step, x.device)
+    canvases, cell_labels = methods.build_montages(x, args.montage_r, gen) if args.montage else (None, None)
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss, terms = objective(fwd(x, canvases), x, args, gen, cell_labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach(), terms
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # checkpoints and the run directory
 
@@ -314,7 +335,7 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or not {"model", "heads", "optimizer", "step", "args"} <= set(ckpt):
         raise ValueError(f"--resume: {path} is not a pretrain.py checkpoint (keys: {sorted(ckpt)[:8]})")
     for part in ("model", "heads"):
-        bad = [k for k, v in ckpt[part].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        bad = vit.non_finite_keys(ckpt[part])
         if bad:
             raise ValueError(f"--resume: {path} holds non-finite weights in {bad[:3]}; refusing to continue from it")
     return ckpt
@@ -424,8 +445,7 @@ def train(args):
     boxes = None  # ContrastiveCrop: one (h0, w0, h1, w1) per file, in shared memory so loader workers see updates
     if args.crop == "ccrop":
         methods.ccrop_due(0, args.ccrop_warmup, args.ccrop_every)  # checks the flags
-        if not 0 <= args.ccrop_k < 1:
-            raise ValueError(f"--ccrop-k {args.ccrop_k}: expected a threshold in [0, 1)")
+        methods.check_ccrop_k(args.ccrop_k)
         boxes = torch.tensor(methods.FULL_BOX).repeat(len(files), 1)
         if ckpt is not None and "ccrop_boxes" in ckpt:
             if ckpt["ccrop_boxes"].shape != boxes.shape:
@@ -452,9 +472,8 @@ def train(args):
               + (" (resumed at step %d)" % step if ckpt else ""), flush=True)
 
     def checkpoint_state(epoch):
-        raw = model
-        return {"model": raw.backbone.state_dict(), "vit_config": raw.backbone.config,
-                "heads": {k: v for k, v in raw.state_dict().items() if not k.startswith("backbone.")},
+        return {"model": model.backbone.state_dict(), "vit_config": model.backbone.config,
+                "heads": {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")},
                 "optimizer": opt.state_dict(), "args": {k: v for k, v in vars(args).items() if k != "explicit"},
                 "step": int(step), "epoch": int(epoch), "skipped": sorted(skipped),
                 "rng": {"torch": torch.get_rng_state()},
@@ -481,16 +500,8 @@ def train(args):
             lr = lr_at(step, peak_lr, warmup_steps, total_steps)
             for group in opt.param_groups:
                 group["lr"] = lr
-            x = torch.cat([photometric(batch[f"view{i}"].to(device, non_blocking=True),
-                                            batch[f"photo{i}"].to(device, non_blocking=True)) for i in (1, 2)])
-            gen = step_generator(args.seed, step, device)  # montage draws first, then the dense loss's
-            canvases, cell_labels = methods.build_montages(x, args.montage_r, gen) if args.montage else (None, None)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, terms = objective(fwd(x, canvases), x, args, gen, cell_labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            for k, v in [("loss", loss.detach())] + list(terms.items()):
+            loss, terms = train_step(fwd, opt, device_views(batch, device, photometric), args, step, amp_dtype)
+            for k, v in [("loss", loss)] + list(terms.items()):
                 sums[k] = sums.get(k, 0.0) + v.float()
             for path in set(batch["skipped"]) - skipped:
                 skipped.add(path)

@@ -196,6 +196,12 @@ def _config_from_state_dict(sd):
                 mlp_ratio=hidden / D)
 
 
+def non_finite_keys(state_dict):
+    """The keys of the floating-point tensors of state_dict that hold a NaN or an Inf."""
+    return [k for k, v in state_dict.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
 def load_backbone(path, device="cpu"):
     """Load a ViT backbone from `path`; returns (model in eval mode, args dict of the pretraining run or {}).
     Refuses, with a message naming the file: a missing file, a pickle that is not a plain tensor checkpoint
@@ -224,7 +230,7 @@ def load_backbone(path, device="cpu"):
             k = k[len(prefix):] if k.startswith(prefix) else k
         if not k.startswith(("head.", "fc_norm.")):  # classifier heads are not part of the backbone
             clean[k] = v
-    bad = [k for k, v in clean.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = non_finite_keys(clean)
     if bad:
         raise ValueError(f"checkpoint {path}: non-finite values (NaN/Inf) in {len(bad)} tensors, e.g. {bad[:3]}")
     model = VisionTransformer(**(config or _config_from_state_dict(clean)))
