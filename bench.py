@@ -5,19 +5,27 @@ Speed of pretraining, in one table (medians over timed steps after warm-up; CUDA
     vit    our ViT forward+backward against timm's vit_small_patch16_224 (when timm is installed)
     data   our two-view pipeline (TwoViews in the worker + batched photometric) against a per-image torchvision.v2 one
     e2e    the training step fed by the JPEG DataLoader against the same step on batches already on the device
+    run    pretrain.py itself for a few steps on a folder of COCO-sized JPEGs: its last log line (img/s, MFU)
+    prof   torch.profiler of chosen objectives: the kernels that take the most device time
 
     python bench.py                          # H100: vit_small, 224 px, batch 256, bf16 + torch.compile (as pretrain.py)
+    python bench.py --gpu-check --out g.json # the one prepared GPU check (< 6 min on one H100, compilation included)
     python bench.py --quick                  # a CPU smoke run (< 2 min on 2 cores); its numbers say nothing about GPUs
-    python bench.py --out bench.json         # also write the rows as JSON
+    python bench.py --gpu-check --quick      # the GPU check's every row at the --quick size (its CPU test)
+    python bench.py --out bench.json         # also write the rows as JSON (rewritten after every row)
 """
 import argparse
+import contextlib
+import datetime
 import gc
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +43,10 @@ import vit
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 add = parser.add_argument
 add("--quick", action="store_true", help="vit_demo at 64 px, batch 16, 3 timed steps, 64 JPEGs: a CPU smoke run")
+add("--gpu-check", action="store_true", help="the prepared GPU check: SimCLR, DenseCL++* exact and scored on 16 tokens, "
+    "ours vs timm, e2e from JPEGs with every core, a pretrain.py run and a profile of SimCLR and DenseCL++* on 16 "
+    "tokens; "
+    "no data part")
 add("--model", default=None, help="backbone config of vit.py (default vit_small; --quick: vit_demo)")
 add("--img-size", type=int, default=None, help="view size (default 224; --quick: 64)")
 add("--batch-size", type=int, default=None, help="images per step, two views each (default 256; --quick: 16)")
@@ -47,7 +59,11 @@ add("--crop", type=int, default=224, help="view size of the data part: the pretr
     "(the data rows measure CPU work)")
 add("--threads", type=int, default=None, help="torch threads of the main process (default: torch's; --quick on CPU: 1, "
     "as 2+ OpenMP threads next to loader workers or another busy process on a small CPU slow down up to 30x)")
-add("--skip", default="", help="comma-separated parts to leave out: train, vit, data, e2e (e2e runs inside train)")
+add("--skip", default="", help="comma-separated parts to leave out: train, vit, data, e2e, run, prof (e2e and prof "
+    "run inside train)")
+add("--run-steps", type=int, default=None, help="steps of the pretrain.py run (default 48, --quick: 4; 0 = no run)")
+add("--profile", default=None, help="comma-separated train rows to profile (default: none; --gpu-check: SimCLR and "
+    "DenseCL++* scored on 16 tokens)")
 add("--out", default=None, help="also write the rows to this JSON file")
 
 OBJECTIVES = {  # row name -> pretrain.py flags (beta < -1 turns thresholding off in pretrain)
@@ -65,6 +81,10 @@ OBJECTIVES = {  # row name -> pretrain.py flags (beta < -1 turns thresholding of
                            "--decoder", "conv"],
 }
 E2E = ("SimCLR", "DenseCL++* (+N=64)")
+OBJECTIVES[CONV_ROW := "SimCLR, Conv2d patch embedding"] = OBJECTIVES["SimCLR"]  # before/after of vit.PatchEmbed
+GPU_CHECK = ("SimCLR", "DenseCL++* (+N=64)", "DenseCL++* scored on 16 tokens")  # the rows of --gpu-check
+GPU_E2E = ("SimCLR", "DenseCL++* scored on 16 tokens")
+RUN_FLAGS = OBJECTIVES["DenseCL++* scored on 16 tokens"]  # the pretrain.py run: the graph of that row (compile cache)
 MEAN, STD = data.IMAGENET_MEAN, data.IMAGENET_STD
 
 
@@ -102,52 +122,92 @@ def free(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
+@contextlib.contextmanager
+def conv_patch_embed(on):
+    """vit.PatchEmbed as the Conv2d it replaces (same weights), for the before/after row of that change."""
+    matmul = vit.PatchEmbed.forward
+    if on:
+        vit.PatchEmbed.forward = lambda self, x: self.proj(x).flatten(2).transpose(1, 2)
+    try:
+        yield
+    finally:
+        vit.PatchEmbed.forward = matmul
+
+
 def train_step(pargs, device):
-    """pretrain.py's model, optimiser and step (autocast bf16 + torch.compile on CUDA); returns (model, step(x))."""
+    """pretrain.py's model, optimiser and step (pretrain.compiled_parts: bf16 autocast, torch.compile on CUDA);
+    returns (model, step(x), photometric)."""
     cuda = device.type == "cuda"
     torch.manual_seed(0)
     model = pretrain.Pretrainer(pargs).to(device)
     opt = torch.optim.AdamW(pretrain.param_groups(model, pargs.wd), lr=pargs.lr, betas=(0.9, 0.95), fused=cuda or None)
-    fwd = torch.compile(model) if cuda else model
+    loss_fn, photometric = pretrain.compiled_parts(model, pargs, torch.bfloat16 if cuda else None, cuda)
     counter = itertools.count()
 
     def step(x):
-        pretrain.train_step(fwd, opt, x, pargs, next(counter), torch.bfloat16 if cuda else None)
-    return model, step
+        pretrain.train_step(loss_fn, opt, x, pargs, next(counter))
+    return model, step, photometric
 
 
-def bench_train(cfg, device, files, rows):
-    """Part 1, and part 4 for the E2E configs (reusing the compiled model)."""
+def objective_flags(objective, T):
+    """The pretrain.py flags and row name of an objective at T tokens (--quick: fewer tokens than N=64, and montage
+    levels that divide the demo's 8x8 grid)."""
+    flags, name = OBJECTIVES[objective], objective
+    if "--N" in flags and int(flags[flags.index("--N") + 1]) > T - 2:
+        flags, name = flags + ["--N", str(T // 2)], name.replace("N=64", f"N={T // 2}")
+    if "--montage" in flags and math.isqrt(T) % 7:
+        flags, name = flags + ["--montage-r", "2", "4"], name.replace("r=2,7", "r=2,4")
+    if "--score-tokens" in flags and int(flags[flags.index("--score-tokens") + 1]) >= T:
+        flags = flags + ["--score-tokens", str(T // 4)]
+    return flags, name
+
+
+def size_flags(cfg):
+    return ["--model", cfg.model, "--img-size", str(cfg.img_size), "--batch-size", str(cfg.batch_size)] + \
+        (["--head-hidden", "512"] if cfg.quick else [])
+
+
+def bench_train(cfg, device, files, rows, save):
+    """Part 1, and parts e2e and prof for their configs (reusing the compiled step)."""
     cuda, B, S = device.type == "cuda", cfg.batch_size, cfg.img_size
     T = (S // vit.CONFIGS[cfg.model]["patch_size"]) ** 2
     peak, simclr_time = pretrain.peak_flops(device), None  # SimCLR runs first: the reference of the ratios
-    for objective, flags in OBJECTIVES.items():
-        name = objective
-        if "--N" in flags and int(flags[flags.index("--N") + 1]) > T - 2:  # --quick: fewer tokens than N=64
-            flags, name = flags + ["--N", str(T // 2)], name.replace("N=64", f"N={T // 2}")
-        grid = math.isqrt(T)
-        if "--montage" in flags and grid % 7:  # --quick: levels that divide the demo's 8x8 token grid
-            flags, name = flags + ["--montage-r", "2", "4"], name.replace("r=2,7", "r=2,4")
-        pargs = pretrain.resolve_args(["--data", "unused", "--model", cfg.model, "--img-size", str(S), "--batch-size",
-                                       str(B)] + (["--head-hidden", "512"] if cfg.quick else []) + flags)
-        row, model, step, x = {"part": "train", "name": name, "objective": objective}, None, None, None
+    for objective in cfg.objectives:
+        flags, name = objective_flags(objective, T)
+        pargs = pretrain.resolve_args(["--data", "unused"] + size_flags(cfg) + flags)
+        row, model, step, x = {"part": "train", "name": name, "objective": objective, "flags": flags}, None, None, None
+        t0 = time.perf_counter()
         try:
             free(device)
-            model, step = train_step(pargs, device)
+            model, step, photometric = train_step(pargs, device)
             x = torch.randn(2 * B, 3, S, S, device=device)
-            t = median_time(lambda: step(x), device, cfg.warmup, cfg.steps)
+            with conv_patch_embed(objective == CONV_ROW):
+                t = median_time(lambda: step(x), device, cfg.warmup, cfg.steps)
             simclr_time = t if objective == "SimCLR" else simclr_time
             flops = 3 * vit.vit_flops(model.backbone.config, S) * 2 * B
-            row.update(img_s=B / t, views_s=2 * B / t, mfu=100 * flops / t / peak if peak else None,
+            row.update(img_s=B / t, views_s=2 * B / t, step_ms=1e3 * t, mfu=100 * flops / t / peak if peak else None,
                        mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
-                       ratio=t / simclr_time if simclr_time else None)
-            if objective in E2E and files:
-                bench_e2e(cfg, device, files, name, step, x, rows)
+                       ratio=t / simclr_time if simclr_time else None, wall_s=time.perf_counter() - t0)
+            rows.append(row)
+            save()
+            if objective in cfg.profile:
+                bench_profile(cfg, device, name, step, x, rows)
+            if objective in cfg.e2e and files:
+                bench_e2e(cfg, device, files, name, step, photometric, x, rows)
         except torch.cuda.OutOfMemoryError:
             row["oom"] = True
+            rows.append(row)
+        except Exception as e:  # one broken row must not cost the rest of a GPU check
+            row["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+            rows.append(row)
+            print(f"error in train row {name}: {row['error'][:400]}", file=sys.stderr, flush=True)
+        print(f"  [{time.perf_counter() - cfg.t_start:.0f} s] train {name}: {row.get('step_ms', float('nan')):.1f} ms",
+              flush=True)
         model = step = x = None
-        rows.append(row)
+        save()
     free(device)
+    if cfg.gpu_check:
+        return
     # ContrastiveCrop costs nothing per step: its price is one no-grad pass over the data every --ccrop-every epochs
     backbone = vit.create_vit(cfg.model, img_size=S).to(device).eval()
     x = torch.randn(B, 3, S, S, device=device)
@@ -162,34 +222,60 @@ def bench_train(cfg, device, files, rows):
     free(device)
 
 
-def bench_e2e(cfg, device, files, name, step, x, rows):
-    """Part 4: steps/s (wall clock, data waits included) fed by the JPEG loader as in pretrain.py (workers, pinned
-    memory, non_blocking copy, photometric on the device) against the same steps on the batch x already there."""
+def bench_e2e(cfg, device, files, name, step, photometric, x, rows):
+    """Part e2e: steps/s (wall clock, data waits included) fed by the JPEG loader as in pretrain.py (workers, pinned
+    memory, pretrain.device_batches, the compiled photometric ops on the device) against the same steps on the batch x
+    already there. The loader is first run for one batch per worker (start-up, and the photometric compilation), then
+    timed over 3x the steps of the other parts."""
     B, cuda = cfg.batch_size, device.type == "cuda"
+    warmup, n = max(cfg.warmup, cfg.workers), 3 * cfg.steps
     loader = torch.utils.data.DataLoader(
         data.TwoViews(files, cfg.img_size), batch_size=B, num_workers=cfg.workers, collate_fn=data.two_view_batch,
-        sampler=[i % len(files) for i in range((cfg.warmup + cfg.steps) * B)], pin_memory=cuda,
+        sampler=[i % len(files) for i in range((warmup + n) * B)], pin_memory=cuda,
         prefetch_factor=4 if cfg.workers else None)
 
     def batches():
-        for b in loader:
-            yield pretrain.device_views(b, device)
+        for views, _ in pretrain.device_batches(loader, device, photometric):
+            yield views
 
-    def steps_per_s(feed, n):
+    def steps_per_s(feed, k):
         sync(device)
         t0 = time.perf_counter()
-        for xb in itertools.islice(feed, n):
+        for xb in itertools.islice(feed, k):
             step(xb)
         sync(device)
-        return n / (time.perf_counter() - t0)
+        return k / (time.perf_counter() - t0)
 
-    on_device = steps_per_s(itertools.repeat(x), cfg.steps)
+    on_device = steps_per_s(itertools.repeat(x), n)
     feed = batches()
-    steps_per_s(feed, cfg.warmup)  # worker start-up
-    fed = steps_per_s(feed, cfg.steps)
+    steps_per_s(feed, warmup)
+    fed = steps_per_s(feed, n)
     feed.close()
     for label, v in (("on device", on_device), ("JPEG loader", fed)):
-        rows.append({"part": "e2e", "name": f"{name} {label}", "steps_s": v, "img_s": v * B, "ratio": v / on_device})
+        rows.append({"part": "e2e", "name": f"{name} {label}", "steps_s": v, "img_s": v * B, "ratio": v / on_device,
+                     "workers": cfg.workers})
+
+
+def bench_profile(cfg, device, name, step, x, rows, n=3, top=25):
+    """Part prof: torch.profiler over n steps (after the timed ones, so compiled and warm); the `top` kernels by
+    self device time (CPU ops on CPU), each with its share of the profiled total."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(n):
+            step(x)
+        sync(device)
+    events = prof.key_averages()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    if cuda:  # the kernels themselves (an aten op's self device time repeats its kernels')
+        events = [e for e in events if str(e.device_type).endswith("CUDA")]
+        attr = attr if not events or hasattr(events[0], attr) else "self_cuda_time_total"  # older torch
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    kernels = sorted(events, key=lambda e: -getattr(e, attr))[:top]
+    rows.append({"part": "prof", "name": f"{name}: {n} steps", "total_ms_per_step": total / 1e3 / n,
+                 "kernels": [{"name": e.key[:160], "ms_per_step": getattr(e, attr) / 1e3 / n,
+                              "share": getattr(e, attr) / total, "calls_per_step": e.count / n} for e in kernels]})
 
 
 def bench_vit(cfg, device, rows):
@@ -228,22 +314,65 @@ def bench_vit(cfg, device, rows):
     free(device)
 
 
+def _make_jpeg(job):
+    path, seed, (W, H) = job
+    rng = np.random.default_rng(seed)
+    low = Image.fromarray((rng.random((6, 8, 3)) * 255).astype(np.uint8)).resize((W, H), Image.BICUBIC)
+    yy, xx = np.mgrid[0:H, 0:W]
+    a, period = rng.uniform(0, np.pi), rng.uniform(4, 24)
+    stripes = 30 * np.sin((xx * np.cos(a) + yy * np.sin(a)) * 2 * np.pi / period)
+    img = np.asarray(low, np.float32) + (stripes * (xx < rng.integers(W)))[..., None] + rng.normal(0, 8, (H, W, 3))
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path + ".tmp.jpg", quality=90)
+    os.replace(path + ".tmp.jpg", path)  # a killed run leaves no half-written JPEG to be reused
+
+
 def make_jpegs(folder, n, seed=0):
-    """n COCO-sized JPEGs (640x480, 480x640, 640x427, 427x640; q90): smooth colour fields, stripes, pixel noise."""
+    """n COCO-sized JPEGs (640x480, 480x640, 640x427, 427x640; q90): smooth colour fields, stripes, pixel noise.
+    Files already there are reused; the others are written by one process per core (~20 ms each)."""
     os.makedirs(folder, exist_ok=True)
     files = [os.path.join(folder, f"bench_{i:04d}.jpg") for i in range(n)]
-    for i, path in enumerate(files):
-        if os.path.exists(path):
-            continue
-        rng = np.random.default_rng(seed + i)
-        W, H = [(640, 480), (480, 640), (640, 427), (427, 640)][i % 4]
-        low = Image.fromarray((rng.random((6, 8, 3)) * 255).astype(np.uint8)).resize((W, H), Image.BICUBIC)
-        yy, xx = np.mgrid[0:H, 0:W]
-        a, period = rng.uniform(0, np.pi), rng.uniform(4, 24)
-        stripes = 30 * np.sin((xx * np.cos(a) + yy * np.sin(a)) * 2 * np.pi / period)
-        img = np.asarray(low, np.float32) + (stripes * (xx < rng.integers(W)))[..., None] + rng.normal(0, 8, (H, W, 3))
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
+    sizes = [(640, 480), (480, 640), (640, 427), (427, 640)]
+    jobs = [(path, seed + i, sizes[i % 4]) for i, path in enumerate(files) if not os.path.exists(path)]
+    if len(jobs) > 64 and (os.cpu_count() or 1) > 1:
+        with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
+            pool.map(_make_jpeg, jobs, chunksize=16)
+    else:
+        for job in jobs:
+            _make_jpeg(job)
     return files
+
+
+def bench_run(cfg, device, folder, rows):
+    """Part run: pretrain.py in its own process, as a user starts it, on the JPEG folder for --run-steps steps
+    (the flags of RUN_FLAGS; on CUDA --compile on --dtype bf16), logging every third of the run; the row keeps the
+    last log line (the first window includes start-up and compilation) and the whole output."""
+    cuda = device.type == "cuda"
+    out_dir = tempfile.mkdtemp(prefix="bench_run_")
+    T = (cfg.img_size // vit.CONFIGS[cfg.model]["patch_size"]) ** 2
+    flags, name = objective_flags("DenseCL++* scored on 16 tokens", T)
+    argv = ["--data", folder, "--out-dir", os.path.join(out_dir, "run"), "--max-steps", str(cfg.run_steps),
+            "--log-every", str(max(1, cfg.run_steps // 3)), "--workers", str(cfg.workers), "--warmup", "1",
+            "--compile", "on" if cuda else "off", "--dtype", "bf16" if cuda else "fp32"] + size_flags(cfg) + flags
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain.py")] + argv
+    row = {"part": "run", "name": f"pretrain.py {name}", "flags": argv}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg.run_timeout)
+        row.update(returncode=proc.returncode, output=(proc.stdout + proc.stderr)[-4000:])
+        log = os.path.join(out_dir, "run", "log.jsonl")
+        recs = [json.loads(line) for line in open(log)] if os.path.exists(log) else []
+        if recs:
+            last = recs[-1]
+            row.update(img_s=last["img_per_s"], views_s=2 * last["img_per_s"], mfu=last.get("mfu"),
+                       log_line=[ln for ln in proc.stdout.splitlines() if ln.startswith("step ")][-1])
+    except subprocess.TimeoutExpired as e:
+        row["error"] = f"timed out after {cfg.run_timeout} s: {str(e.stdout or '')[-2000:]}"
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    row["wall_s"] = time.perf_counter() - t0
+    rows.append(row)
+    print(f"  [{time.perf_counter() - cfg.t_start:.0f} s] run: {row.get('log_line', row.get('error', row.get('output', '')[-600:]))}",
+          flush=True)
 
 
 class TorchvisionTwoViews(torch.utils.data.Dataset):
@@ -318,31 +447,71 @@ def fmt(v, width, digits):
 
 def print_table(rows, header):
     print(header)
-    print(f"{'part':<6}{'row':<36}{'img/s':>10}{'views/s':>10}{'steps/s':>9}{'MFU %':>7}{'mem GiB':>9}{'ratio':>8}")
+    print(f"{'part':<6}{'row':<44}{'img/s':>10}{'views/s':>10}{'steps/s':>9}{'MFU %':>7}{'mem GiB':>9}{'ratio':>8}")
     explain = {"train": "ratio: step time / SimCLR's", "vit": "ratio: time ours / time timm",
                "data": "ratio: img/s ours / torchvision's (same number of processes)",
-               "e2e": "ratio: steps/s JPEG loader / on device (wall clock over all timed steps)"}
+               "e2e": "ratio: steps/s JPEG loader / on device (wall clock over all timed steps)",
+               "run": "pretrain.py in its own process: its last log line (img/s and MFU over that log window)"}
     part = None
     for r in rows:
+        if r["part"] == "prof":
+            continue
         if r["part"] != part:
             part = r["part"]
             print(f"  -- {explain[part]}")
-        if r.get("oom"):
-            print(f"{r['part']:<6}{r['name']:<36}{'OOM':>10}")
+        if r.get("oom") or r.get("error"):
+            print(f"{r['part']:<6}{r['name']:<44}{'OOM' if r.get('oom') else 'error: ' + r['error'][:300]:>10}")
             continue
-        print(f"{r['part']:<6}{r['name']:<36}{fmt(r.get('img_s'), 10, 1)}{fmt(r.get('views_s'), 10, 1)}"
+        print(f"{r['part']:<6}{r['name']:<44}{fmt(r.get('img_s'), 10, 1)}{fmt(r.get('views_s'), 10, 1)}"
               f"{fmt(r.get('steps_s'), 9, 2)}{fmt(r.get('mfu'), 7, 1)}{fmt(r.get('mem_gb'), 9, 2)}"
               f"{fmt(r.get('ratio'), 8, 2)}")
+    for r in rows:
+        if r["part"] == "prof":
+            print(f"  -- profile of {r['name']}: {r['total_ms_per_step']:.2f} ms of kernels per step; the top ones")
+            for k in r["kernels"][:12]:
+                print(f"prof  {k['ms_per_step']:8.2f} ms {100 * k['share']:5.1f}% x{k['calls_per_step']:<5g} "
+                      f"{k['name'][:90]}")
+
+
+def environment(device):
+    env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+           "cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
+    if device.type == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                   gpu_mem_gb=torch.cuda.get_device_properties(device).total_memory / 2**30)
+    try:
+        import timm
+        env["timm"] = timm.__version__
+    except ImportError:
+        pass
+    return env
 
 
 def main(argv=None):
     cfg = parser.parse_args(sys.argv[1:] if argv is None else argv)
     q = cfg.quick
     for k, full, quick in (("model", "vit_small", "vit_demo"), ("img_size", 224, 64), ("batch_size", 256, 16),
-                           ("steps", 20, 3), ("warmup", 5, 1), ("n_jpegs", 512, 64)):
+                           ("steps", 20, 3), ("warmup", 5, 1), ("n_jpegs", 512, 64), ("run_steps", 48, 4)):
         if getattr(cfg, k) is None:
             setattr(cfg, k, quick if q else full)
     skip = set(cfg.skip.split(",")) - {""}
+    if cfg.gpu_check:  # fewer timed steps than the full bench: the check must fit in 6 minutes with compilation
+        cfg.objectives, cfg.e2e, skip = GPU_CHECK, GPU_E2E, skip | {"data"}
+        cfg.steps, cfg.warmup = (3, 1) if q else (10, 3)
+        cfg.n_jpegs = max(cfg.n_jpegs, 64 if q else 4096)  # 16 steps an epoch for the pretrain.py run
+        profile = "" if cfg.profile is None else cfg.profile
+        cfg.profile = [o for o in (profile.split(",") if profile else ["SimCLR", "DenseCL++* scored on 16 tokens"])
+                       if o]
+    else:
+        cfg.objectives, cfg.e2e = list(OBJECTIVES), E2E
+        cfg.profile = [o for o in (cfg.profile or "").split(",") if o]
+        skip |= {"run"}
+    if "prof" in skip:
+        cfg.profile = []
+    unknown = [o for o in cfg.profile if o not in OBJECTIVES]
+    if unknown:
+        parser.error(f"--profile: unknown rows {unknown}; expected names from {list(OBJECTIVES)}")
+    cfg.run_timeout = 300
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     threads = torch.get_num_threads()
     if cfg.threads or (q and device.type == "cpu"):
@@ -361,15 +530,29 @@ def main(argv=None):
         header += ("\nnote: CPU numbers say nothing about GPU speed (the data rows are CPU work on any machine); "
                    f"load average {os.getloadavg()[0]:.1f} at the start: other processes on these {os.cpu_count()} "
                    "cores skew the timings")
-    t_start = time.perf_counter()
+    print(header, flush=True)
+    cfg.t_start = time.perf_counter()
+    env = environment(device)
     tmp = None if cfg.jpeg_dir else tempfile.mkdtemp(prefix="bench_jpegs_")
     rows = []
+
+    def save():  # after every row: a check cut short still leaves what it measured
+        if cfg.out:
+            config = {k: v for k, v in vars(cfg).items() if k != "t_start"}
+            with open(cfg.out + ".tmp", "w") as fh:
+                json.dump({"header": header, "environment": env, "config": config, "rows": rows}, fh, indent=1)
+            os.replace(cfg.out + ".tmp", cfg.out)
     try:
-        files = make_jpegs(cfg.jpeg_dir or tmp, cfg.n_jpegs) if {"data", "e2e"} - skip else []
+        folder = cfg.jpeg_dir or tmp
+        files = make_jpegs(folder, cfg.n_jpegs) if {"data", "e2e", "run"} - skip else []
         if "train" not in skip:
-            bench_train(cfg, device, [] if "e2e" in skip else files, rows)
+            bench_train(cfg, device, [] if "e2e" in skip else files, rows, save)
         if "vit" not in skip:
             bench_vit(cfg, device, rows)
+            save()
+        if "run" not in skip and cfg.run_steps:
+            bench_run(cfg, device, folder, rows)
+            save()
         if "data" not in skip:
             bench_data(cfg, device, files, rows)
     finally:
@@ -377,13 +560,11 @@ def main(argv=None):
         torch.set_flush_denormal(False)
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    order = ["train", "vit", "data", "e2e"]
+    order = ["train", "vit", "data", "e2e", "run", "prof"]
     rows.sort(key=lambda r: order.index(r["part"]))  # stable: e2e rows are measured with the train rows
     print_table(rows, header)
-    print(f"bench time {time.perf_counter() - t_start:.0f} s")
-    if cfg.out:
-        with open(cfg.out, "w") as fh:
-            json.dump({"header": header, "config": {k: v for k, v in vars(cfg).items()}, "rows": rows}, fh, indent=1)
+    print(f"bench time {time.perf_counter() - cfg.t_start:.0f} s")
+    save()
     return 0
 
 

@@ -224,13 +224,15 @@ class TwoViews(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.files)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        """key: an index i (drawn with the epoch of set_epoch) or a pair (epoch, i) (RunSampler's keys)."""
+        epoch, i = key if isinstance(key, tuple) else (int(self.epoch), key)
         skipped, n, error = [], len(self.files), None
         for t in range(min(MAX_TRIES, n)):
             j = (i + t) % n
-            g = torch.Generator().manual_seed(((self.seed * 1_000_003 + int(self.epoch)) * 10_000_019 + i) % 2**63)
+            g = torch.Generator().manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63)
             try:
-                out = self.load(j, g)
+                out = self.load(j, g, epoch)
             except Exception as e:  # any decode failure (PIL raises OSError, ValueError, SyntaxError...) skips the file
                 skipped.append(self.files[j])
                 error = e
@@ -241,14 +243,14 @@ class TwoViews(torch.utils.data.Dataset):
         raise RuntimeError(f"TwoViews: {len(skipped)} unreadable files in a row from index {i}: {skipped} "
                            f"(last error: {error!r})")
 
-    def load(self, j, g):
+    def load(self, j, g, epoch):
         """Sample j's two views with the draws of g (see the class docstring)."""
         S, path = self.img_size, self.files[j]
         with _open(path) as im:  # reads the header only: size, format, mode, decompression-bomb check
             W, H = im.size
             views = []
             for _ in range(2):
-                if self.boxes is None or int(self.epoch) < self.ccrop_warmup:
+                if self.boxes is None or epoch < self.ccrop_warmup:
                     box = rrc_params(H, W, self.scale, self.ratio, g)
                 else:
                     box = ccrop_params(H, W, self.boxes[j].tolist(), self.scale, self.ratio, self.ccrop_alpha, g)
@@ -400,6 +402,35 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return (self.n_batches - self.start_batch) * (self.global_batch // self.world)
+
+
+class RunSampler(EpochSampler):
+    """EpochSampler's batches over a span of global steps [start, stop) that crosses epoch boundaries (step s is
+    batch s % n_batches of epoch s // n_batches), as (epoch, index) keys for TwoViews. One loader then serves a whole
+    run: its workers run ahead into the next epoch, where a loader restarted at every epoch would drain (with 16
+    workers and 16 batches an epoch, half the time of an H200 run went there)."""
+
+    def __init__(self, n, global_batch, rank=0, world=1, seed=0):
+        super().__init__(n, global_batch, rank, world, seed)
+        self.set_steps(0, 0)
+
+    def set_steps(self, start, stop):
+        if not 0 <= start <= stop:
+            raise ValueError(f"RunSampler: steps [{start}, {stop}) is not a span of steps")
+        self.start, self.stop = start, stop
+
+    def __iter__(self):
+        G, B = self.global_batch, self.global_batch // self.world
+        perm, epoch = None, None
+        for s in range(self.start, self.stop):
+            if s // self.n_batches != epoch:
+                epoch = s // self.n_batches
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            b = s % self.n_batches
+            yield from ((epoch, i) for i in perm[b * G + self.rank * B: b * G + (self.rank + 1) * B])
+
+    def __len__(self):
+        return (self.stop - self.start) * (self.global_batch // self.world)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # the built-in demo set

@@ -75,7 +75,8 @@ def nt_xent(u1, u2, tau):
     Bg = everyone.shape[1]
     if Bg < 2:
         raise ValueError("nt_xent: needs at least 2 images in the (global) batch to have negatives")
-    logits = (u.reshape(2 * B, -1) @ everyone.reshape(2 * Bg, -1).T) / tau  # [2B, 2Bg]
+    with torch.autocast(u.device.type, enabled=False):  # a [2B, 2Bg] table: float32 costs nothing here
+        logits = (u.reshape(2 * B, -1) @ everyone.reshape(2 * Bg, -1).T) / tau  # [2B, 2Bg]
     a = torch.arange(2, device=u.device).repeat_interleave(B)
     g = rank * B + torch.arange(B, device=u.device).repeat(2)
     self_col, pos_col = a * Bg + g, (1 - a) * Bg + g
@@ -86,13 +87,19 @@ def nt_xent(u1, u2, tau):
 
 @torch.no_grad()
 def match(f1, f2):
-    """Dense correspondence (SPEC 1.4): for each token t of view 1, j*(t) = argmax_j cos(f1_t, f2_j). [B, T] (int64)."""
+    """Dense correspondence (SPEC 1.4): for each token t of view 1, j*(t) = argmax_j cos(f1_t, f2_j). [B, T] (int64).
+    The cosine table is computed in float32 (float64 stays float64) with autocast off: in bf16 (steps of ~0.004 near
+    1) many anchors tie and argmax would break the ties towards the lowest token index. It is [B, T, T], tiny next to
+    the backbone."""
     if f1.ndim != 3 or f1.shape[0] != f2.shape[0] or f1.shape[2] != f2.shape[2]:
         raise ValueError(f"match: f1, f2 must be [B, T, K] with equal B and K; got {tuple(f1.shape)}, {tuple(f2.shape)}")
-    return torch.bmm(F.normalize(f1, dim=-1), F.normalize(f2, dim=-1).transpose(1, 2)).argmax(-1)
+    acc = _acc(f1.dtype)
+    with torch.autocast(f1.device.type, enabled=False):
+        a, b = F.normalize(f1.to(acc), dim=-1), F.normalize(f2.to(acc), dim=-1)
+        return torch.bmm(a, b.transpose(1, 2)).argmax(-1)
 
 
-def _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator, score_tokens):
+def _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator, score_tokens, draws):
     if z1.ndim != 3 or z1.shape != z2.shape:
         raise ValueError(f"dense_loss: z1 and z2 must both be [B, T, Dz]; got {tuple(z1.shape)} and {tuple(z2.shape)}")
     if f1.ndim != 3 or f1.shape != f2.shape or f1.shape[:2] != z1.shape[:2]:
@@ -112,16 +119,35 @@ def _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator, score_tokens)
         raise ValueError(f"dense_loss: score_tokens={score_tokens!r}; expected None or an integer >= 1")
     if not isinstance(N, int) or not 0 <= N < T:
         raise ValueError(f"dense_loss: N={N!r}; expected an integer in [0, T-1] = [0, {T - 1}] (cross-view negatives)")
-    if generator is None and (negatives in ("random", "guided") or 0 < N < T - 1):
-        raise ValueError(f"dense_loss: negatives={negatives!r}, N={N} samples indices; pass generator=torch.Generator")
+    if generator is None and draws is None and (negatives in ("random", "guided") or 0 < N < T - 1):
+        raise ValueError(f"dense_loss: negatives={negatives!r}, N={N} samples indices; pass generator=torch.Generator "
+                         f"(or the draws of dense_draws)")
 
 
-def _draw(generator, high, shape, device):
-    """Integer draws from `generator` (on its own device), moved to the tensors' device."""
-    return torch.randint(high, shape, generator=generator, device=generator.device).to(device)
+def dense_draws(generator, *, B, T, negatives, M=1, beta=None, N=0, score_tokens=None, device=None):
+    """Every random draw of one dense_loss call, made up front (so the loss itself has no generator and compiles as
+    one graph), in this fixed order from `generator` (on its own device), returned on `device` (default: its own):
+        'sets'       'random': token indices (2, Bg); 'guided': M candidate sets (M, 2*Bg), set m takes token
+                     sets[m, u] of view u (drawn as (M, 2, Bg))
+        'score_keys' guided with beta and score_tokens < T: uniform keys (2, Bg, T); the score_tokens largest of
+                     each view's keys pick the tokens its set score averages over
+        'xv_keys'    0 < N < T-1: uniform keys (2, B, T, T) for this rank's anchors; the N largest keys off the
+                     positive pick the cross-view negatives
+    B is this rank's batch, Bg = B * world size: every draw but 'xv_keys' is global, identical on every rank."""
+    gdev = generator.device if generator is not None else None
+    Bg, dev, draws = B * world()[1], device if device is not None else gdev, {}
+    if negatives == "random":
+        draws["sets"] = torch.randint(T, (2, Bg), generator=generator, device=gdev).to(dev)
+    elif negatives == "guided":
+        draws["sets"] = torch.randint(T, (M, 2, Bg), generator=generator, device=gdev).reshape(M, 2 * Bg).to(dev)
+        if beta is not None and score_tokens is not None and score_tokens < T:
+            draws["score_keys"] = torch.rand((2, Bg, T), generator=generator, device=gdev).to(dev)
+    if 0 < N < T - 1:
+        draws["xv_keys"] = torch.rand((2, B, T, T), generator=generator, device=gdev).to(dev)
+    return draws
 
 
-def _guided_choice(z, z_all, r, own, beta, chunk_elems=1 << 28):
+def _guided_choice(z, z_all, r, own, beta, chunk=None):
     """Guided set selection (SPEC 1.6.2-1.6.3), no gradient. z [2, B, T, D] normalised anchors, z_all [2Bg, T', D]
     every normalised token of every view of the global batch, r [M, 2Bg] the candidate sets (set m takes token r[m, u]
     of view u: n_u^m = z_all[u, r[m, u]]), own [2, B, 2] the global columns of each anchor view's own image.
@@ -131,20 +157,23 @@ def _guided_choice(z, z_all, r, own, beta, chunk_elems=1 << 28):
     Ties go to the smallest m. The thresholded score needs sum_t qbar(z_t^v . w) for every candidate token w: with
     M >= T' it is cheaper to compute it once for all 2Bg*T' tokens and pick the sets' members from that table than for
     the M*2Bg set members (fewer columns in the product); either way one [c*T, columns] product per chunk of c anchor
-    views. z may hold a subset of each view's tokens (dense_loss's score_tokens)."""
+    views (c = chunk, default: 2^28 elements a chunk). z may hold a subset of each view's tokens (score_tokens)."""
     M, n_cols = r.shape
     _, B, T, D = z.shape
     cols = torch.arange(n_cols, device=z.device)
     own_m = own[:, :, None, :].expand(2, B, M, 2)
-    if beta is None:
-        zbar, cand = z.mean(2), z_all[cols, r]  # [2, B, D], [M, 2Bg, D]
-        s_all = torch.einsum("abd,md->abm", zbar, cand.sum(1))
-        s_own = torch.einsum("abd,abmkd->abm", zbar, cand[torch.arange(M, device=cand.device)[None, None, :, None], own_m])
-        return (s_all - s_own).argmax(-1)
+    if beta is None:  # float32 even under bf16 autocast: cheap (O(M*2Bg*D)), and bf16 rounding reorders the sets
+        acc = _acc(z.dtype)
+        with torch.autocast(z.device.type, enabled=False):
+            zbar, cand = z.to(acc).mean(2), z_all[cols, r].to(acc)  # [2, B, D], [M, 2Bg, D]
+            s_all = torch.einsum("abd,md->abm", zbar, cand.sum(1))
+            members = cand[torch.arange(M, device=cand.device)[None, None, :, None], own_m]  # [2, B, M, 2, D]
+            s_own = torch.einsum("abd,abmkd->abm", zbar, members)
+            return (s_all - s_own).argmax(-1)
     per_token = M >= z_all.shape[1]
     keys = z_all.reshape(-1, D) if per_token else z_all[cols, r].reshape(M * n_cols, D)
     flat, own = z.reshape(2 * B, T, D), own.reshape(2 * B, 2)
-    c = max(1, chunk_elems // (T * keys.shape[0]))
+    c = chunk or max(1, (1 << 28) // (T * keys.shape[0]))
     scores = []
     for s in range(0, 2 * B, c):
         q = flat[s:s + c] @ keys.T  # [c, T, columns]
@@ -155,13 +184,14 @@ def _guided_choice(z, z_all, r, own, beta, chunk_elems=1 << 28):
     return torch.cat(scores).view(2, B, M).argmax(-1)
 
 
-def _lse_all(z, z_all, own_img, tau, acc, chunk_elems=1 << 24):
+def _lse_all(z, z_all, own_img, tau, acc, chunk=None):
     """logsumexp over every token of every other-image view (the poster's exact sum over j-, m), chunked over anchor
-    views; each chunk is recomputed in backward (activation checkpointing), so memory stays O(chunk)."""
+    views (chunk views at a time, default: 2^24 logits a chunk); each chunk is recomputed in backward (activation
+    checkpointing), so memory stays O(chunk)."""
     _, B, T, D = z.shape
     Bg = z_all.shape[1]
     flat, cols = z.reshape(2 * B, T, D), z_all.reshape(2 * Bg * T, D)
-    c = max(1, chunk_elems // (T * 2 * Bg * T))
+    c = chunk or max(1, (1 << 24) // (T * 2 * Bg * T))
 
     def chunk(zc, mask):
         logits = (zc @ cols.T).to(acc).view(zc.shape[0], T, 2, Bg, T) / tau
@@ -175,7 +205,8 @@ def _lse_all(z, z_all, own_img, tau, acc, chunk_elems=1 << 24):
     return torch.cat(out).view(2, B, T)
 
 
-def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator=None, score_tokens=None):
+def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator=None, score_tokens=None,
+               draws=None, chunk=None):
     """Dense InfoNCE of SPEC 1.5, averaged over all 2B·T anchor tokens of both directions.
     z1, z2: unnormalised dense projections [B, T, Dz] (L2-normalised here); f1, f2: pairing features [B, T, Df].
     For anchor token t of view v (image i, partner view v', matched token j*(t) = match(f_v, f_v')[t]):
@@ -193,14 +224,17 @@ def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator
     score_tokens=S (guided with beta only): the thresholded set score averages over S anchor tokens per view drawn
     uniformly without replacement instead of all T: T/S times less scoring work, the loss itself still uses every
     token. None or S >= T scores exactly.
-    Draw order from `generator` (on its own device): first r, shape (2, Bg) for 'random' or (M, 2, Bg) for 'guided'
-    (global, identical on every rank); then, for score_tokens, uniform keys of shape (2, Bg, T) (the S largest of each
-    view's keys pick its tokens); then, if 0 < N < T-1, uniform keys of shape (2, B, T, T) for this rank's anchors
-    (the N largest keys off the positive are the draw). Under DDP the cross-view keys are therefore per rank (one
-    process with the whole batch draws other ones); every other draw matches the single-process run exactly."""
-    _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator, score_tokens)
+    Randomness: the draws of dense_draws(generator, ...) (see there for their order), or `draws`, the output of that
+    call made earlier (pretrain.py draws before its compiled region). Under DDP the cross-view keys are per rank (one
+    process with the whole batch draws other ones); every other draw matches the single-process run exactly.
+    chunk: anchor views per chunk of the 'all' negatives and of the thresholded set score (None: by memory budget;
+    the result does not depend on it)."""
+    _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator, score_tokens, draws)
     rank, _ = world()
     B, T, Dz = z1.shape
+    if draws is None:
+        draws = dense_draws(generator, B=B, T=T, negatives=negatives, M=M, beta=beta, N=N, score_tokens=score_tokens,
+                            device=z1.device)
     acc = _acc(z1.dtype)
     z = F.normalize(torch.stack([z1, z2]).to(acc), dim=-1).to(z1.dtype)  # [2, B, T, Dz]
     j = torch.stack([match(f1, f2), match(f2, f1)])  # [2, B, T] index into the partner view
@@ -219,26 +253,26 @@ def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator
     own = torch.stack([img, Bg + img], -1)[None].expand(2, B, 2)  # global columns of each view's own image
 
     if negatives == "all":
-        lse_img = _lse_all(z, gather_images(z), img[None].expand(2, B), tau, acc)
+        lse_img = _lse_all(z, gather_images(z), img[None].expand(2, B), tau, acc, chunk)
     else:
         if negatives == "densecl":
             pooled = F.normalize(torch.stack([z1, z2]).to(acc).mean(2), dim=-1).to(z.dtype)  # [2, B, Dz]
             negs = gather_images(pooled).reshape(2 * Bg, Dz)
             logits = torch.einsum("abtd,ud->abtu", z, negs)
         elif negatives == "random":
-            r = _draw(generator, T, (2, Bg), dev)[:, rank * B:(rank + 1) * B]
+            r = draws["sets"][:, rank * B:(rank + 1) * B]
             picked = z.gather(2, r[:, :, None, None].expand(-1, -1, 1, Dz)).squeeze(2)  # [2, B, Dz]
             negs = gather_images(picked).reshape(2 * Bg, Dz)
             logits = torch.einsum("abtd,ud->abtu", z, negs)
         else:  # guided
-            r = _draw(generator, T, (M, 2, Bg), dev).reshape(M, 2 * Bg)  # set m takes token r[m, u] of view u
+            r = draws["sets"]  # [M, 2Bg]: set m takes token r[m, u] of view u
             z_all = gather_images(z).reshape(2 * Bg, T, Dz)  # every token of the global batch, differentiable
             zs = z.detach()
             if beta is not None and score_tokens is not None and score_tokens < T:
-                keys = torch.rand((2, Bg, T), generator=generator, device=generator.device)[:, rank * B:(rank + 1) * B]
-                zs = zs.gather(2, keys.to(dev).topk(score_tokens, -1).indices[..., None].expand(-1, -1, -1, Dz))
+                keys = draws["score_keys"][:, rank * B:(rank + 1) * B]
+                zs = zs.gather(2, keys.topk(score_tokens, -1).indices[..., None].expand(-1, -1, -1, Dz))
             with torch.no_grad():
-                best = _guided_choice(zs, z_all.detach(), r, own, beta)  # [2, B]
+                best = _guided_choice(zs, z_all.detach(), r, own, beta, chunk)  # [2, B]
             negs = z_all[torch.arange(2 * Bg, device=dev), r[best]]  # the chosen set of each view [2, B, 2Bg, Dz]
             logits = torch.einsum("abtd,abud->abtu", z, negs)
         logits = logits.to(acc) / tau
@@ -252,8 +286,7 @@ def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator
         if N == T - 1:
             xv = xv.scatter(-1, j[..., None], float("-inf"))
         else:
-            keys = torch.rand((2, B, T, T), generator=generator, device=generator.device).to(dev)
-            keys.scatter_(-1, j[..., None], -1.0)  # never pick the positive
+            keys = draws["xv_keys"].scatter(-1, j[..., None], -1.0)  # never pick the positive
             xv = xv.gather(-1, keys.topk(N, dim=-1).indices)
         terms.append(xv.logsumexp(-1))
     return (torch.stack(terms).logsumexp(0) - pos).mean()
@@ -286,8 +319,10 @@ def montage_loss(cells, targets, labels, tau):
         raise ValueError(f"montage_loss: labels must be int64 [Nc={cells.shape[0]}], got {labels.dtype} "
                          f"{tuple(labels.shape)}")
     y = gather(F.normalize(targets.to(_acc(targets.dtype)), dim=-1))
-    if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < y.shape[0]):
+    if labels.numel() and not torch.compiler.is_compiling() and not (  # (a host sync: eager only)
+            0 <= int(labels.min()) and int(labels.max()) < y.shape[0]):
         raise ValueError(f"montage_loss: labels must index the {y.shape[0]} gathered targets, got "
                          f"[{int(labels.min())}, {int(labels.max())}]")
     p = F.normalize(cells.to(y.dtype), dim=-1)
-    return F.cross_entropy(p @ y.T / tau, labels)
+    with torch.autocast(p.device.type, enabled=False):  # [Nc, Bg] logits in float32, as nt_xent
+        return F.cross_entropy(p @ y.T / tau, labels)

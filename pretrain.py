@@ -227,19 +227,26 @@ class Pretrainer(nn.Module):
         return u, z, f.detach(), x_hat, cells
 
 
-def objective(out, x, args, generator, cell_labels=None):
-    """The total loss of SPEC 1.8 and its terms (detached, for the log). With --montage, cell_labels are the labels
-    of methods.build_montages and the montage term of SPEC 5 is added: mu * sum_r w_r * L_r, w_r = 2^-(level+1)
-    normalised to sum 1, L_r the mean of both directions (view-1 cells vs view-2 globals and vice versa)."""
+def dense_kwargs(args):
+    """The flags of losses.dense_loss / losses.dense_draws (beta < -1 turns thresholding off; M only for guided)."""
+    guided = args.neg == "guided"
+    return dict(negatives=args.neg, M=args.M if guided else 1, N=args.N,
+                beta=args.beta if guided and args.beta >= -1 else None,
+                score_tokens=(args.score_tokens or None) if guided else None)
+
+
+def objective(out, x, args, draws, cell_labels=None):
+    """The total loss of SPEC 1.8 and its terms (detached, for the log). draws: the dense loss's random draws
+    (losses.dense_draws, made by step_draws). With --montage, cell_labels are the labels of methods.build_montages and
+    the montage term of SPEC 5 is added: mu * sum_r w_r * L_r, w_r = 2^-(level+1) normalised to sum 1, L_r the mean
+    of both directions (view-1 cells vs view-2 globals and vice versa)."""
     u, z, f, x_hat, cells = out
     B = u.shape[0] // 2
     terms = {"global": losses.nt_xent(u[:B], u[B:], args.tau_g)}
     total = (1 - args.lam) * terms["global"]
     if args.lam > 0:
-        beta = args.beta if args.neg == "guided" and args.beta >= -1 else None
-        terms["dense"] = losses.dense_loss(z[:B], z[B:], f[:B], f[B:], tau=args.tau_d, negatives=args.neg,
-                                           M=args.M if args.neg == "guided" else 1, beta=beta, N=args.N,
-                                           generator=generator, score_tokens=args.score_tokens or None)
+        terms["dense"] = losses.dense_loss(z[:B], z[B:], f[:B], f[B:], tau=args.tau_d, draws=draws,
+                                           **dense_kwargs(args))
         total = total + args.lam * terms["dense"]
     if args.gamma > 0:
         terms["recon"] = losses.recon_loss(x.float(), x_hat.float(), args.recon)
@@ -287,6 +294,35 @@ def step_generator(seed, step, device):
     return gen
 
 
+def step_draws(args, x, generator):
+    """Every random draw of one step, made before the compiled region (which then holds no generator and compiles as
+    one graph), in this order from `generator`: the montages of methods.build_montages, then the dense loss's draws
+    (losses.dense_draws). Returns (canvases, cell_labels, draws); the first two are None without --montage."""
+    canvases, cell_labels = methods.build_montages(x, args.montage_r, generator) if args.montage else (None, None)
+    draws = None
+    if args.lam > 0:
+        T = (args.img_size // vit.CONFIGS[args.model]["patch_size"]) ** 2
+        draws = losses.dense_draws(generator, B=x.shape[0] // 2, T=T, device=x.device, **dense_kwargs(args))
+    return canvases, cell_labels, draws
+
+
+def make_loss_fn(model, args, amp_dtype, use_compile, fullgraph=True):
+    """(x, canvases, cell_labels, draws) -> (loss, terms): the forward under autocast and the objective, the region
+    torch.compile sees as one graph (fullgraph=True: an error instead of a silent graph break)."""
+    def region(x, canvases, cell_labels, draws):
+        with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            loss, terms = objective(model(x, canvases), x, args, draws, cell_labels)
+        # the terms leave as one stacked tensor: returned one by one next to a loss of 1.0 * term (SimCLR), the
+        # compiled loss came back without grad_fn (torch 2.14, inductor)
+        return loss, torch.stack(list(terms.values())), tuple(terms)
+    compiled = torch.compile(region, fullgraph=fullgraph) if use_compile else region
+
+    def loss_fn(x, canvases, cell_labels, draws):
+        loss, values, names = compiled(x, canvases, cell_labels, draws)
+        return loss, dict(zip(names, values.unbind()))
+    return loss_fn
+
+
 def device_views(batch, device, photometric=data.photometric):
     """The [2B, 3, S, S] float input of a TwoViews batch (view 1 of every image, then view 2): the uint8 views are
     copied to `device` and the photometric ops run there."""
@@ -294,13 +330,45 @@ def device_views(batch, device, photometric=data.photometric):
                                   batch[f"photo{i}"].to(device, non_blocking=True)) for i in (1, 2)])
 
 
-def train_step(fwd, opt, x, args, step, amp_dtype):
-    """One optimisation step on the views x: the step's generator (montage draws first, then the dense loss's), the
-    forward under autocast, the objective, backward, AdamW. Returns the loss (detached) and its terms."""
-    gen = step_generator(args.seed, step, x.device)
-    canvases, cell_labels = methods.build_montages(x, args.montage_r, gen) if args.montage else (None, None)
-    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        loss, terms = objective(fwd(x, canvases), x, args, gen, cell_labels)
+def device_batches(loader, device, photometric=data.photometric):
+    """(device_views of each batch, its 'skipped' list) for the batches of `loader`. On CUDA the next batch's
+    host->device copy (pinned memory, ~77 MB at 224 px and batch 256) runs on a side stream while the current step
+    computes, instead of in front of it on the compute stream."""
+    if device.type != "cuda":
+        for batch in loader:
+            yield device_views(batch, device, photometric), batch["skipped"]
+        return
+    side, keys = torch.cuda.Stream(device), ("view1", "photo1", "view2", "photo2")
+
+    def upload(batch):
+        if batch is None:
+            return None
+        with torch.cuda.stream(side):
+            return {k: batch[k].to(device, non_blocking=True) for k in keys}, batch["skipped"]
+    batches = iter(loader)
+    pending = upload(next(batches, None))
+    while pending is not None:
+        compute = torch.cuda.current_stream(device)
+        compute.wait_stream(side)  # this batch's copy is done before the step reads it
+        on_device, batch_skipped = pending
+        for t in on_device.values():
+            t.record_stream(compute)  # its memory is not reused before the compute stream is done with it
+        pending = upload(next(batches, None))  # overlaps with the step below
+        yield device_views(on_device, device, photometric), batch_skipped
+
+
+def compiled_parts(model, args, amp_dtype, use_compile, world_size=1):
+    """What pretrain.py and bench.py run: loss_fn (make_loss_fn; one graph, fullgraph in one process) and the batched
+    photometric ops (~20 fused elementwise ops), both through torch.compile when use_compile."""
+    loss_fn = make_loss_fn(model, args, amp_dtype, use_compile, fullgraph=world_size == 1)
+    return loss_fn, torch.compile(data.photometric) if use_compile else data.photometric
+
+
+def train_step(loss_fn, opt, x, args, step):
+    """One optimisation step on the views x: the step's draws (step_draws, from step_generator), the forward and the
+    objective (loss_fn of make_loss_fn), backward, AdamW. Returns the loss (detached) and its terms."""
+    canvases, cell_labels, draws = step_draws(args, x, step_generator(args.seed, step, x.device))
+    loss, terms = loss_fn(x, canvases, cell_labels, draws)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -439,8 +507,7 @@ def train(args):
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world_size > 1 \
         else model
     use_compile = args.compile == "on" or (args.compile == "auto" and cuda)
-    fwd = torch.compile(ddp) if use_compile else ddp
-    photometric = torch.compile(data.photometric) if use_compile else data.photometric  # ~20 fused elementwise ops
+    loss_fn, photometric = compiled_parts(ddp, args, amp_dtype, use_compile, world_size)
 
     boxes = None  # ContrastiveCrop: one (h0, w0, h1, w1) per file, in shared memory so loader workers see updates
     if args.crop == "ccrop":
@@ -455,11 +522,11 @@ def train(args):
         boxes.share_memory_()
     dataset = data.TwoViews(files, args.img_size, seed=args.seed, boxes=boxes, ccrop_alpha=args.ccrop_alpha,
                             ccrop_warmup=args.ccrop_warmup)
-    sampler = data.EpochSampler(len(files), global_batch, rank, world_size, args.seed)
+    sampler = data.RunSampler(len(files), global_batch, rank, world_size, args.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
                                          num_workers=args.workers, collate_fn=data.two_view_batch, pin_memory=cuda,
                                          prefetch_factor=4 if args.workers else None,
-                                         persistent_workers=args.workers > 0)  # set_epoch reaches them (shared memory)
+                                         persistent_workers=args.workers > 0)
     n_canvases = sum(2 * max(1, math.ceil(args.batch_size / r ** 2)) for r in model.montage_r) * world_size
     flops_per_step = 3 * vit.vit_flops(model.backbone.config, args.img_size) * (2 * global_batch + n_canvases)
     peak = peak_flops(device)
@@ -483,10 +550,14 @@ def train(args):
     sums = {}
     peak_lr = args.lr * global_batch / 256
     model.train()
-    while step < total_steps:
+    while step < total_steps:  # one pass of the loader; with ContrastiveCrop one pass per localisation
         epoch = step // steps_per_epoch
-        dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
+        stop = total_steps
+        if boxes is not None:  # the loader stops where new boxes are due, so no sample is drawn with stale boxes
+            due = next((e for e in range(epoch + 1, total_steps // steps_per_epoch + 1)
+                        if methods.ccrop_due(e, args.ccrop_warmup, args.ccrop_every)), None)
+            stop = min(total_steps, due * steps_per_epoch) if due is not None else total_steps
+        sampler.set_steps(step, stop)
         if boxes is not None and step % steps_per_epoch == 0 and methods.ccrop_due(epoch, args.ccrop_warmup,
                                                                                     args.ccrop_every):
             t0 = time.time()
@@ -496,14 +567,15 @@ def train(args):
             if rank == 0:
                 area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).mean().item()
                 print(f"ccrop: new boxes at epoch {epoch}, mean area {area:.3f} ({time.time() - t0:.1f} s)", flush=True)
-        for batch in loader:
+        for x, batch_skipped in device_batches(loader, device, photometric):
+            epoch = step // steps_per_epoch
             lr = lr_at(step, peak_lr, warmup_steps, total_steps)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss, terms = train_step(fwd, opt, device_views(batch, device, photometric), args, step, amp_dtype)
+            loss, terms = train_step(loss_fn, opt, x, args, step)
             for k, v in [("loss", loss)] + list(terms.items()):
                 sums[k] = sums.get(k, 0.0) + v.float()
-            for path in set(batch["skipped"]) - skipped:
+            for path in set(batch_skipped) - skipped:
                 skipped.add(path)
                 print(f"[rank {rank}] skipped unreadable file: {path}", flush=True)
             step += 1

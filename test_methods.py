@@ -260,9 +260,9 @@ def test_montage_objective_trains():
     model, before, opt, x = tiny_trainer(args)
     for step in range(2):
         gen = pretrain.step_generator(0, step, torch.device("cpu"))
-        canvases, labels = methods.build_montages(x, args.montage_r, gen)
+        canvases, labels, draws = pretrain.step_draws(args, x, gen)
         assert [c.shape[0] for c in canvases] == [2 * 2, 2 * 1] and [l.shape for l in labels] == [(4, 4), (2, 16)]
-        loss, terms = pretrain.objective(model(x, canvases), x, args, gen, labels)
+        loss, terms = pretrain.objective(model(x, canvases), x, args, draws, labels)
         assert torch.isfinite(loss) and terms["montage"] > 0
         assert torch.allclose(loss, terms["global"] + terms["montage"])  # lam = 0, mu = 1
         opt.zero_grad()

@@ -54,7 +54,8 @@ def test_each_objective_trains(name):
     args = pretrain.resolve_args(TINY + CONFIGS[name] + ["--data", "unused"])
     model, before, opt, x = tiny_trainer(args)
     for step in range(3):
-        loss, terms = pretrain.objective(model(x), x, args, pretrain.step_generator(0, step, torch.device("cpu")))
+        _, _, draws = pretrain.step_draws(args, x, pretrain.step_generator(0, step, torch.device("cpu")))
+        loss, terms = pretrain.objective(model(x), x, args, draws)
         assert torch.isfinite(loss) and all(torch.isfinite(v) for v in terms.values())
         opt.zero_grad()
         loss.backward()
