@@ -40,7 +40,8 @@ import methods
 import pretrain
 import vit
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
 add = parser.add_argument
 add("--quick", action="store_true", help="vit_demo at 64 px, batch 16, 3 timed steps, 64 JPEGs: a CPU smoke run")
 add("--gpu-check", action="store_true", help="the prepared GPU check: SimCLR, DenseCL++* exact and scored on 16 tokens, "

@@ -99,7 +99,17 @@ def match(f1, f2):
         return torch.bmm(a, b.transpose(1, 2)).argmax(-1)
 
 
-def _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator, score_tokens, draws):
+@torch.no_grad()
+def near_tokens(f1, f2, j, k):
+    """The k tokens of view 2 most similar to each token t of view 1 by cos(f1_t, f2_j), not counting its match j[t]
+    (SPEC 1.6.4 xv_exclude): [B, T, k] (int64), most similar first. Same float32 table as match."""
+    acc = _acc(f1.dtype)
+    with torch.autocast(f1.device.type, enabled=False):
+        cos = torch.bmm(F.normalize(f1.to(acc), dim=-1), F.normalize(f2.to(acc), dim=-1).transpose(1, 2))
+        return cos.scatter(-1, j[..., None], float("-inf")).topk(k, dim=-1).indices
+
+
+def _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator, score_tokens, draws, xv_exclude):
     if z1.ndim != 3 or z1.shape != z2.shape:
         raise ValueError(f"dense_loss: z1 and z2 must both be [B, T, Dz]; got {tuple(z1.shape)} and {tuple(z2.shape)}")
     if f1.ndim != 3 or f1.shape != f2.shape or f1.shape[:2] != z1.shape[:2]:
@@ -117,22 +127,25 @@ def _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator, score_tokens,
     T = z1.shape[1]
     if score_tokens is not None and (not isinstance(score_tokens, int) or score_tokens < 1):
         raise ValueError(f"dense_loss: score_tokens={score_tokens!r}; expected None or an integer >= 1")
-    if not isinstance(N, int) or not 0 <= N < T:
-        raise ValueError(f"dense_loss: N={N!r}; expected an integer in [0, T-1] = [0, {T - 1}] (cross-view negatives)")
-    if generator is None and draws is None and (negatives in ("random", "guided") or 0 < N < T - 1):
+    if not isinstance(xv_exclude, int) or xv_exclude < 0 or (xv_exclude and not N):
+        raise ValueError(f"dense_loss: xv_exclude={xv_exclude!r}; expected an integer >= 0, and > 0 only with N > 0")
+    if not isinstance(N, int) or not 0 <= N < T - xv_exclude:
+        raise ValueError(f"dense_loss: N={N!r}; expected an integer in [0, T-1-xv_exclude] = [0, {T - 1 - xv_exclude}] "
+                         f"(cross-view negatives)")
+    if generator is None and draws is None and (negatives in ("random", "guided") or 0 < N < T - 1 - xv_exclude):
         raise ValueError(f"dense_loss: negatives={negatives!r}, N={N} samples indices; pass generator=torch.Generator "
                          f"(or the draws of dense_draws)")
 
 
-def dense_draws(generator, *, B, T, negatives, M=1, beta=None, N=0, score_tokens=None, device=None):
+def dense_draws(generator, *, B, T, negatives, M=1, beta=None, N=0, score_tokens=None, xv_exclude=0, device=None):
     """Every random draw of one dense_loss call, made up front (so the loss itself has no generator and compiles as
     one graph), in this fixed order from `generator` (on its own device), returned on `device` (default: its own):
         'sets'       'random': token indices (2, Bg); 'guided': M candidate sets (M, 2*Bg), set m takes token
                      sets[m, u] of view u (drawn as (M, 2, Bg))
         'score_keys' guided with beta and score_tokens < T: uniform keys (2, Bg, T); the score_tokens largest of
                      each view's keys pick the tokens its set score averages over
-        'xv_keys'    0 < N < T-1: uniform keys (2, B, T, T) for this rank's anchors; the N largest keys off the
-                     positive pick the cross-view negatives
+        'xv_keys'    0 < N < T-1-xv_exclude: uniform keys (2, B, T, T) for this rank's anchors; the N largest
+                     keys off the excluded tokens pick the cross-view negatives
     B is this rank's batch, Bg = B * world size: every draw but 'xv_keys' is global, identical on every rank."""
     gdev = generator.device if generator is not None else None
     Bg, dev, draws = B * world()[1], device if device is not None else gdev, {}
@@ -142,7 +155,7 @@ def dense_draws(generator, *, B, T, negatives, M=1, beta=None, N=0, score_tokens
         draws["sets"] = torch.randint(T, (M, 2, Bg), generator=generator, device=gdev).reshape(M, 2 * Bg).to(dev)
         if beta is not None and score_tokens is not None and score_tokens < T:
             draws["score_keys"] = torch.rand((2, Bg, T), generator=generator, device=gdev).to(dev)
-    if 0 < N < T - 1:
+    if 0 < N < T - 1 - xv_exclude:
         draws["xv_keys"] = torch.rand((2, B, T, T), generator=generator, device=gdev).to(dev)
     return draws
 
@@ -206,7 +219,7 @@ def _lse_all(z, z_all, own_img, tau, acc, chunk=None):
 
 
 def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator=None, score_tokens=None,
-               draws=None, chunk=None):
+               xv_exclude=0, draws=None, chunk=None):
     """Dense InfoNCE of SPEC 1.5, averaged over all 2B·T anchor tokens of both directions.
     z1, z2: unnormalised dense projections [B, T, Dz] (L2-normalised here); f1, f2: pairing features [B, T, Df].
     For anchor token t of view v (image i, partner view v', matched token j*(t) = match(f_v, f_v')[t]):
@@ -218,8 +231,9 @@ def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator
         'guided' : z^u_{r^m*(v)_u}, M index vectors r^m, m*(v) the highest-scoring set (see
                    _guided_choice; beta thresholds inside the score)                                  (SPEC 1.6.2-1.6.3)
         'all'    : every token of every such view                                                      (SPEC 1.6, exact)
-    NegXV(v, t): N tokens of the partner view drawn uniformly without replacement from {0..T-1} minus {j*(t)}, per
-    anchor token; N = T-1 takes all of them deterministically (SPEC 1.6.4). Gradients flow through anchors, positives
+    NegXV(v, t): N tokens of the partner view drawn uniformly without replacement from {0..T-1} minus {j*(t)} minus
+    the xv_exclude tokens most similar to t after j*(t) by the pairing feature (near_tokens; fewer false negatives),
+    per anchor token; N = T-1-xv_exclude takes all of them deterministically (SPEC 1.6.4). Gradients flow through anchors, positives
     and negatives; the matching and the set selection are not differentiated.
     score_tokens=S (guided with beta only): the thresholded set score averages over S anchor tokens per view drawn
     uniformly without replacement instead of all T: T/S times less scoring work, the loss itself still uses every
@@ -229,12 +243,12 @@ def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator
     process with the whole batch draws other ones); every other draw matches the single-process run exactly.
     chunk: anchor views per chunk of the 'all' negatives and of the thresholded set score (None: by memory budget;
     the result does not depend on it)."""
-    _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator, score_tokens, draws)
+    _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator, score_tokens, draws, xv_exclude)
     rank, _ = world()
     B, T, Dz = z1.shape
     if draws is None:
         draws = dense_draws(generator, B=B, T=T, negatives=negatives, M=M, beta=beta, N=N, score_tokens=score_tokens,
-                            device=z1.device)
+                            xv_exclude=xv_exclude, device=z1.device)
     acc = _acc(z1.dtype)
     z = F.normalize(torch.stack([z1, z2]).to(acc), dim=-1).to(z1.dtype)  # [2, B, T, Dz]
     j = torch.stack([match(f1, f2), match(f2, f1)])  # [2, B, T] index into the partner view
@@ -283,20 +297,36 @@ def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator
     terms = [pos, lse_img]
     if N > 0:
         xv = xv.to(acc) / tau
-        if N == T - 1:
-            xv = xv.scatter(-1, j[..., None], float("-inf"))
+        excluded = j[..., None]  # [2, B, T, 1 + xv_exclude]: the positive, then its nearest neighbours
+        if xv_exclude:
+            near = torch.stack([near_tokens(f1, f2, j[0], xv_exclude), near_tokens(f2, f1, j[1], xv_exclude)])
+            excluded = torch.cat([excluded, near], -1)
+        if N == T - 1 - xv_exclude:
+            xv = xv.scatter(-1, excluded, float("-inf"))
         else:
-            keys = draws["xv_keys"].scatter(-1, j[..., None], -1.0)  # never pick the positive
+            keys = draws["xv_keys"].scatter(-1, excluded, -1.0)  # never pick an excluded token
             xv = xv.gather(-1, keys.topk(N, dim=-1).indices)
         terms.append(xv.logsumexp(-1))
     return (torch.stack(terms).logsumexp(0) - pos).mean()
 
 
-def recon_loss(x, x_hat, kind="l2"):
+def recon_loss(x, x_hat, kind="l2", norm_pix=None):
     """Auxiliary reconstruction (SPEC 1.7): mean over all elements of (x_hat - x)^2 ('l2') or |x_hat - x| ('l1').
-    x is the augmented, normalised view fed to the network; x_hat the decoder output of the same shape."""
+    x is the augmented, normalised view fed to the network [N, C, H, W]; x_hat the decoder output of the same shape.
+    norm_pix=p (MAE's target): the target is normalised per p x p patch, over its p*p*C values,
+        x_patch <- (x_patch - mean) / sqrt(var + 1e-6)      (var: the biased variance, as MAE)
+    and compared with x_hat in the same pixel layout."""
     if x.shape != x_hat.shape:
         raise ValueError(f"recon_loss: x {tuple(x.shape)} and x_hat {tuple(x_hat.shape)} must have the same shape")
+    if norm_pix:
+        N, C, H, W = x.shape
+        p = norm_pix
+        if H % p or W % p:
+            raise ValueError(f"recon_loss: norm_pix={p} must divide the {H}x{W} view")
+        patches = x.reshape(N, C, H // p, p, W // p, p)
+        mean = patches.mean((1, 3, 5), keepdim=True)
+        var = patches.var((1, 3, 5), keepdim=True, unbiased=False)
+        x = ((patches - mean) / (var + 1e-6).sqrt()).reshape(N, C, H, W)
     if kind == "l2":
         return F.mse_loss(x_hat, x)
     if kind == "l1":

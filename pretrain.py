@@ -27,7 +27,8 @@ import losses
 import methods
 import vit
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
 g = parser.add_argument_group("data")
 g.add_argument("--data", default=None, help="image folder (recursive) or COCO instances .json; default: the demo set, "
                "which also switches every flag you do not give to the small demo preset")
@@ -44,14 +45,20 @@ g.add_argument("--pair", choices=["backbone", "head"], default="backbone", help=
 g.add_argument("--decoder", choices=["conv", "transformer"], default="conv", help="reconstruction decoder (1.7)")
 g = parser.add_argument_group("objective")
 g.add_argument("--lam", type=float, default=0.5, help="weight of the dense loss (0 = SimCLR)")
+g.add_argument("--lam-warmup", type=int, default=0, help="steps with dense weight 0 (global loss only) before lam "
+               "applies (DenseCL's warm-up; SPEC 1.8)")
 g.add_argument("--neg", choices=list(losses.NEGATIVES), default="guided", help="dense negatives (SPEC 1.6)")
 g.add_argument("--M", type=int, default=256, help="candidate sets of guided sampling")
 g.add_argument("--beta", type=float, default=0.5, help="threshold inside the guided set score; < -1 turns it off")
 g.add_argument("--N", type=int, default=64, help="cross-view negatives per anchor token (0 = none)")
+g.add_argument("--xv-exclude", type=int, default=0, help="also keep out of the cross-view negatives the K partner "
+               "tokens most similar to the anchor after its match, by the pairing feature (fewer false negatives)")
 g.add_argument("--score-tokens", type=int, default=0, help="score the thresholded guided sets on this many random "
                "anchor tokens per view instead of all (0 = all, exact; the loss always uses every token)")
 g.add_argument("--gamma", type=float, default=0.0, help="weight of the auxiliary reconstruction loss")
 g.add_argument("--recon", choices=["l2", "l1"], default="l2", help="reconstruction loss")
+g.add_argument("--norm-pix", action="store_true", help="reconstruction target normalised per patch (mean/variance, "
+               "as MAE)")
 g.add_argument("--tau-g", type=float, default=0.2, help="temperature of the global NT-Xent")
 g.add_argument("--tau-d", type=float, default=0.2, help="temperature of the dense loss")
 g = parser.add_argument_group("ContrastiveCrop (SPEC 4)")
@@ -103,6 +110,27 @@ def explicit_flags(argv):
         if any(s == arg or arg.startswith(s + "=") for s in a.option_strings for arg in argv):
             given.add(a.dest)
     return given
+
+
+# Flags that only act in some configurations: given explicitly where they do nothing, they are an error
+NEEDS = [(("neg", "M", "beta", "N", "score_tokens", "xv_exclude", "tau_d", "pair", "lam_warmup"),
+          lambda a: a.lam > 0, "a dense loss (--lam > 0)"),
+         (("M", "beta", "score_tokens"), lambda a: a.neg == "guided", "--neg guided"),
+         (("score_tokens",), lambda a: a.beta >= -1, "the thresholded set score (--beta >= -1)"),
+         (("xv_exclude",), lambda a: a.N > 0, "cross-view negatives (--N > 0)"),
+         (("decoder", "recon", "norm_pix"), lambda a: a.gamma > 0, "the reconstruction loss (--gamma > 0)"),
+         (("montage_r", "montage_block_attn", "mu", "tau_m"), lambda a: a.montage, "--montage"),
+         (("ccrop_alpha", "ccrop_k", "ccrop_warmup", "ccrop_every", "ccrop_heat"), lambda a: a.crop == "ccrop",
+          "--crop ccrop")]
+
+
+def check_flag_use(args):
+    """Refuse a flag given on the command line that the configuration does not use (it would be dropped silently)."""
+    for dests, used, what in NEEDS:
+        for d in dests:
+            if d in args.explicit and not used(args):
+                raise ValueError(f"--{d.replace('_', '-')} {getattr(args, d)} has no effect without {what}: drop it or "
+                                 f"change the configuration")
 
 
 def peak_flops(device):
@@ -230,26 +258,29 @@ class Pretrainer(nn.Module):
 def dense_kwargs(args):
     """The flags of losses.dense_loss / losses.dense_draws (beta < -1 turns thresholding off; M only for guided)."""
     guided = args.neg == "guided"
-    return dict(negatives=args.neg, M=args.M if guided else 1, N=args.N,
+    return dict(negatives=args.neg, M=args.M if guided else 1, N=args.N, xv_exclude=args.xv_exclude,
                 beta=args.beta if guided and args.beta >= -1 else None,
                 score_tokens=(args.score_tokens or None) if guided else None)
 
 
-def objective(out, x, args, draws, cell_labels=None):
+def objective(out, x, args, draws, cell_labels=None, lam=None):
     """The total loss of SPEC 1.8 and its terms (detached, for the log). draws: the dense loss's random draws
     (losses.dense_draws, made by step_draws). With --montage, cell_labels are the labels of methods.build_montages and
     the montage term of SPEC 5 is added: mu * sum_r w_r * L_r, w_r = 2^-(level+1) normalised to sum 1, L_r the mean
-    of both directions (view-1 cells vs view-2 globals and vice versa)."""
+    of both directions (view-1 cells vs view-2 globals and vice versa). lam: the dense weight in force (a tensor,
+    so that --lam-warmup changes it without a recompilation; default args.lam)."""
     u, z, f, x_hat, cells = out
     B = u.shape[0] // 2
+    lam = args.lam if lam is None else lam
     terms = {"global": losses.nt_xent(u[:B], u[B:], args.tau_g)}
-    total = (1 - args.lam) * terms["global"]
+    total = (1 - lam) * terms["global"]
     if args.lam > 0:
         terms["dense"] = losses.dense_loss(z[:B], z[B:], f[:B], f[B:], tau=args.tau_d, draws=draws,
                                            **dense_kwargs(args))
-        total = total + args.lam * terms["dense"]
+        total = total + lam * terms["dense"]
     if args.gamma > 0:
-        terms["recon"] = losses.recon_loss(x.float(), x_hat.float(), args.recon)
+        terms["recon"] = losses.recon_loss(x.float(), x_hat.float(), args.recon,
+                                           vit.CONFIGS[args.model]["patch_size"] if args.norm_pix else None)
         total = total + args.gamma * terms["recon"]
     if args.montage:
         if cells is None or cell_labels is None:
@@ -307,18 +338,19 @@ def step_draws(args, x, generator):
 
 
 def make_loss_fn(model, args, amp_dtype, use_compile, fullgraph=True):
-    """(x, canvases, cell_labels, draws) -> (loss, terms): the forward under autocast and the objective, the region
-    torch.compile sees as one graph (fullgraph=True: an error instead of a silent graph break)."""
-    def region(x, canvases, cell_labels, draws):
+    """(x, canvases, cell_labels, draws, lam) -> (loss, terms): the forward under autocast and the objective, the
+    region torch.compile sees as one graph (fullgraph=True: an error instead of a silent graph break). lam: the dense
+    weight in force, a 0-dim tensor."""
+    def region(x, canvases, cell_labels, draws, lam):
         with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            loss, terms = objective(model(x, canvases), x, args, draws, cell_labels)
+            loss, terms = objective(model(x, canvases), x, args, draws, cell_labels, lam)
         # the terms leave as one stacked tensor: returned one by one next to a loss of 1.0 * term (SimCLR), the
         # compiled loss came back without grad_fn (torch 2.14, inductor)
         return loss, torch.stack(list(terms.values())), tuple(terms)
     compiled = torch.compile(region, fullgraph=fullgraph) if use_compile else region
 
-    def loss_fn(x, canvases, cell_labels, draws):
-        loss, values, names = compiled(x, canvases, cell_labels, draws)
+    def loss_fn(x, canvases, cell_labels, draws, lam):
+        loss, values, names = compiled(x, canvases, cell_labels, draws, lam)
         return loss, dict(zip(names, values.unbind()))
     return loss_fn
 
@@ -366,9 +398,13 @@ def compiled_parts(model, args, amp_dtype, use_compile, world_size=1):
 
 def train_step(loss_fn, opt, x, args, step):
     """One optimisation step on the views x: the step's draws (step_draws, from step_generator), the forward and the
-    objective (loss_fn of make_loss_fn), backward, AdamW. Returns the loss (detached) and its terms."""
+    objective (loss_fn of make_loss_fn) with the dense weight in force (0 for the first --lam-warmup steps, then
+    --lam), backward, AdamW. Returns the loss (detached) and its terms (with --lam-warmup also that weight, 'lam')."""
     canvases, cell_labels, draws = step_draws(args, x, step_generator(args.seed, step, x.device))
-    loss, terms = loss_fn(x, canvases, cell_labels, draws)
+    lam = torch.full((), 0.0 if step < args.lam_warmup else args.lam, device=x.device)  # a fill: no host->device copy
+    loss, terms = loss_fn(x, canvases, cell_labels, draws, lam)
+    if args.lam_warmup:
+        terms["lam"] = lam
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -473,6 +509,7 @@ def train(args):
         for k, v in ckpt["args"].items():
             if k not in args.explicit and k not in ("resume", "explicit"):
                 setattr(args, k, v)
+    check_flag_use(args)
     if args.workers is None:
         args.workers = max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     files = data.list_images(args.data, args.image_root)

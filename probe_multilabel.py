@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 import data
 import vit
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
 vit.add_probe_args(parser)
 parser.add_argument("--train-json", help="COCO instances file of the training split (default: the demo set)")
 parser.add_argument("--train-images", help="folder of the training images")
@@ -268,7 +269,7 @@ def main(argv=None):
     names = [train.cats[c]["name"] for c in cat_ids]
     args.cache = args.cache or os.path.join(os.path.dirname(os.path.abspath(args.out)) if args.out
                                             else tempfile.gettempdir(), "probe_cache")
-    backbone_id = (["random-init", args.model, args.seed] if args.random_init else file_id(args.ckpt))
+    backbone_id = (["random-init", args.model, args.seed] if args.random_init else file_id(args.ckpt) + [args.model])
     print(f"backbone {args.ckpt or 'random-init ' + args.model}, feature {agg}, {size}x{size} px, "
           f"{len(train.imgs)} train / {len(val.imgs)} val images, {len(cat_ids)} classes")
     x_train = select(features(model, backbone_id, "train", train, train_dir, train_json, size, args), agg)

@@ -29,7 +29,8 @@ import data
 import vit
 from probe_multilabel import DEMO, check_flags, load_coco, require_files, same_categories
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
 vit.add_probe_args(parser)
 parser.add_argument("--dataset", choices=["voc", "coco"], default="voc", help="layout of the data")
 parser.add_argument("--root", help="VOC folder holding JPEGImages/, SegmentationClass/, ImageSets/ (default: demo)")

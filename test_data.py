@@ -1,5 +1,6 @@
 """Tests of data.py: python -m pytest -q test_data.py"""
 import json
+import math
 import os
 import time
 
@@ -73,6 +74,26 @@ def ccrop_positions(alpha, n=4000):
         if ch1 - ch0 >= 50:  # skip crops so big that the box range collapses
             us.append((top - ch0) / (ch1 - ch0))
     return np.array(us)
+
+
+def test_ccrop_params_both_axes_with_asymmetric_boxes():
+    """ContrastiveCrop's formula, written out per axis, against ccrop_params with the same draws: boxes whose vertical
+    and horizontal extents differ clearly, on images whose height and width differ (an axis mix-up cannot pass)."""
+    from data import _beta, _rrc_size
+    for k, (H, W, box) in enumerate([(300, 800, (0.05, 0.55, 0.35, 0.95)), (900, 250, (0.6, 0.0, 0.9, 0.3)),
+                                     (480, 640, (0.1, 0.7, 0.2, 0.8))]):
+        g, ref = torch.Generator().manual_seed(k), torch.Generator().manual_seed(k)
+        for _ in range(200):
+            top, left, h, w = ccrop_params(H, W, box, SCALE, RATIO, 0.6, g)
+            rh, rw, ok = _rrc_size(H, W, SCALE, RATIO, ref)
+            assert (h, w) == (rh, rw)
+            if not ok:
+                assert (top, left) == ((H - h) // 2, (W - w) // 2)
+                continue
+            ch0, ch1 = (min(max(int(H * v) - h // 2, 0), H - h) for v in (box[0], box[2]))
+            cw0, cw1 = (min(max(int(W * v) - w // 2, 0), W - w) for v in (box[1], box[3]))
+            assert top == ch0 + math.floor((ch1 - ch0) * _beta(0.6, ref))
+            assert left == cw0 + math.floor((cw1 - cw0) * _beta(0.6, ref))
 
 
 def test_ccrop_alpha1_is_uniform_in_the_box_range():
@@ -433,6 +454,31 @@ def test_epoch_sampler():
         EpochSampler(5, G)
     with pytest.raises(ValueError, match='start_batch'):
         EpochSampler(n, G, start_batch=13)
+
+
+
+def test_run_sampler_crosses_epochs_with_each_epochs_keys():
+    """RunSampler over steps 9..30 (12 batches an epoch) yields, rank by rank, the EpochSampler batches of epochs 0, 1
+    and 2 in order, each index paired with its own epoch; TwoViews draws a (epoch, i) key with that epoch's seed."""
+    n, G = 103, 8
+    for rank in (0, 1):
+        s = data.RunSampler(n, G, rank=rank, world=2, seed=4)
+        s.set_steps(9, 31)
+        want = [(e, i) for e, start, stop in ((0, 9, 12), (1, 0, 12), (2, 0, 7))
+                for i in list(EpochSampler(n, G, rank, 2, seed=4, epoch=e, start_batch=start))[:(stop - start) * 4]]
+        assert list(s) == want and len(s) == len(want) == 22 * 4
+    with pytest.raises(ValueError, match='steps'):
+        s.set_steps(5, 3)
+
+
+def test_two_views_epoch_keys_equal_set_epoch(tmp_path):
+    ds = TwoViews([noise_image(tmp_path / f'{k}.png', 64, 48, seed=k) for k in range(3)], 32, seed=1)
+    ds.set_epoch(2)
+    a = ds[1]
+    ds.set_epoch(0)
+    b = ds[(2, 1)]  # the key's epoch wins over set_epoch's
+    assert torch.equal(a['view1'], b['view1']) and torch.equal(a['photo2'], b['photo2'])
+    assert not torch.equal(ds[1]['view1'], b['view1'])
 
 # ----------------------------------------------------------------------------------------------------------------------
 # the demo set

@@ -56,7 +56,7 @@ def naive_match(f1, f2):
     return out
 
 
-def naive_dense(z1, z2, f1, f2, tau, negatives, M=1, beta=None, N=0, seed=0, score_tokens=None):
+def naive_dense(z1, z2, f1, f2, tau, negatives, M=1, beta=None, N=0, seed=0, score_tokens=None, xv_exclude=0):
     g = torch.Generator().manual_seed(seed)
     B, T, _ = z1.shape
     z = [z1, z2]
@@ -71,7 +71,7 @@ def naive_dense(z1, z2, f1, f2, tau, negatives, M=1, beta=None, N=0, seed=0, sco
         skeys = torch.rand((2, B, T), generator=g)
         scored = {(a, i): sorted(range(T), key=lambda t: -float(skeys[a, i, t]))[:score_tokens]
                   for a in range(2) for i in range(B)}
-    if 0 < N < T - 1:
+    if 0 < N < T - 1 - xv_exclude:
         keys = torch.rand((2, B, T, T), generator=g)
     j = [naive_match(f1, f2), naive_match(f2, f1)]
 
@@ -100,10 +100,12 @@ def naive_dense(z1, z2, f1, f2, tau, negatives, M=1, beta=None, N=0, seed=0, sco
             jt = int(j[a][i, t])
             pos = anchor @ unit(z[1 - a][i, jt])
             terms = [torch.exp(pos / tau)] + [torch.exp(anchor @ n / tau) for n in negs]
-            if N == T - 1:
-                xv = [k for k in range(T) if k != jt]
+            sims = {k: float(unit(f[a][i, t]) @ unit(f[1 - a][i, k])) for k in range(T) if k != jt}
+            excluded = {jt} | set(sorted(sims, key=lambda k: -sims[k])[:xv_exclude])
+            if N == T - 1 - xv_exclude:
+                xv = [k for k in range(T) if k not in excluded]
             elif N > 0:
-                xv = sorted((k for k in range(T) if k != jt), key=lambda k: -float(keys[a, i, t, k]))[:N]
+                xv = sorted((k for k in range(T) if k not in excluded), key=lambda k: -float(keys[a, i, t, k]))[:N]
             else:
                 xv = []
             terms += [torch.exp(anchor @ unit(z[1 - a][i, k]) / tau) for k in xv]
@@ -151,7 +153,7 @@ def test_match_matches_naive():
     assert torch.equal(losses.match(f1, f1), torch.arange(7).expand(3, 7))  # a view matches itself
 
 
-CASES = [  # negatives, M, beta, N, B, T (, score_tokens)
+CASES = [  # negatives, M, beta, N, B, T (, score_tokens, xv_exclude)
     ("densecl", 1, None, 0, 3, 4),
     ("densecl", 1, None, 2, 2, 5),
     ("random", 1, None, 0, 3, 4),
@@ -167,6 +169,9 @@ CASES = [  # negatives, M, beta, N, B, T (, score_tokens)
     ("guided", 3, 0.6, 1, 2, 7),
     ("all", 1, None, 0, 3, 4),
     ("all", 1, None, 2, 2, 4),
+    ("random", 1, None, 2, 3, 6, None, 2),  # cross-view negatives without the 2 nearest tokens after the match
+    ("guided", 3, 0.2, 3, 2, 6, None, 2),  # N = T-1-xv_exclude: every remaining partner token
+    ("densecl", 1, None, 1, 2, 5, None, 1),
 ]
 
 
@@ -174,10 +179,11 @@ CASES = [  # negatives, M, beta, N, B, T (, score_tokens)
 def test_dense_loss_matches_naive(case):
     negatives, M, beta, N, B, T = case[:6]
     S = case[6] if len(case) > 6 else None
+    K = case[7] if len(case) > 7 else 0
     z1, z2, f1, f2 = inputs(B, T, 4, 3, seed=B * 100 + T)
     fast = losses.dense_loss(z1, z2, f1, f2, tau=0.2, negatives=negatives, M=M, beta=beta, N=N,
-                             generator=torch.Generator().manual_seed(7), score_tokens=S)
-    slow = naive_dense(z1, z2, f1, f2, 0.2, negatives, M, beta, N, seed=7, score_tokens=S)
+                             generator=torch.Generator().manual_seed(7), score_tokens=S, xv_exclude=K)
+    slow = naive_dense(z1, z2, f1, f2, 0.2, negatives, M, beta, N, seed=7, score_tokens=S, xv_exclude=K)
     assert torch.allclose(fast, slow, atol=1e-12), (fast.item(), slow.item())
     for a, b in zip(grads(fast, (z1, z2)), grads(slow, (z1, z2))):
         assert torch.allclose(a, b, atol=1e-10)
@@ -206,21 +212,22 @@ def test_all_equals_random_with_single_token_views():
 
 
 def test_guided_picks_the_hardest_set():
-    """With two candidate sets, one made of tokens identical to the anchors' direction, guided must pick it:
-    its loss then equals the loss computed with that set given as the only candidate."""
-    B, T, D = 3, 4, 4
-    z1, z2, f1, f2 = inputs(B, T, D, D, seed=5)
-    g = torch.Generator().manual_seed(11)
-    r = torch.randint(T, (2, 2, B), generator=g)
-    scores = []
-    zn = torch.nn.functional.normalize(torch.stack([z1, z2]).detach(), dim=-1)
-    for m in range(2):
-        s = [float(sum(zn[a, i].mean(0) @ zn[a2, i2, r[m, a2, i2]] for a2 in range(2) for i2 in range(B) if i2 != i))
-             for a in range(2) for i in range(B)]
-        scores.append(s)
-    loss2 = losses.dense_loss(z1, z2, f1, f2, tau=0.2, negatives="guided", M=2, generator=torch.Generator().manual_seed(11))
-    assert torch.allclose(loss2, naive_dense(z1, z2, f1, f2, 0.2, "guided", M=2, seed=11), atol=1e-12)
-    assert any(a != b for a, b in zip(scores[0], scores[1]))  # the choice is not trivial
+    """Anchors: tokens e0, e0, e1 in every view. Candidate sets (set m takes token m of every other view): m=0 points
+    along the anchors' mean direction (2, 1), m=1 along (1, 1), m=2 is orthogonal to all anchors. Unthresholded, set 0
+    has the highest mean cosine (0.745 against 0.707) and wins; with beta = 0.5 its cosine 0.447 with the e1 anchor
+    counts as -1 and set 1, above the threshold for every anchor, wins. The orthogonal set never does."""
+    B, D = 3, 4
+    e = torch.eye(D)
+    anchors = torch.stack([e[0], e[0], e[1]]).expand(2, B, 3, D)  # [2, B, T=3, D]
+    members = torch.stack([unit(2 * e[0] + e[1]), unit(e[0] + e[1]), e[2]])  # token m of every view
+    z_all = members.expand(2 * B, 3, D)
+    sets = torch.arange(3)[:, None].expand(3, 2 * B)  # [M=3, 2B]
+    img = torch.arange(B)
+    own = torch.stack([img, B + img], -1)[None].expand(2, B, 2)
+    for beta, winner in ((None, 0), (0.5, 1)):
+        for chunk in (None, 1):
+            best = losses._guided_choice(anchors, z_all, sets, own, beta, chunk)
+            assert torch.equal(best, torch.full((2, B), winner)), (beta, chunk)
 
 
 @pytest.mark.parametrize("kwargs,word", [
@@ -230,6 +237,8 @@ def test_guided_picks_the_hardest_set():
     (dict(negatives="random", beta=0.5), "beta"),
     (dict(negatives="densecl", N=4), "N"),
     (dict(negatives="random", generator=None), "generator"),
+    (dict(negatives="random", N=2, xv_exclude=2), "N"),  # N > T-1-xv_exclude
+    (dict(negatives="random", N=0, xv_exclude=1), "xv_exclude"),
 ])
 def test_dense_loss_bad_arguments(kwargs, word):
     z1, z2, f1, f2 = inputs(2, 4, 3, 3, seed=0)
@@ -257,6 +266,78 @@ def test_recon_loss():
         losses.recon_loss(x, y, "l3")
     with pytest.raises(ValueError, match="same shape"):
         losses.recon_loss(x, y[:1])
+
+
+def test_recon_loss_norm_pix():
+    """MAE's per-patch target normalisation against a loop over the 4x4 patches."""
+    x, y = torch.randn(2, 3, 8, 8) * 3 + 1, torch.randn(2, 3, 8, 8)
+    target = x.clone()
+    for n in range(2):
+        for i in range(0, 8, 4):
+            for j in range(0, 8, 4):
+                patch = x[n, :, i:i + 4, j:j + 4]
+                target[n, :, i:i + 4, j:j + 4] = (patch - patch.mean()) / (patch.var(unbiased=False) + 1e-6).sqrt()
+    assert torch.allclose(losses.recon_loss(x, y, norm_pix=4), ((target - y) ** 2).mean(), atol=1e-12)
+    assert torch.allclose(losses.recon_loss(x, y, "l1", norm_pix=4), (target - y).abs().mean(), atol=1e-12)
+    with pytest.raises(ValueError, match="norm_pix"):
+        losses.recon_loss(x, y, norm_pix=3)
+
+
+def test_match_is_exact_under_bf16_autocast():
+    """Near-tied features (a shared base plus noise of 0.1): the cosines differ by ~1e-3, below bf16's step near 1
+    (~0.004), so a bf16 table ties most anchors; match must still return the float64 argmax."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 1, 64, generator=g)
+    f1 = (base + 0.1 * torch.randn(4, 49, 64, generator=g)).float()
+    f2 = (base + 0.1 * torch.randn(4, 49, 64, generator=g)).float()
+    want = naive_match(f1.double(), f2.double())
+    assert torch.equal(losses.match(f1, f2), want)  # float32 resolves these cosines
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(losses.match(f1, f2), want)
+        ties = torch.bmm(torch.nn.functional.normalize(f1, dim=-1), torch.nn.functional.normalize(f2, dim=-1).mT)
+    assert ties.dtype == torch.bfloat16 and (ties.argmax(-1) != want).float().mean() > 0.2  # what bf16 would do
+
+
+def test_guided_choice_is_exact_under_bf16_autocast():
+    """The unthresholded set score runs in float32 under a bf16 autocast: with near-tied sets (members a shared base
+    plus noise of 1e-2) the choice equals the float64 one."""
+    g = torch.Generator().manual_seed(1)
+    B, T, D, M = 4, 6, 32, 64
+    base = torch.randn(D, generator=g)
+    z = torch.nn.functional.normalize(base + 1e-2 * torch.randn(2, B, T, D, generator=g), dim=-1)
+    sets = torch.randint(T, (M, 2 * B), generator=g)
+    img = torch.arange(B)
+    own = torch.stack([img, B + img], -1)[None].expand(2, B, 2)
+    want = losses._guided_choice(z, z.reshape(2 * B, T, D), sets, own, None)  # float64
+    zf = z.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(losses._guided_choice(zf, zf.reshape(2 * B, T, D), sets, own, None), want)
+
+
+@pytest.mark.parametrize("negatives,M,beta,N", [("all", 1, None, 2), ("guided", 9, 0.2, 0), ("guided", 3, 0.1, 1)])
+def test_chunks_equal_one_pass(negatives, M, beta, N):
+    """The chunked paths ('all' logsumexp and the thresholded set score; both layouts, M >= T and M < T) with one
+    anchor view a chunk give the values and gradients of the unchunked computation."""
+    z1, z2, f1, f2 = inputs(3, 5, 4, 4, seed=9)
+    out = []
+    for chunk in (None, 1, 2):
+        loss = losses.dense_loss(z1, z2, f1, f2, tau=0.2, negatives=negatives, M=M, beta=beta, N=N,
+                                 generator=torch.Generator().manual_seed(2), chunk=chunk)
+        out.append((loss, grads(loss, (z1, z2))))
+    for loss, (g1, g2) in out[1:]:
+        assert torch.allclose(loss, out[0][0], atol=1e-13)
+        assert torch.allclose(g1, out[0][1][0], atol=1e-12) and torch.allclose(g2, out[0][1][1], atol=1e-12)
+
+
+def test_dense_draws_replay_the_generator():
+    """dense_draws made ahead (pretrain.py's compiled step) give the loss of the generator passed in directly."""
+    z1, z2, f1, f2 = inputs(3, 6, 4, 4, seed=3)
+    kw = dict(negatives="guided", M=5, beta=0.3, N=2, score_tokens=3)
+    draws = losses.dense_draws(torch.Generator().manual_seed(4), B=3, T=6, **kw)
+    assert set(draws) == {"sets", "score_keys", "xv_keys"}
+    a = losses.dense_loss(z1, z2, f1, f2, tau=0.2, draws=draws, **kw)
+    b = losses.dense_loss(z1, z2, f1, f2, tau=0.2, generator=torch.Generator().manual_seed(4), **kw)
+    assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

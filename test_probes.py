@@ -294,3 +294,71 @@ def test_voc_errors(tmp_path, capsys):
     assert "masks of" in err and "1 of 2 files missing" in err and "b.png" in err
     Image.new("P", (16, 20)).save(root / "SegmentationClass" / "b.png")  # transposed
     assert "b.jpg is 20x16 px but" in error_of(probe_segment.main, argv, capsys)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# backbones from plain state dicts (timm / DINO layout) and the other way round
+
+def save_demo_backbone(tmp_path):
+    """A seeded vit_demo (width 128, 4 heads) saved as our checkpoint and as a plain state dict."""
+    torch.manual_seed(3)
+    backbone = vit.create_vit("vit_demo")
+    torch.save({"model": backbone.state_dict(), "vit_config": backbone.config, "args": {"agg": "gap", "img_size": 64}},
+               tmp_path / "ckpt.pt")
+    torch.save(backbone.state_dict(), tmp_path / "plain.pt")
+    return backbone
+
+
+def test_plain_state_dict_gives_the_numbers_of_its_checkpoint(demo_dir, tmp_path, monkeypatch):
+    """Width 128 is vit_demo's (4 heads), not 128/64 = 2 heads: both probes give the checkpoint's numbers."""
+    monkeypatch.chdir(demo_dir)
+    save_demo_backbone(tmp_path)
+    results = {}
+    for name in ("ckpt", "plain"):
+        common = [str(tmp_path / f"{name}.pt"), "--epochs", "2", "--workers", "0", "--img-size", "64"]
+        assert probe_multilabel.main(common + ["--agg", "gap", "--cache", str(tmp_path / f"c_{name}"),
+                                               "--out", str(tmp_path / f"ml_{name}.json")]) == 0
+        assert probe_segment.main(common[:-1] + ["128", "--out", str(tmp_path / f"seg_{name}.json")]) == 0
+        results[name] = [json.loads((tmp_path / f"{k}_{name}.json").read_text()) for k in ("ml", "seg")]
+    for k in ("mAP", "CF1", "OF1"):
+        assert results["plain"][0][k] == results["ckpt"][0][k], k
+    assert results["plain"][1]["mIoU"] == results["ckpt"][1]["mIoU"]
+
+
+def test_head_count_of_a_plain_state_dict(tmp_path, monkeypatch):
+    backbone = save_demo_backbone(tmp_path)
+    model, _ = vit.load_backbone(str(tmp_path / "plain.pt"))
+    assert model.num_heads == 4
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(x), backbone.eval().forward_features(x))
+    monkeypatch.setitem(vit.CONFIGS, "vit_demo_2h", dict(vit.CONFIGS["vit_demo"], num_heads=2))  # width now ambiguous
+    with pytest.raises(ValueError, match="pass --model"):
+        vit.load_backbone(str(tmp_path / "plain.pt"))
+    assert vit.load_backbone(str(tmp_path / "plain.pt"), name="vit_demo")[0].num_heads == 4  # --model honoured
+    assert vit.load_backbone(str(tmp_path / "plain.pt"), name="vit_demo_2h")[0].num_heads == 2
+    with pytest.raises(ValueError, match="width 32"):
+        vit.load_backbone(str(tmp_path / "plain.pt"), name="vit_test")
+    with pytest.raises(ValueError, match="heads"):  # our checkpoint carries its config: a contradicting --model
+        vit.load_backbone(str(tmp_path / "ckpt.pt"), name="vit_demo_2h")
+    torch.save(vit.create_vit("vit_demo", embed_dim=96, num_heads=3).state_dict(), tmp_path / "w96.pt")
+    with pytest.raises(ValueError, match="width 96.*pass --model"):
+        vit.load_backbone(str(tmp_path / "w96.pt"))
+    torch.save(vit.create_vit("vit_demo", embed_dim=192, num_heads=3).state_dict(), tmp_path / "tiny.pt")
+    assert vit.load_backbone(str(tmp_path / "tiny.pt"))[0].num_heads == 3  # timm's ViT-Ti width: 64 channels a head
+
+
+def test_timm_loads_our_checkpoint_as_documented(tmp_path):
+    """The README's call: timm.create_model('vit_small_patch16_224', num_classes=0, checkpoint_path=ckpt) takes our
+    pretraining checkpoint as it is ('model' holds the backbone in timm's layout) and gives our features."""
+    timm = pytest.importorskip("timm", reason="timm is not installed (an optional peer, not a requirement)")
+    torch.manual_seed(0)
+    ours = vit.vit_small().eval()
+    state = {"model": ours.state_dict(), "vit_config": ours.config, "heads": {}, "optimizer": {}, "step": 1,
+             "epoch": 0, "args": {"model": "vit_small", "montage_r": [2, 7]}, "skipped": [],
+             "rng": {"torch": torch.get_rng_state()}}
+    torch.save(state, tmp_path / "ckpt.pt")
+    theirs = timm.create_model("vit_small_patch16_224", num_classes=0, checkpoint_path=str(tmp_path / "ckpt.pt"))
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(theirs.eval().forward_features(x), ours.forward_features(x), atol=1e-5)

@@ -188,7 +188,13 @@ def vit_flops(config, img_size=None):
 # Loading a backbone from a file: our pretraining checkpoint, a plain timm-layout state dict (timm, DINO), or a
 # DINO-style training checkpoint ('teacher'/'student' with 'module.backbone.' prefixes). Shared by both probes.
 
-def _config_from_state_dict(sd):
+TIMM_WIDTHS = {192: 3, 384: 6, 768: 12, 1024: 16}  # timm's ViT-Ti/S/B/L: 64 channels a head
+
+
+def _config_from_state_dict(sd, name=None):
+    """The ViT config of a plain state dict. The head count is not in the shapes: it comes from CONFIGS[name] when a
+    name is given (--model), else from the one CONFIGS entry of that width, else from timm's standard widths;
+    any other width is refused (a wrong head count would load without an error and compute something else)."""
     try:
         D = sd["cls_token"].shape[-1]
         p = sd["patch_embed.proj.weight"].shape[-1]
@@ -199,9 +205,18 @@ def _config_from_state_dict(sd):
         raise ValueError(f"not a ViT state dict in the timm key layout (missing {e}); keys start with "
                          f"{sorted(sd)[:5]}") from None
     grid = int(math.isqrt(T))
-    # the head count is not visible in the shapes: timm's ViTs use 64 channels a head
-    return dict(img_size=grid * p, patch_size=p, embed_dim=D, depth=depth, num_heads=max(1, D // 64),
-                mlp_ratio=hidden / D)
+    heads = {c["num_heads"] for c in CONFIGS.values() if c["embed_dim"] == D}
+    if name is not None:
+        if CONFIGS[name]["embed_dim"] != D:
+            raise ValueError(f"--model {name} has width {CONFIGS[name]['embed_dim']}, the state dict's is {D}")
+        heads = {CONFIGS[name]["num_heads"]}
+    elif not heads and D in TIMM_WIDTHS:
+        heads = {TIMM_WIDTHS[D]}
+    if len(heads) != 1:
+        raise ValueError(f"a plain state dict of width {D}: its head count is not stored and this width is "
+                         f"{'shared by configs with different head counts' if heads else 'not a known one'}; pass "
+                         f"--model with the config it was trained with (one of {sorted(CONFIGS)})")
+    return dict(img_size=grid * p, patch_size=p, embed_dim=D, depth=depth, num_heads=heads.pop(), mlp_ratio=hidden / D)
 
 
 def non_finite_keys(state_dict):
@@ -210,8 +225,9 @@ def non_finite_keys(state_dict):
             if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
 
 
-def load_backbone(path, device="cpu"):
+def load_backbone(path, device="cpu", name=None):
     """Load a ViT backbone from `path`; returns (model in eval mode, args dict of the pretraining run or {}).
+    name: the CONFIGS entry of a plain state dict (its head count; see _config_from_state_dict).
     Refuses, with a message naming the file: a missing file, a pickle that is not a plain tensor checkpoint
     (weights_only=True executes nothing), NaN/Inf weights, and a state dict of another architecture (lists the keys)."""
     if not os.path.isfile(path):
@@ -241,7 +257,13 @@ def load_backbone(path, device="cpu"):
     bad = non_finite_keys(clean)
     if bad:
         raise ValueError(f"checkpoint {path}: non-finite values (NaN/Inf) in {len(bad)} tensors, e.g. {bad[:3]}")
-    model = VisionTransformer(**(config or _config_from_state_dict(clean)))
+    if config and name and CONFIGS[name]["num_heads"] != config["num_heads"]:
+        raise ValueError(f"checkpoint {path}: --model {name} has {CONFIGS[name]['num_heads']} heads, the checkpoint's "
+                         f"config {config['num_heads']}")
+    try:
+        model = VisionTransformer(**(config or _config_from_state_dict(clean, name)))
+    except ValueError as e:
+        raise ValueError(f"checkpoint {path}: {e}") from None
     want = model.state_dict()
     missing = sorted(set(want) - set(clean))
     unexpected = sorted(set(clean) - set(want))
@@ -269,7 +291,8 @@ def add_probe_args(parser):
     parser.add_argument("--random-init", action="store_true",
                         help="evaluate a randomly initialised ViT instead of CKPT")
     parser.add_argument("--model", default=None, choices=sorted(CONFIGS),
-                        help="config of --random-init (default vit_demo on the demo set, else vit_small)")
+                        help="config of --random-init (default vit_demo on the demo set, else vit_small), or of a plain "
+                        "state dict whose width does not tell its head count")
     parser.add_argument("--seed", type=int, default=0, help="seed of --random-init, of the head and (segmentation) "
                         "of the augmentations")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-decoding processes")
@@ -286,9 +309,7 @@ def probe_backbone(ckpt, random_init, name, seed, device):
     if not random_init and not ckpt:
         raise ValueError("no backbone: give CKPT (a checkpoint file) or --random-init")
     if not random_init:
-        if name:
-            raise ValueError(f"--model {name} only applies with --random-init (a checkpoint carries its own config)")
-        return load_backbone(ckpt, device)
+        return load_backbone(ckpt, device, name)
     torch.manual_seed(seed)
     return create_vit(name).to(device).eval(), {}
 
