@@ -15,13 +15,11 @@ Speed of pretraining, in one table (medians over timed steps after warm-up; CUDA
     python bench.py --out bench.json         # also write the rows as JSON (rewritten after every row)
 """
 import argparse
-import contextlib
 import datetime
 import gc
 import itertools
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import statistics
@@ -30,44 +28,47 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
-from PIL import Image
 from torchvision.transforms import v2
 
 import data
+import demo
 import methods
 import pretrain
+import pretrainer
+import rundir
 import vit
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 allow_abbrev=False)
-add = parser.add_argument
-add("--quick", action="store_true", help="vit_demo at 64 px, batch 16, 3 timed steps, 64 JPEGs: a CPU smoke run")
-add("--gpu-check", action="store_true", help="the prepared GPU check: SimCLR, DenseCL++* exact and scored on 16 tokens, "
-    "ours vs timm, e2e from JPEGs with every core, a pretrain.py run and a profile of SimCLR and DenseCL++* on 16 "
-    "tokens; "
-    "no data part")
-add("--model", default=None, help="backbone config of vit.py (default vit_small; --quick: vit_demo)")
-add("--img-size", type=int, default=None, help="view size (default 224; --quick: 64)")
-add("--batch-size", type=int, default=None, help="images per step, two views each (default 256; --quick: 16)")
-add("--steps", type=int, default=None, help="timed steps per row (default 20; --quick: 3)")
-add("--warmup", type=int, default=None, help="untimed steps first, compilation included (default 5; --quick: 1)")
-add("--workers", type=int, default=os.cpu_count(), help="DataLoader workers of the data and e2e parts")
-add("--jpeg-dir", default=None, help="folder for the synthetic JPEGs, kept and reused (default: a temp dir)")
-add("--n-jpegs", type=int, default=None, help="synthetic COCO-sized JPEGs (default 512; --quick: 64)")
-add("--crop", type=int, default=224, help="view size of the data part: the pretraining size, also with --quick "
-    "(the data rows measure CPU work)")
-add("--threads", type=int, default=None, help="torch threads of the main process (default: torch's; --quick on CPU: 1, "
-    "as 2+ OpenMP threads next to loader workers or another busy process on a small CPU slow down up to 30x)")
-add("--skip", default="", help="comma-separated parts to leave out: train, vit, data, e2e, run, prof (e2e and prof "
-    "run inside train)")
-add("--run-steps", type=int, default=None, help="steps of the pretrain.py run (default 48, --quick: 4; 0 = no run)")
-add("--profile", default=None, help="comma-separated train rows to profile (default: none; --gpu-check: SimCLR and "
-    "DenseCL++* scored on 16 tokens)")
-add("--out", default=None, help="also write the rows to this JSON file")
 
-OBJECTIVES = {  # row name -> pretrain.py flags (beta < -1 turns thresholding off in pretrain)
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    add = parser.add_argument
+    add("--quick", action="store_true", help="vit_demo at 64 px, batch 16, 3 timed steps, 64 JPEGs: a CPU smoke run")
+    add("--gpu-check", action="store_true", help="the prepared GPU check: SimCLR, DenseCL++* exact and scored on 16 "
+        "tokens, ours vs timm, e2e from JPEGs with every core, a pretrain.py run, profiles; no data part")
+    add("--model", default=None, help="backbone config of vit.py (default vit_small; --quick: vit_demo)")
+    add("--img-size", type=int, default=None, help="view size (default 224; --quick: 64)")
+    add("--batch-size", type=int, default=None, help="images per step, two views each (default 256; --quick: 16)")
+    add("--steps", type=int, default=None, help="timed steps per row (default 20; --quick: 3)")
+    add("--warmup", type=int, default=None, help="untimed steps first, compilation included (default 5; --quick: 1)")
+    add("--workers", type=int, default=os.cpu_count(), help="DataLoader workers of the data and e2e parts")
+    add("--jpeg-dir", default=None, help="folder for the synthetic JPEGs, kept and reused (default: a temp dir)")
+    add("--n-jpegs", type=int, default=None, help="synthetic COCO-sized JPEGs (default 512; --quick: 64)")
+    add("--crop", type=int, default=224, help="view size of the data part: the pretraining size, also with --quick "
+        "(the data rows measure CPU work)")
+    add("--threads", type=int, default=None, help="torch threads of the main process (default: torch's; --quick on "
+        "CPU: 1, as 2+ OpenMP threads next to loader workers or another busy process on a small CPU slow down 30x)")
+    add("--skip", default="", help="comma-separated parts to leave out: train, vit, data, e2e, run, prof (e2e and prof "
+        "run inside train)")
+    add("--run-steps", type=int, default=None, help="steps of the pretrain.py run (default 48, --quick: 4; 0 = no run)")
+    add("--profile", default=None, help="comma-separated train rows to profile (default: none; --gpu-check: SimCLR and "
+        "DenseCL++* scored on 16 tokens)")
+    add("--out", default=None, help="also write the rows to this JSON file")
+    return parser
+
+
+OBJECTIVES = {  # row name -> pretrain.py flags (beta < -1 turns thresholding off)
     "SimCLR": ["--lam", "0"],
     "DenseCL": ["--neg", "densecl", "--N", "0"],
     "DenseCL++ random": ["--neg", "random", "--N", "0"],
@@ -82,10 +83,8 @@ OBJECTIVES = {  # row name -> pretrain.py flags (beta < -1 turns thresholding of
                            "--decoder", "conv"],
 }
 E2E = ("SimCLR", "DenseCL++* (+N=64)")
-OBJECTIVES[CONV_ROW := "SimCLR, Conv2d patch embedding"] = OBJECTIVES["SimCLR"]  # before/after of vit.PatchEmbed
 GPU_CHECK = ("SimCLR", "DenseCL++* (+N=64)", "DenseCL++* scored on 16 tokens")  # the rows of --gpu-check
 GPU_E2E = ("SimCLR", "DenseCL++* scored on 16 tokens")
-RUN_FLAGS = OBJECTIVES["DenseCL++* scored on 16 tokens"]  # the pretrain.py run: the graph of that row (compile cache)
 MEAN, STD = data.IMAGENET_MEAN, data.IMAGENET_STD
 
 
@@ -123,30 +122,18 @@ def free(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-@contextlib.contextmanager
-def conv_patch_embed(on):
-    """vit.PatchEmbed as the Conv2d it replaces (same weights), for the before/after row of that change."""
-    matmul = vit.PatchEmbed.forward
-    if on:
-        vit.PatchEmbed.forward = lambda self, x: self.proj(x).flatten(2).transpose(1, 2)
-    try:
-        yield
-    finally:
-        vit.PatchEmbed.forward = matmul
-
-
 def train_step(pargs, device):
-    """pretrain.py's model, optimiser and step (pretrain.compiled_parts: bf16 autocast, torch.compile on CUDA);
-    returns (model, step(x), photometric)."""
+    """pretrain.py's model, optimiser and step (pretrain.compiled_parts and pretrain.train_step: bf16 autocast and
+    torch.compile on CUDA); returns (model, step(x), photometric)."""
     cuda = device.type == "cuda"
     torch.manual_seed(0)
-    model = pretrain.Pretrainer(pargs).to(device)
+    model = pretrainer.Pretrainer(pargs).to(device)
     opt = torch.optim.AdamW(pretrain.param_groups(model, pargs.wd), lr=pargs.lr, betas=(0.9, 0.95), fused=cuda or None)
-    loss_fn, photometric = pretrain.compiled_parts(model, pargs, torch.bfloat16 if cuda else None, cuda)
+    fwd, photometric = pretrain.compiled_parts(model, cuda)
     counter = itertools.count()
 
     def step(x):
-        pretrain.train_step(loss_fn, opt, x, pargs, next(counter))
+        pretrain.train_step(model, fwd, opt, x, pargs, next(counter), torch.bfloat16 if cuda else None)
     return model, step, photometric
 
 
@@ -172,7 +159,7 @@ def bench_train(cfg, device, files, rows, save):
     """Part 1, and parts e2e and prof for their configs (reusing the compiled step)."""
     cuda, B, S = device.type == "cuda", cfg.batch_size, cfg.img_size
     T = (S // vit.CONFIGS[cfg.model]["patch_size"]) ** 2
-    peak, simclr_time = pretrain.peak_flops(device), None  # SimCLR runs first: the reference of the ratios
+    peak, simclr_time = rundir.peak_flops(device), None  # SimCLR runs first: the reference of the ratios
     for objective in cfg.objectives:
         flags, name = objective_flags(objective, T)
         pargs = pretrain.resolve_args(["--data", "unused"] + size_flags(cfg) + flags)
@@ -182,8 +169,7 @@ def bench_train(cfg, device, files, rows, save):
             free(device)
             model, step, photometric = train_step(pargs, device)
             x = torch.randn(2 * B, 3, S, S, device=device)
-            with conv_patch_embed(objective == CONV_ROW):
-                t = median_time(lambda: step(x), device, cfg.warmup, cfg.steps)
+            t = median_time(lambda: step(x), device, cfg.warmup, cfg.steps)
             simclr_time = t if objective == "SimCLR" else simclr_time
             flops = 3 * vit.vit_flops(model.backbone.config, S) * 2 * B
             row.update(img_s=B / t, views_s=2 * B / t, step_ms=1e3 * t, mfu=100 * flops / t / peak if peak else None,
@@ -217,7 +203,7 @@ def bench_train(cfg, device, files, rows, save):
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             methods.heat_maps(backbone, x, "cls_attn")
     t = median_time(localise_batch, device, cfg.warmup, cfg.steps)
-    every = pretrain.parser.get_default("ccrop_every")
+    every = pretrain.get_args_parser().get_default("ccrop_every")
     rows.append({"part": "train", "name": f"ContrastiveCrop (pass every {every} ep)", "objective": "ccrop",
                  "img_s": B / t, "ratio": 1 + (t / B) / (simclr_time / B) / every if simclr_time else None})
     free(device)
@@ -225,7 +211,7 @@ def bench_train(cfg, device, files, rows, save):
 
 def bench_e2e(cfg, device, files, name, step, photometric, x, rows):
     """Part e2e: steps/s (wall clock, data waits included) fed by the JPEG loader as in pretrain.py (workers, pinned
-    memory, pretrain.device_batches, the compiled photometric ops on the device) against the same steps on the batch x
+    memory, data.device_batches, the compiled photometric ops on the device) against the same steps on the batch x
     already there. The loader is first run for one batch per worker (start-up, and the photometric compilation), then
     timed over 3x the steps of the other parts."""
     B, cuda = cfg.batch_size, device.type == "cuda"
@@ -236,7 +222,7 @@ def bench_e2e(cfg, device, files, name, step, photometric, x, rows):
         prefetch_factor=4 if cfg.workers else None)
 
     def batches():
-        for views, _ in pretrain.device_batches(loader, device, photometric):
+        for views, _ in data.device_batches(loader, device, photometric):
             yield views
 
     def steps_per_s(feed, k):
@@ -307,7 +293,7 @@ def bench_vit(cfg, device, rows):
             times[name] = median_time(step, device, cfg.warmup, cfg.steps)
         except torch.cuda.OutOfMemoryError:
             times[name] = None
-        del model, fwd, x, step
+        model = fwd = x = step = None
     for name, t in times.items():
         rows.append({"part": "vit", "name": f"{name} {cfg.model} fwd+bwd", "oom": t is None,
                      "img_s": 2 * cfg.batch_size / t if t else None,
@@ -315,37 +301,9 @@ def bench_vit(cfg, device, rows):
     free(device)
 
 
-def _make_jpeg(job):
-    path, seed, (W, H) = job
-    rng = np.random.default_rng(seed)
-    low = Image.fromarray((rng.random((6, 8, 3)) * 255).astype(np.uint8)).resize((W, H), Image.BICUBIC)
-    yy, xx = np.mgrid[0:H, 0:W]
-    a, period = rng.uniform(0, np.pi), rng.uniform(4, 24)
-    stripes = 30 * np.sin((xx * np.cos(a) + yy * np.sin(a)) * 2 * np.pi / period)
-    img = np.asarray(low, np.float32) + (stripes * (xx < rng.integers(W)))[..., None] + rng.normal(0, 8, (H, W, 3))
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path + ".tmp.jpg", quality=90)
-    os.replace(path + ".tmp.jpg", path)  # a killed run leaves no half-written JPEG to be reused
-
-
-def make_jpegs(folder, n, seed=0):
-    """n COCO-sized JPEGs (640x480, 480x640, 640x427, 427x640; q90): smooth colour fields, stripes, pixel noise.
-    Files already there are reused; the others are written by one process per core (~20 ms each)."""
-    os.makedirs(folder, exist_ok=True)
-    files = [os.path.join(folder, f"bench_{i:04d}.jpg") for i in range(n)]
-    sizes = [(640, 480), (480, 640), (640, 427), (427, 640)]
-    jobs = [(path, seed + i, sizes[i % 4]) for i, path in enumerate(files) if not os.path.exists(path)]
-    if len(jobs) > 64 and (os.cpu_count() or 1) > 1:
-        with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
-            pool.map(_make_jpeg, jobs, chunksize=16)
-    else:
-        for job in jobs:
-            _make_jpeg(job)
-    return files
-
-
 def bench_run(cfg, device, folder, rows):
     """Part run: pretrain.py in its own process, as a user starts it, on the JPEG folder for --run-steps steps
-    (the flags of RUN_FLAGS; on CUDA --compile on --dtype bf16), logging every third of the run; the row keeps the
+    (DenseCL++* on 16 tokens; on CUDA --compile on --dtype bf16), logging every third of the run; the row keeps the
     last log line (the first window includes start-up and compilation) and the whole output."""
     cuda = device.type == "cuda"
     out_dir = tempfile.mkdtemp(prefix="bench_run_")
@@ -377,8 +335,8 @@ def bench_run(cfg, device, folder, rows):
 
 
 class TorchvisionTwoViews(torch.utils.data.Dataset):
-    """The baseline: full PIL decode, then the SPEC 1.9 ops per image and view in the worker (PIL ops, then to tensor:
-    on a 2-core CPU ~1.5x faster than v2.ToImage first and tensor ops)."""
+    """The baseline: full PIL decode, then the augmentation of METHOD.md 10 per image and view in the worker (PIL ops,
+    then to tensor: on a 2-core CPU ~1.5x faster than v2.ToImage first and tensor ops)."""
 
     def __init__(self, files, S):
         self.files = files
@@ -478,8 +436,7 @@ def environment(device):
     env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
            "cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
     if device.type == "cuda":
-        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
-                   gpu_mem_gb=torch.cuda.get_device_properties(device).total_memory / 2**30)
+        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
     try:
         import timm
         env["timm"] = timm.__version__
@@ -488,38 +445,39 @@ def environment(device):
     return env
 
 
-def main(argv=None):
-    cfg = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    q = cfg.quick
+def presets(cfg, parser):
+    """Sizes (full: ViT-S at 224 px, batch 256; --quick: the demo ViT at 64 px, batch 16) and the parts and rows of
+    the full bench or of --gpu-check (fewer timed steps: it must fit in 6 minutes with compilation)."""
     for k, full, quick in (("model", "vit_small", "vit_demo"), ("img_size", 224, 64), ("batch_size", 256, 16),
                            ("steps", 20, 3), ("warmup", 5, 1), ("n_jpegs", 512, 64), ("run_steps", 48, 4)):
         if getattr(cfg, k) is None:
-            setattr(cfg, k, quick if q else full)
+            setattr(cfg, k, quick if cfg.quick else full)
     skip = set(cfg.skip.split(",")) - {""}
-    if cfg.gpu_check:  # fewer timed steps than the full bench: the check must fit in 6 minutes with compilation
+    if cfg.gpu_check:
         cfg.objectives, cfg.e2e, skip = GPU_CHECK, GPU_E2E, skip | {"data"}
-        cfg.steps, cfg.warmup = (3, 1) if q else (10, 3)
-        cfg.n_jpegs = max(cfg.n_jpegs, 64 if q else 4096)  # 16 steps an epoch for the pretrain.py run
-        profile = "" if cfg.profile is None else cfg.profile
-        cfg.profile = [o for o in (profile.split(",") if profile else ["SimCLR", "DenseCL++* scored on 16 tokens"])
-                       if o]
+        cfg.steps, cfg.warmup = (3, 1) if cfg.quick else (10, 3)
+        cfg.n_jpegs = max(cfg.n_jpegs, 64 if cfg.quick else 4096)  # 16 steps an epoch for the pretrain.py run
+        cfg.profile = "SimCLR,DenseCL++* scored on 16 tokens" if cfg.profile is None else cfg.profile
     else:
-        cfg.objectives, cfg.e2e = list(OBJECTIVES), E2E
-        cfg.profile = [o for o in (cfg.profile or "").split(",") if o]
-        skip |= {"run"}
-    if "prof" in skip:
-        cfg.profile = []
-    unknown = [o for o in cfg.profile if o not in OBJECTIVES]
-    if unknown:
-        parser.error(f"--profile: unknown rows {unknown}; expected names from {list(OBJECTIVES)}")
-    cfg.run_timeout = 300
+        cfg.objectives, cfg.e2e, skip = list(OBJECTIVES), E2E, skip | {"run"}
+    cfg.profile = [] if "prof" in skip else [o for o in (cfg.profile or "").split(",") if o]
+    if set(cfg.profile) - set(OBJECTIVES):
+        parser.error(f"--profile: unknown rows {sorted(set(cfg.profile) - set(OBJECTIVES))}; expected names from "
+                     f"{list(OBJECTIVES)}")
+    cfg.skip, cfg.run_timeout = sorted(skip), 300
+    return skip
+
+
+def main(argv=None):
+    parser = get_args_parser()
+    cfg = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    skip = presets(cfg, parser)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     threads = torch.get_num_threads()
-    if cfg.threads or (q and device.type == "cpu"):
+    if cfg.threads or (cfg.quick and device.type == "cpu"):
         torch.set_num_threads(cfg.threads or 1)
     if device.type == "cuda":  # as pretrain.train does
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:
         torch.set_flush_denormal(True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
@@ -528,14 +486,11 @@ def main(argv=None):
               f"median of {cfg.steps} steps after {cfg.warmup} | data: {cfg.n_jpegs} JPEGs, {cfg.crop} px crops, "
               f"{cfg.workers} workers | {torch.get_num_threads()} torch threads")
     if device.type == "cpu":
-        header += ("\nnote: CPU numbers say nothing about GPU speed (the data rows are CPU work on any machine); "
-                   f"load average {os.getloadavg()[0]:.1f} at the start: other processes on these {os.cpu_count()} "
-                   "cores skew the timings")
+        header += (f"\nnote: CPU numbers say nothing about GPU speed; load average {os.getloadavg()[0]:.1f} at the "
+                   f"start (other processes on these {os.cpu_count()} cores skew the timings)")
     print(header, flush=True)
-    cfg.t_start = time.perf_counter()
-    env = environment(device)
+    cfg.t_start, env, rows = time.perf_counter(), environment(device), []
     tmp = None if cfg.jpeg_dir else tempfile.mkdtemp(prefix="bench_jpegs_")
-    rows = []
 
     def save():  # after every row: a check cut short still leaves what it measured
         if cfg.out:
@@ -545,17 +500,14 @@ def main(argv=None):
             os.replace(cfg.out + ".tmp", cfg.out)
     try:
         folder = cfg.jpeg_dir or tmp
-        files = make_jpegs(folder, cfg.n_jpegs) if {"data", "e2e", "run"} - skip else []
-        if "train" not in skip:
-            bench_train(cfg, device, [] if "e2e" in skip else files, rows, save)
-        if "vit" not in skip:
-            bench_vit(cfg, device, rows)
-            save()
-        if "run" not in skip and cfg.run_steps:
-            bench_run(cfg, device, folder, rows)
-            save()
-        if "data" not in skip:
-            bench_data(cfg, device, files, rows)
+        files = demo.make_jpegs(folder, cfg.n_jpegs) if {"data", "e2e", "run"} - skip else []
+        for part, run in (("train", lambda: bench_train(cfg, device, [] if "e2e" in skip else files, rows, save)),
+                          ("vit", lambda: bench_vit(cfg, device, rows)),
+                          ("run", lambda: bench_run(cfg, device, folder, rows)),
+                          ("data", lambda: bench_data(cfg, device, files, rows))):
+            if part not in skip and (part != "run" or cfg.run_steps):
+                run()
+                save()
     finally:
         torch.set_num_threads(threads)
         torch.set_flush_denormal(False)

@@ -2,20 +2,18 @@
 Data for two-view contrastive pretraining, top to bottom:
 
     load_rgb / list_images           any image file -> RGB PIL image; a folder or a COCO json -> sorted file list
-    rrc_params / ccrop_params        RandomResizedCrop / ContrastiveCrop boxes (SPEC 1.9, 4), draws from a Generator
+    rrc_params / ccrop_params        RandomResizedCrop / ContrastiveCrop boxes (METHOD.md 10, 9), draws from a Generator
     TwoViews                         loader-worker side: decode + 2 geometric crops + flips + photometric parameters
     photometric                      training-device side: batched colour jitter, grayscale, blur, normalisation
-    two_view_batch / EpochSampler    collate and a deterministic, resumable, rank-aware sampler
-    make_demo                        the built-in synthetic dataset (COCO json + VOC layout), generated on first use
+    two_view_batch / device_batches  collate; the views on the training device (side-stream upload, photometric)
+    EpochSampler / RunSampler        deterministic, resumable, rank-aware samplers (one epoch / a span of steps)
 
 Randomness: every draw comes from a torch.Generator. A sample's generator is seeded from (seed, epoch, index) only, so
 the views do not depend on the number of workers, their order, the number of processes, or on resuming mid-epoch.
 """
-import io
 import json
 import math
 import os
-import shutil
 import warnings
 
 import numpy as np
@@ -72,6 +70,18 @@ def load_rgb(path, draft_size=None):
         return _to_rgb(im)
 
 
+def coco_image_root(json_path):
+    """The image folder of a COCO .json: <json folder>/../<split> (annotations/instances_train2017.json ->
+    train2017/), else <json folder>/../images/<split> (the demo layout); split = the last '_' part of the name."""
+    split = os.path.basename(json_path)[:-len('.json')].split('_')[-1]
+    parent = os.path.dirname(os.path.dirname(os.path.abspath(json_path)))
+    tried = [os.path.join(parent, split), os.path.join(parent, 'images', split)]
+    found = next((d for d in tried if os.path.isdir(d)), None)
+    if found is None:
+        raise FileNotFoundError(f"{json_path}: no image folder found at {' or '.join(tried)}; pass its image root")
+    return found
+
+
 def list_images(data, image_root=None):
     """Image paths from `data`:
     - a folder: every file below it (recursively) whose extension is in IMG_EXTS (any case), sorted;
@@ -93,13 +103,7 @@ def list_images(data, image_root=None):
         raise ValueError(f"data={data!r} is neither a folder nor a valid COCO .json ({e})") from None
     if not isinstance(coco, dict) or not isinstance(coco.get('images'), list):
         raise ValueError(f"data={data!r}: a COCO json needs an 'images' list of {{'file_name': ...}} entries")
-    if image_root is None:
-        split = os.path.basename(data)[:-len('.json')].split('_')[-1]
-        parent = os.path.dirname(os.path.dirname(os.path.abspath(data)))
-        tried = [os.path.join(parent, split), os.path.join(parent, 'images', split)]
-        image_root = next((d for d in tried if os.path.isdir(d)), None)
-        if image_root is None:
-            raise FileNotFoundError(f"data={data!r}: no image folder found at {' or '.join(tried)}; pass image_root")
+    image_root = image_root or coco_image_root(data)
     files = [os.path.join(image_root, im['file_name']) for im in coco['images']]
     if not files:
         raise ValueError(f"data={data!r}: the 'images' list is empty")
@@ -149,7 +153,7 @@ def _beta(alpha, g):
 
 
 def ccrop_params(H, W, box, scale, ratio, alpha, g):
-    """ContrastiveCrop box (top, left, h, w), SPEC 4 / the official code: h, w drawn as RRC (same fallback); then with
+    """ContrastiveCrop box (top, left, h, w), METHOD.md 9 / the official code: h, w drawn as RRC (same fallback); then with
     the normalised box (h0, w0, h1, w1)
         ch0 = clip(int(H*h0) - h//2, 0, H-h),  ch1 = clip(int(H*h1) - h//2, 0, H-h),  top = ch0 + floor((ch1-ch0)*b1)
         cw0 = clip(int(W*w0) - w//2, 0, W-w),  cw1 = clip(int(W*w1) - w//2, 0, W-w),  left = cw0 + floor((cw1-cw0)*b2)
@@ -172,7 +176,7 @@ PHOTO_KEYS = ('brightness', 'contrast', 'saturation', 'hue', 'gray', 'blur_sigma
 
 
 def draw_photo(g):
-    """Photometric parameters of one view (SPEC 1.9), always 8 draws from g. ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8:
+    """Photometric parameters of one view (METHOD.md 10), always 8 draws from g. ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8:
     brightness, contrast, saturation ~ U(0.6, 1.4), hue ~ U(-0.1, 0.1), or the identity (1, 1, 1, 0) when not applied;
     gray = 1 with p=0.2 else 0; blur_sigma ~ U(0.1, 2) with p=0.5 else 0 (= no blur)."""
     u = torch.rand(8, generator=g, dtype=torch.float64).tolist()
@@ -187,16 +191,16 @@ def draw_photo(g):
 class TwoViews(torch.utils.data.Dataset):
     """Decode + geometric crop in loader workers; returns uint8 views and the photometric parameters.
 
-    Sample i uses the generator seeded with ((seed*1_000_003 + epoch)*10_000_019 + i) mod 2**63 and draws per view, in
-    this order: crop box (rrc_params, or ccrop_params with boxes[index] when `boxes` is given), flip ~ Bernoulli(0.5),
-    photometric parameters (draw_photo). The boxes are drawn on the original size (read from the file header), then a
-    JPEG is decoded at the largest DCT reduction (1/2, 1/4, 1/8) that keeps both crops >= img_size pixels on each side
-    (PIL's draft; at full size through torchvision's decode_jpeg, which is faster), and each crop (its corners rounded
-    to the decoded grid) is resized to img_size x img_size with torch's antialiased bilinear interpolation on uint8.
-    `boxes` ([n_files, 4] normalised (h0, w0, h1, w1), SPEC 4) is read at __getitem__ time, so a tensor in shared memory
-    updated in place by the trainer is seen by running workers; pass boxes=None for plain RRC. With ccrop_warmup=W the
-    boxes are used from epoch W on and epochs < W use plain RRC (SPEC 4 warm-up; read from the shared epoch, so
-    persistent workers switch too).
+    Sample i of epoch e (key (e, i), as RunSampler yields them; a plain index i takes e from set_epoch) uses the
+    generator seeded with ((seed*1_000_003 + e)*10_000_019 + i) mod 2**63 and draws per view, in this order: crop box
+    (rrc_params, or ccrop_params with boxes[index] when `boxes` is given), flip ~ Bernoulli(0.5), photometric
+    parameters (draw_photo). The boxes are drawn on the original size (read from the file header), then a JPEG is
+    decoded at the largest DCT reduction (1/2, 1/4, 1/8) that keeps both crops >= img_size pixels on each side (PIL's
+    draft; at full size through torchvision's decode_jpeg, which is faster), and each crop (its corners rounded to the
+    decoded grid) is resized to img_size x img_size with torch's antialiased bilinear interpolation on uint8.
+    `boxes` ([n_files, 4] normalised (h0, w0, h1, w1), METHOD.md 9) is read at __getitem__ time, so a tensor in shared
+    memory updated in place by the trainer is seen by running workers; pass boxes=None for plain RRC. With
+    ccrop_warmup=W the boxes are used from epoch W on and epochs < W use plain RRC (METHOD.md 9 warm-up).
     A file that fails to load is skipped: files (i+1) % n, (i+2) % n, ... are tried with the same generator seed, the
     failed paths are returned in 'skipped', and RuntimeError is raised after MAX_TRIES failures in a row."""
 
@@ -333,7 +337,7 @@ def _where(mask, fn, x):
 
 
 def photometric(views_uint8, params, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Batched photometric augmentation on the training device (GPU in practice), SPEC 1.9.
+    """Batched photometric augmentation on the training device (GPU in practice), METHOD.md 10.
     views_uint8: [N, 3, S, S] uint8; params: [N, 6] float (stacked 'photo' tensors, layout PHOTO_KEYS). Returns
     [N, 3, S, S] float32. With x = views/255, in this fixed order (torchvision's ColorJitter permutes b, c, s, h per
     call; a fixed order keeps the op vectorised and the parameters meaningful), clamping to [0, 1] after each jitter op:
@@ -366,6 +370,39 @@ def photometric(views_uint8, params, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         m[:, c].fill_(mean[c])
         sd[:, c].fill_(std[c])
     return (x - m) / sd
+
+def device_views(batch, device, photometric=photometric):
+    """The [2B, 3, S, S] float input of a TwoViews batch (view 1 of every image, then view 2): the uint8 views are
+    copied to `device` and the photometric ops run there."""
+    return torch.cat([photometric(batch[f"view{i}"].to(device, non_blocking=True),
+                                  batch[f"photo{i}"].to(device, non_blocking=True)) for i in (1, 2)])
+
+
+def device_batches(loader, device, photometric=photometric):
+    """(device_views of each batch, its 'skipped' list) for the batches of `loader`. On CUDA the next batch's
+    host->device copy (pinned memory, ~77 MB at 224 px and batch 256) runs on a side stream while the current step
+    computes, instead of in front of it on the compute stream."""
+    if device.type != "cuda":
+        for batch in loader:
+            yield device_views(batch, device, photometric), batch["skipped"]
+        return
+    side, keys = torch.cuda.Stream(device), ("view1", "photo1", "view2", "photo2")
+
+    def upload(batch):
+        if batch is None:
+            return None
+        with torch.cuda.stream(side):
+            return {k: batch[k].to(device, non_blocking=True) for k in keys}, batch["skipped"]
+    batches = iter(loader)
+    pending = upload(next(batches, None))
+    while pending is not None:
+        compute = torch.cuda.current_stream(device)
+        compute.wait_stream(side)  # this batch's copy is done before the step reads it
+        on_device, batch_skipped = pending
+        for t in on_device.values():
+            t.record_stream(compute)  # its memory is not reused before the compute stream is done with it
+        pending = upload(next(batches, None))  # overlaps with the step below
+        yield device_views(on_device, device, photometric), batch_skipped
 
 # ----------------------------------------------------------------------------------------------------------------------
 # sampler
@@ -431,201 +468,3 @@ class RunSampler(EpochSampler):
 
     def __len__(self):
         return (self.stop - self.start) * (self.global_batch // self.world)
-
-# ----------------------------------------------------------------------------------------------------------------------
-# the built-in demo set
-
-DEMO_SIZE, DEMO_TRAIN, DEMO_VAL = 96, 400, 100
-DEMO_CATEGORIES = [  # (COCO id, name, shape, hue, texture); non-contiguous ids like COCO; all 3 traits differ
-    (1, 'red_disc', 'disc', 0.00, 'plain'),
-    (3, 'orange_square', 'square', 0.08, 'stripes'),
-    (7, 'yellow_triangle', 'triangle', 0.16, 'dots'),
-    (8, 'green_star', 'star', 0.33, 'checker'),
-    (13, 'cyan_ring', 'ring', 0.50, 'stripes'),
-    (18, 'blue_cross', 'cross', 0.62, 'plain'),
-    (22, 'purple_diamond', 'diamond', 0.75, 'dots'),
-    (25, 'pink_hexagon', 'hexagon', 0.88, 'checker'),
-]
-
-
-def _regular(n, a0=0.0, r=1.0):
-    """n polygon vertices (x, y) on the circle of radius r around 0, the first at angle a0."""
-    return [(r * math.cos(a0 + 2 * math.pi * k / n), r * math.sin(a0 + 2 * math.pi * k / n)) for k in range(n)]
-
-
-DEMO_OUTLINES = {  # polygon shapes: vertices (x, y) around 0 with radius <= 1; disc and ring are drawn from distances
-    'square': _regular(4, math.pi / 4),
-    'triangle': _regular(3, -math.pi / 2),
-    'star': [p for pair in zip(_regular(5, -math.pi / 2), _regular(5, -math.pi / 2 + math.pi / 5, 0.45)) for p in pair],
-    'cross': [(-.33, -1), (.33, -1), (.33, -.33), (1, -.33), (1, .33), (.33, .33), (.33, 1), (-.33, 1), (-.33, .33),
-              (-1, .33), (-1, -.33), (-.33, -.33)],
-    'diamond': [(0, -1), (.6, 0), (0, 1), (-.6, 0)],
-    'hexagon': _regular(6),
-}
-
-
-def _u(g, lo=0.0, hi=1.0):
-    """One U(lo, hi) draw from g."""
-    return lo + (hi - lo) * torch.rand((), generator=g, dtype=torch.float64).item()
-
-
-def _hsv(h, s, v):
-    """HSV in [0, 1] -> RGB array in [0, 255] (same channel formula as _shift_hue)."""
-    k = (np.array([5.0, 3.0, 1.0]) + 6 * (h % 1)) % 6
-    return 255 * (v - v * s * np.clip(np.minimum(k, 4 - k), 0, 1))
-
-
-def _demo_shape(shape, cx, cy, r, angle):
-    """Boolean [S, S] mask of a shape of radius r centred at (cx, cy), and its COCO polygon (None for disc and ring).
-    Polygons are rasterised by pycocotools itself, so a json polygon decodes to exactly the drawn pixels."""
-    from pycocotools import mask as mask_utils
-    S = DEMO_SIZE
-    if shape in ('disc', 'ring'):
-        yy, xx = np.mgrid[0:S, 0:S] + 0.5
-        d = np.hypot(xx - cx, yy - cy)
-        return (d <= r) & (d >= (0.55 * r if shape == 'ring' else 0)), None
-    c, s = math.cos(angle), math.sin(angle)
-    poly = [round(v, 2) for x, y in DEMO_OUTLINES[shape] for v in (cx + r * (c * x - s * y), cy + r * (s * x + c * y))]
-    return mask_utils.decode(mask_utils.frPyObjects([poly], S, S))[:, :, 0] > 0, poly
-
-
-def _demo_texture(texture, g):
-    """Brightness multiplier [S, S] of a texture (stripes, checker, dots, plain), random period 4-8 px and angle."""
-    S, p, phi = DEMO_SIZE, _u(g, 4, 8), _u(g, 0, math.pi)
-    yy, xx = np.mgrid[0:S, 0:S] + 0.5
-    u, v = xx * math.cos(phi) + yy * math.sin(phi), -xx * math.sin(phi) + yy * math.cos(phi)
-    if texture == 'stripes':
-        return np.where(np.floor(u / (p / 2)) % 2 == 0, 1.0, 0.5)
-    if texture == 'checker':
-        return np.where((np.floor(u / (p / 2)) + np.floor(v / (p / 2))) % 2 == 0, 1.0, 0.5)
-    if texture == 'dots':
-        return np.where((u % p - p / 2) ** 2 + (v % p - p / 2) ** 2 < (0.3 * p) ** 2, 0.4, 1.0)
-    return np.ones((S, S))
-
-
-def _demo_scene(g, n_objects, crowd):
-    """One image: a smooth random two-colour gradient + low-frequency colour noise + pixel noise, then n_objects objects
-    (radius 6-24 px, i.e. 12-48 px wide, random position/rotation, category colour with jitter and category texture)
-    painted in order, later on top. If crowd, the first object is a cluster of 3-5 small same-category objects (one
-    iscrowd=1 annotation). Objects left with < 30% of their area visible are not drawn. Returns uint8 [S, S, 3] and a
-    list of (category index, full mask, visible mask, polygon or None, iscrowd) in drawing order."""
-    S = DEMO_SIZE
-    yy, xx = np.mgrid[0:S, 0:S] + 0.5
-    c0, c1 = (_hsv(_u(g), _u(g, 0.1, 0.45), _u(g, 0.3, 0.9)) for _ in range(2))
-    a = _u(g, 0, 2 * math.pi)
-    t = np.clip(((xx - S / 2) * math.cos(a) + (yy - S / 2) * math.sin(a)) / S + 0.5, 0, 1)[..., None]
-    low = F.interpolate(torch.randn(1, 3, 4, 4, generator=g), size=(S, S), mode='bicubic', align_corners=False)
-    img = c0 * (1 - t) + c1 * t + 20 * low[0].permute(1, 2, 0).numpy() + 8 * torch.randn(S, S, 3, generator=g).numpy()
-    objects = []
-    for k in range(n_objects):
-        ci = int(torch.randint(len(DEMO_CATEGORIES), (1,), generator=g))
-        shape = DEMO_CATEGORIES[ci][2]
-        if crowd and k == 0:
-            cx, cy = _u(g, 20, S - 20), _u(g, 20, S - 20)
-            parts = [_demo_shape(shape, cx + _u(g, -14, 14), cy + _u(g, -14, 14), _u(g, 4, 7), _u(g, 0, 2 * math.pi))[0]
-                     for _ in range(int(torch.randint(3, 6, (1,), generator=g)))]
-            mask, poly = np.logical_or.reduce(parts), None
-        else:
-            r = _u(g, 6, 24)
-            mask, poly = _demo_shape(shape, _u(g, r, S - r), _u(g, r, S - r), r, _u(g, 0, 2 * math.pi))
-        objects.append([ci, mask, None, poly, int(crowd and k == 0)])
-    covered, kept = np.zeros((S, S), bool), []
-    for obj in reversed(objects):  # from the top: an object hidden by the ones drawn after it is dropped
-        obj[2] = obj[1] & ~covered
-        if obj[2].sum() >= 0.3 * obj[1].sum():
-            kept.insert(0, tuple(obj))
-            covered |= obj[1]
-    for ci, mask, _, _, _ in kept:
-        _, _, _, hue, texture = DEMO_CATEGORIES[ci]
-        colour = _hsv(hue + 0.02 * torch.randn((), generator=g).item(), _u(g, 0.7, 1.0), _u(g, 0.75, 1.0))
-        obj_img = colour * _demo_texture(texture, g)[..., None] + 6 * torch.randn(S, S, 3, generator=g).numpy()
-        img[mask] = obj_img[mask]
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8), kept
-
-
-def _voc_palette():
-    """The PASCAL VOC colour map: bit 3j+ch of the class index i -> bit 7-j of channel ch (1 -> (128, 0, 0), 255 ->
-    (224, 224, 192)). A flat list of 768 values for Image.putpalette."""
-    return [sum(((i >> (3 * j + ch)) & 1) << (7 - j) for j in range(8)) for i in range(256) for ch in range(3)]
-
-
-def make_demo(root='data/demo', seed=0):
-    """Generate the built-in demo set deterministically on first use (idempotent: if root/DONE exists return at once).
-    Written into a temp folder next to root, then os.replace'd into place: an interrupted generation leaves no half set.
-
-    root/images/{train,val}/<id:06d>.jpg        96x96 RGB JPEG q90; 400 train (ids 1-400) + 100 val (ids 401-500)
-    root/annotations/instances_{train,val}.json COCO instances: polygons for unoccluded polygon shapes, RLE (counts
-                                                as str) for discs, rings, occluded objects and iscrowd=1 clusters;
-                                                bbox/area of the visible mask; 8 categories, ids 1,3,7,8,13,18,22,25
-    root/voc/JPEGImages/<id>.jpg                the same images
-    root/voc/SegmentationClass/<id>.png         'P' PNG, VOC palette: 0 background, 1..8 = category in DEMO_CATEGORIES
-                                                order, 255 on the 2-px band where the instance id changes (like VOC)
-    root/voc/ImageSets/Segmentation/{train,val}.txt
-    Every 33rd image (k % 33 == 5) has no object; the others have 2-4 objects (see _demo_scene); the json masks are the
-    visible masks, so they agree with the PNGs. Random draws: torch.Generator seeded with `seed`."""
-    from pycocotools import mask as mask_utils  # only the demo needs pycocotools
-    root = os.fspath(root)
-    if os.path.exists(os.path.join(root, 'DONE')):
-        return root
-    if os.path.exists(root):
-        raise FileExistsError(f"make_demo: {root} exists but has no DONE file (not a finished demo set); delete it")
-    tmp = f"{root.rstrip('/')}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for d in ('images/train', 'images/val', 'annotations', 'voc/JPEGImages', 'voc/SegmentationClass',
-              'voc/ImageSets/Segmentation'):
-        os.makedirs(os.path.join(tmp, d))
-    g, S, palette = torch.Generator().manual_seed(seed), DEMO_SIZE, _voc_palette()
-    categories = [{'id': cid, 'name': name, 'supercategory': 'shape'} for cid, name, _, _, _ in DEMO_CATEGORIES]
-    ann_id = 1
-    for split, n, first_id in (('train', DEMO_TRAIN, 1), ('val', DEMO_VAL, DEMO_TRAIN + 1)):
-        images, annotations, stems = [], [], []
-        for k in range(n):
-            image_id, stem = first_id + k, f'{first_id + k:06d}'
-            n_objects = 0 if k % 33 == 5 else int(torch.randint(2, 5, (1,), generator=g))
-            img, objects = _demo_scene(g, n_objects, crowd=n_objects > 0 and _u(g) < 0.06)
-            inst, label = np.zeros((S, S), np.int64), np.zeros((S, S), np.uint8)
-            for idx, (ci, mask, _, _, _) in enumerate(objects, 1):
-                inst[mask], label[mask] = idx, ci + 1
-            for idx, (ci, mask, visible, poly, iscrowd) in enumerate(objects, 1):
-                if poly is not None and np.array_equal(mask, visible):
-                    segmentation, rle = [poly], mask_utils.merge(mask_utils.frPyObjects([poly], S, S))
-                else:
-                    rle = mask_utils.encode(np.asfortranarray(visible.astype(np.uint8)))
-                    segmentation = {'size': [S, S], 'counts': rle['counts'].decode('ascii')}
-                annotations.append({'id': ann_id, 'image_id': image_id, 'category_id': DEMO_CATEGORIES[ci][0],
-                                    'segmentation': segmentation, 'area': int(mask_utils.area(rle)),
-                                    'bbox': [float(v) for v in mask_utils.toBbox(rle)], 'iscrowd': iscrowd})
-                ann_id += 1
-            p = np.pad(inst, 1, mode='edge')  # VOC-style void band: pixels with a differently-labelled 3x3 neighbour
-            band = np.logical_or.reduce([p[dy:dy + S, dx:dx + S] != inst for dy in range(3) for dx in range(3)])
-            label[band] = 255
-            buf = io.BytesIO()
-            Image.fromarray(img).save(buf, 'JPEG', quality=90)
-            for path in (f'images/{split}/{stem}.jpg', f'voc/JPEGImages/{stem}.jpg'):
-                with open(os.path.join(tmp, path), 'wb') as f:
-                    f.write(buf.getvalue())
-            png = Image.fromarray(label)
-            png.putpalette(palette)
-            png.save(os.path.join(tmp, f'voc/SegmentationClass/{stem}.png'))
-            images.append({'id': image_id, 'file_name': f'{stem}.jpg', 'width': S, 'height': S})
-            stems.append(stem)
-        coco = {'info': {'description': f'data.py make_demo(seed={seed})'}, 'images': images,
-                'annotations': annotations, 'categories': categories}
-        with open(os.path.join(tmp, f'annotations/instances_{split}.json'), 'w') as f:
-            json.dump(coco, f)
-        with open(os.path.join(tmp, f'voc/ImageSets/Segmentation/{split}.txt'), 'w') as f:
-            f.write('\n'.join(stems) + '\n')
-    with open(os.path.join(tmp, 'README.txt'), 'w') as f:
-        names = ', '.join(c[1] for c in DEMO_CATEGORIES)
-        f.write(f"Synthetic scenes from data.py make_demo(seed={seed}), see its docstring: {DEMO_TRAIN} train + "
-                f"{DEMO_VAL} val {S}x{S} images of 0-4 objects of 8 categories ({names}).\n"
-                "images/ + annotations/instances_*.json: COCO format. voc/: the same images with VOC class PNGs.\n")
-    with open(os.path.join(tmp, 'DONE'), 'w') as f:
-        f.write('done\n')
-    try:
-        os.replace(tmp, root)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.exists(os.path.join(root, 'DONE')):
-            raise
-    return root

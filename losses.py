@@ -1,11 +1,12 @@
 """
 The contrastive objectives, as pure functions (tensors in, tensor out; no global config):
 
-    nt_xent      SimCLR NT-Xent over 2B global embeddings                      SPEC 3, 1.3
-    match        dense correspondence: argmax cosine token of the other view   SPEC 1.4
-    dense_loss   dense InfoNCE with every negative formulation                 SPEC 1.5, 1.6
-    recon_loss   auxiliary pixel reconstruction                                SPEC 1.7
-    montage_loss MCL montage cells vs global embeddings of the other view      SPEC 5
+    nt_xent      SimCLR NT-Xent over 2B global embeddings                      METHOD.md 5.1
+    match        dense correspondence: argmax cosine token of the other view   METHOD.md 3
+    dense_loss   dense InfoNCE with every negative formulation                 METHOD.md 4
+    recon_loss   auxiliary pixel reconstruction                                METHOD.md 7
+    montage_loss MCL montage cells vs global embeddings of the other view      METHOD.md 8
+    mcl_loss     MCL's levels and both directions of montage_loss             METHOD.md 8
 
 Views are laid out as [view 1 of images 0..B-1, view 2 of images 0..B-1]. Under torch.distributed the negatives come from
 every rank through a differentiable all-gather; global image g = rank * B + i, so the global layout is that of one
@@ -61,7 +62,7 @@ def _acc(dtype):
 
 
 def nt_xent(u1, u2, tau):
-    """SimCLR NT-Xent (SPEC 3). u1, u2: unnormalised projections [B, D] of the two views of B images.
+    """SimCLR NT-Xent (METHOD.md 5.1). u1, u2: unnormalised projections [B, D] of the two views of B images.
     With u = norm(.), for the 2B anchors k and positive p(k) (the other view of the same image):
         l_k = -log exp(u_k.u_p(k)/tau) / sum_{j != k} exp(u_k.u_j/tau),     L = mean_k l_k
     The sum runs over the 2·B_global - 1 other views of the globally gathered batch (the positive included).
@@ -87,7 +88,7 @@ def nt_xent(u1, u2, tau):
 
 @torch.no_grad()
 def match(f1, f2):
-    """Dense correspondence (SPEC 1.4): for each token t of view 1, j*(t) = argmax_j cos(f1_t, f2_j). [B, T] (int64).
+    """Dense correspondence (METHOD.md 3): for each token t of view 1, j*(t) = argmax_j cos(f1_t, f2_j). [B, T] (int64).
     The cosine table is computed in float32 (float64 stays float64) with autocast off: in bf16 (steps of ~0.004 near
     1) many anchors tie and argmax would break the ties towards the lowest token index. It is [B, T, T], tiny next to
     the backbone."""
@@ -102,7 +103,7 @@ def match(f1, f2):
 @torch.no_grad()
 def near_tokens(f1, f2, j, k):
     """The k tokens of view 2 most similar to each token t of view 1 by cos(f1_t, f2_j), not counting its match j[t]
-    (SPEC 1.6.4 xv_exclude): [B, T, k] (int64), most similar first. Same float32 table as match."""
+    (METHOD.md 4.6, xv_exclude): [B, T, k] (int64), most similar first. Same float32 table as match."""
     acc = _acc(f1.dtype)
     with torch.autocast(f1.device.type, enabled=False):
         cos = torch.bmm(F.normalize(f1.to(acc), dim=-1), F.normalize(f2.to(acc), dim=-1).transpose(1, 2))
@@ -161,7 +162,7 @@ def dense_draws(generator, *, B, T, negatives, M=1, beta=None, N=0, score_tokens
 
 
 def _guided_choice(z, z_all, r, own, beta, chunk=None):
-    """Guided set selection (SPEC 1.6.2-1.6.3), no gradient. z [2, B, T, D] normalised anchors, z_all [2Bg, T', D]
+    """Guided set selection (METHOD.md 4.4-4.5), no gradient. z [2, B, T, D] normalised anchors, z_all [2Bg, T', D]
     every normalised token of every view of the global batch, r [M, 2Bg] the candidate sets (set m takes token r[m, u]
     of view u: n_u^m = z_all[u, r[m, u]]), own [2, B, 2] the global columns of each anchor view's own image.
     Returns m* [2, B].
@@ -220,20 +221,20 @@ def _lse_all(z, z_all, own_img, tau, acc, chunk=None):
 
 def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator=None, score_tokens=None,
                xv_exclude=0, draws=None, chunk=None):
-    """Dense InfoNCE of SPEC 1.5, averaged over all 2B·T anchor tokens of both directions.
+    """Dense InfoNCE of METHOD.md 4.1, averaged over all 2B·T anchor tokens of both directions.
     z1, z2: unnormalised dense projections [B, T, Dz] (L2-normalised here); f1, f2: pairing features [B, T, Df].
     For anchor token t of view v (image i, partner view v', matched token j*(t) = match(f_v, f_v')[t]):
         p_t = z^v_t . z^v'_j*(t)
         l_{v,t} = -log e^{p_t/tau} / (e^{p_t/tau} + sum_{n in NegImg(v)} e^{z^v_t.n/tau} + sum_{k in NegXV(v,t)} e^{z^v_t.z^v'_k/tau})
     NegImg(v), over the views u of the other images of the (gathered) batch (2Bg-2 of them):
-        'densecl': norm(mean_t' Z^u_t')                         the pooled dense vector of each view   (SPEC 1.6.0)
-        'random' : z^u_{r_u},  r ~ U{0..T-1}^{2Bg}, shared by all anchors                              (SPEC 1.6.1)
+        'densecl': norm(mean_t' Z^u_t')                         the pooled dense vector of each view   (4.2)
+        'random' : z^u_{r_u},  r ~ U{0..T-1}^{2Bg}, shared by all anchors                              (4.3)
         'guided' : z^u_{r^m*(v)_u}, M index vectors r^m, m*(v) the highest-scoring set (see
-                   _guided_choice; beta thresholds inside the score)                                  (SPEC 1.6.2-1.6.3)
-        'all'    : every token of every such view                                                      (SPEC 1.6, exact)
+                   _guided_choice; beta thresholds inside the score)                                  (4.4-4.5)
+        'all'    : every token of every such view                                                      (4.7, exact)
     NegXV(v, t): N tokens of the partner view drawn uniformly without replacement from {0..T-1} minus {j*(t)} minus
     the xv_exclude tokens most similar to t after j*(t) by the pairing feature (near_tokens; fewer false negatives),
-    per anchor token; N = T-1-xv_exclude takes all of them deterministically (SPEC 1.6.4). Gradients flow through anchors, positives
+    per anchor token; N = T-1-xv_exclude takes all of them deterministically (4.6). Gradients flow through anchors, positives
     and negatives; the matching and the set selection are not differentiated.
     score_tokens=S (guided with beta only): the thresholded set score averages over S anchor tokens per view drawn
     uniformly without replacement instead of all T: T/S times less scoring work, the loss itself still uses every
@@ -311,7 +312,7 @@ def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator
 
 
 def recon_loss(x, x_hat, kind="l2", norm_pix=None):
-    """Auxiliary reconstruction (SPEC 1.7): mean over all elements of (x_hat - x)^2 ('l2') or |x_hat - x| ('l1').
+    """Auxiliary reconstruction (METHOD.md 7): mean over all elements of (x_hat - x)^2 ('l2') or |x_hat - x| ('l1').
     x is the augmented, normalised view fed to the network [N, C, H, W]; x_hat the decoder output of the same shape.
     norm_pix=p (MAE's target): the target is normalised per p x p patch, over its p*p*C values,
         x_patch <- (x_patch - mean) / sqrt(var + 1e-6)      (var: the biased variance, as MAE)
@@ -335,7 +336,7 @@ def recon_loss(x, x_hat, kind="l2", norm_pix=None):
 
 
 def montage_loss(cells, targets, labels, tau):
-    """MCL's montage loss for one level and one direction, ViT port (SPEC 5). cells: unnormalised projections [Nc, D]
+    """MCL's montage loss for one level and one direction, ViT port (METHOD.md 8). cells: unnormalised projections [Nc, D]
     of the montage cells; targets: unnormalised global projections [B, D] of this rank's images (the other view);
     labels [Nc] (int64): the global index rank*B + i of each cell's source image. With p = norm(cells),
     y = norm(targets) gathered over ranks (Bg rows, differentiable: the targets carry gradient, SimCLR style):
@@ -356,3 +357,24 @@ def montage_loss(cells, targets, labels, tau):
     p = F.normalize(cells.to(y.dtype), dim=-1)
     with torch.autocast(p.device.type, enabled=False):  # [Nc, Bg] logits in float32, as nt_xent
         return F.cross_entropy(p @ y.T / tau, labels)
+
+
+def mcl_loss(cells, u, labels, tau):
+    """MCL's multi-level montage loss (METHOD.md 8), both directions and all levels. For level r (in the order given)
+    cells[r]: unnormalised cell projections [2n*r*r, D], the cells of the view-1 canvases then of the view-2 canvases
+    (methods.build_montages); labels[r]: [2n, r*r] (int64) source image 0..B-1 of each cell on this rank;
+    u: global projections [2B, D] of this rank's views (view 1 of every image, then view 2). With w_r = 2^-(r+1)
+    normalised to sum 1 over the levels:
+        L = sum_r w_r * (montage_loss(view-1 cells, view-2 globals) + montage_loss(view-2 cells, view-1 globals)) / 2
+    each cell's positive being the other view of its source image (global index rank*B + label)."""
+    if len(cells) != len(labels) or not cells:
+        raise ValueError(f"mcl_loss: one labels tensor per level; got {len(cells)} levels of cells, {len(labels)} of "
+                         f"labels")
+    B, offset = u.shape[0] // 2, world()[0] * (u.shape[0] // 2)
+    w = [0.5 ** (i + 1) for i in range(len(cells))]
+    total = 0
+    for w_r, c, lab in zip(w, cells, labels):
+        lab, h = lab.reshape(-1) + offset, c.shape[0] // 2
+        both = montage_loss(c[:h], u[B:], lab[:h], tau) + montage_loss(c[h:], u[:B], lab[h:], tau)
+        total = total + w_r / sum(w) * both / 2
+    return total

@@ -1,8 +1,8 @@
 """
 The two optional pretraining methods on top of pretrain.py, as plain functions (their loss is losses.montage_loss):
 
-    ContrastiveCrop (--crop ccrop, SPEC 4)    ccrop_due, heat_maps, heat_to_boxes / heat_to_box, localise
-    MCL montage (--montage, SPEC 5)           assemble_montage, build_montages, block_attn_mask, cell_means
+    ContrastiveCrop (--crop ccrop, METHOD.md 9)    ccrop_due, heat_maps, heat_to_boxes / heat_to_box, localise
+    MCL montage (--montage, METHOD.md 8)           assemble_montage, build_montages, block_attn_mask, cell_means
 
 Every random draw comes from the torch.Generator passed in, in the order the docstrings give, so tests replay them.
 """
@@ -20,11 +20,11 @@ HEATS = ("cls_attn", "token_norm", "channel_sum")
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)
 
 # ----------------------------------------------------------------------------------------------------------------------
-# ContrastiveCrop: semantic-aware localisation (SPEC 4); the centre-suppressed sampling is data.ccrop_params
+# ContrastiveCrop: semantic-aware localisation (METHOD.md 9); the centre-suppressed sampling is data.ccrop_params
 
 
 def ccrop_due(epoch, warmup, every):
-    """Whether the boxes are recomputed at the start of 0-based `epoch`. SPEC 4 in 0-based epochs: plain RRC before
+    """Whether the boxes are recomputed at the start of 0-based `epoch`. METHOD.md 9 in 0-based epochs: plain RRC before
     epoch W = warmup (data.TwoViews(ccrop_warmup=W)); the boxes are recomputed at the start of epochs e > 0 with
     e >= W and (e - W) % L == 0 (L = every), i.e. after e finished epochs, and used from epoch W on (W = 0: the
     initial (0, 0, 1, 1) boxes until epoch L)."""
@@ -39,7 +39,7 @@ def check_ccrop_k(k):
 
 
 def heat_to_boxes(heat, k, out_hw):
-    """Boxes [N, 4] = (h0, w0, h1, w1) in [0, 1] from token heat maps heat [N, gh, gw] (SPEC 4): per map min-max
+    """Boxes [N, 4] = (h0, w0, h1, w1) in [0, 1] from token heat maps heat [N, gh, gw] (METHOD.md 9): per map min-max
     normalise to [0, 1], bilinear upsampling to out_hw = (H, W) (align_corners=False, as the official code), then
     rows whose max > k give [h0, h1] and columns whose max > k give [w0, w1] (no connected components):
         h0 = first row / H,  h1 = (last row + 1) / H,  w0 = first col / W,  w1 = (last col + 1) / W
@@ -68,19 +68,19 @@ def heat_to_boxes(heat, k, out_hw):
 
 
 def heat_to_box(heat, k, out_hw):
-    """heat_to_boxes for one map heat [gh, gw] -> (h0, w0, h1, w1) floats (SPEC 4)."""
+    """heat_to_boxes for one map heat [gh, gw] -> (h0, w0, h1, w1) floats (METHOD.md 9)."""
     return tuple(heat_to_boxes(heat[None], k, out_hw)[0].tolist())
 
 
 def heat_maps(backbone, x, kind):
-    """Token heat maps [N, gh, gw] (float32) of normalised images x [N, 3, H, W], SPEC 4 ViT adaptation:
+    """Token heat maps [N, gh, gw] (float32) of normalised images x [N, 3, H, W], METHOD.md 9 ViT adaptation:
     'cls_attn'    last-block CLS -> patch attention, averaged over heads
     'token_norm'  L2 norm of the last block's tokens before the final LayerNorm (read by a hook on backbone.norm)
     'channel_sum' sum over channels of the final (LayerNorm'ed) tokens: the literal port of the ResNet recipe"""
     N, _, H, W = x.shape
     gh, gw = H // backbone.patch_size, W // backbone.patch_size
     if kind == "cls_attn":
-        heat = backbone.forward_features(x, return_cls_attn=True)[1].mean(1)
+        heat = backbone.last_cls_attention(x).mean(1)
     elif kind == "token_norm":
         seen = []
         hook = backbone.norm.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
@@ -98,7 +98,7 @@ def heat_maps(backbone, x, kind):
 
 class ResizedImages(torch.utils.data.Dataset):
     """The un-augmented images of the localisation pass: RGB uint8 [3, S, S], resized to S x S ignoring the aspect ratio
-    (SPEC 4), and whether the file could be read (an unreadable file gives zeros and keeps the full box)."""
+    (METHOD.md 9), and whether the file could be read (an unreadable file gives zeros and keeps the full box)."""
 
     def __init__(self, files, size):
         self.files, self.size = list(files), size
@@ -117,7 +117,7 @@ class ResizedImages(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def localise(backbone, files, img_size, kind, k, batch_size, workers, device, amp_dtype=None):
-    """Semantic-aware localisation (SPEC 4): one box per file, [len(files), 4] float32 on the CPU, computed with the
+    """Semantic-aware localisation (METHOD.md 9): one box per file, [len(files), 4] float32 on the CPU, computed with the
     backbone in eval mode (restored afterwards) over the un-augmented images resized to img_size x img_size and
     normalised as the training views (data.photometric with identity parameters). Under torch.distributed rank r
     does files[r::world] and the boxes are all-gathered, so every rank returns all of them."""
@@ -146,11 +146,11 @@ def localise(backbone, files, img_size, kind, k, batch_size, workers, device, am
     return boxes
 
 # ----------------------------------------------------------------------------------------------------------------------
-# MCL montages at token granularity (SPEC 5, ViT adaptation)
+# MCL montages at token granularity (METHOD.md 8, ViT adaptation)
 
 
 def assemble_montage(views, r, generator):
-    """Level-r montages of a batch of views [B, 3, S, S] (SPEC 5): n = max(1, ceil(B / r^2)) canvases [n, 3, S, S], each
+    """Level-r montages of a batch of views [B, 3, S, S] (METHOD.md 8): n = max(1, ceil(B / r^2)) canvases [n, 3, S, S], each
     an r x r row-major grid of cells of c = S/r pixels, and labels [n, r*r] (int64): the source image (0..B-1) of each
     cell. Draws from `generator`, in this order:
         idx = randperm(r*r*n) mod B                  sources, so every image is used about equally (MCL)
@@ -209,7 +209,7 @@ def _cell_of_token(grid, r):
 
 
 def block_attn_mask(grid, r):
-    """Attention mask [1+T, 1+T] (bool, True = may attend; rows = queries, CLS first) of --montage-block-attn (SPEC 5):
+    """Attention mask [1+T, 1+T] (bool, True = may attend; rows = queries, CLS first) of --montage-block-attn (METHOD.md 8):
     a patch token attends only to the patch tokens of its own cell; the CLS token attends to everything ("keeps CLS
     free"), but patch tokens do not attend to CLS, which would carry other cells' content into a cell from the second
     block on. So a cell's tokens, and its embedding, depend on its own pixels only."""
@@ -222,7 +222,7 @@ def block_attn_mask(grid, r):
 
 
 def cell_means(tokens, grid, r):
-    """Cell embeddings (SPEC 5): the mean of each cell's patch tokens. tokens [n, T, D] (T = grid^2, row-major) ->
+    """Cell embeddings (METHOD.md 8): the mean of each cell's patch tokens. tokens [n, T, D] (T = grid^2, row-major) ->
     [n * r * r, D], canvas-major then row-major cells (the layout of assemble_montage's labels)."""
     n, T, D = tokens.shape
     if T != grid * grid:

@@ -1,5 +1,5 @@
 """
-Semantic-segmentation probe (SPEC 1.10): BatchNorm2d + 1x1 conv on the frozen ViT's patch-token map, scored by mIoU.
+Semantic-segmentation probe (METHOD.md 6.2): BatchNorm2d + 1x1 conv on the frozen ViT's patch-token map, scored by mIoU.
 
     python probe_segment.py ckpt.pt                                     # demo set (data/demo/voc, made if missing)
     python probe_segment.py ckpt.pt --dataset voc --root VOCdevkit/VOC2012 --out seg.json --vis vis/
@@ -26,31 +26,36 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
 import data
-import vit
-from probe_multilabel import DEMO, check_flags, load_coco, require_files, same_categories
+import demo as demo_set
+import probing
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 allow_abbrev=False)
-vit.add_probe_args(parser)
-parser.add_argument("--dataset", choices=["voc", "coco"], default="voc", help="layout of the data")
-parser.add_argument("--root", help="VOC folder holding JPEGImages/, SegmentationClass/, ImageSets/ (default: demo)")
-parser.add_argument("--train-split", default="train",
-                    help="VOC: training list in ImageSets/Segmentation/ (train_aug for VOC12 + SBD, SPEC 1.10)")
-parser.add_argument("--mask-dir", default="SegmentationClass",
-                    help="VOC: folder of the class PNGs under --root (SegmentationClassAug for VOC12 + SBD)")
-parser.add_argument("--train-json", help="COCO: instances file of the training split (default: the demo set)")
-parser.add_argument("--train-images", help="COCO: folder of the training images")
-parser.add_argument("--val-json", help="COCO: instances file of the evaluation split")
-parser.add_argument("--val-images", help="COCO: folder of the evaluation images")
-parser.add_argument("--img-size", type=int, default=None,
-                    help="training crop, and the short side at evaluation (default: 2x the pretraining img_size)")
-parser.add_argument("--epochs", type=int, default=20, help="epochs of the head")
-parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the head (cosine-decayed to 0)")
-parser.add_argument("--wd", type=float, default=1e-4, help="AdamW weight decay of the head")
-parser.add_argument("--batch-size", type=int, default=16, help="training batch size")
-parser.add_argument("--out", default=None, help="write mIoU and the per-class IoU to this JSON file")
-parser.add_argument("--vis", default=None, metavar="DIR",
-                    help="write image | truth | prediction PNGs of the first 8 val images to DIR (vis_000.png, ...)")
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    probing.add_probe_args(parser)
+    add = parser.add_argument
+    add("--dataset", choices=["voc", "coco"], default="voc", help="layout of the data")
+    add("--root", help="VOC folder holding JPEGImages/, SegmentationClass/, ImageSets/ (default: demo)")
+    add("--train-split", default="train",
+        help="VOC: training list in ImageSets/Segmentation/ (train_aug for VOC12 + SBD)")
+    add("--mask-dir", default="SegmentationClass",
+        help="VOC: folder of the class PNGs under --root (SegmentationClassAug for VOC12 + SBD)")
+    add("--train-json", help="COCO: instances file of the training split (default: the demo set)")
+    add("--train-images", help="COCO: folder of the training images")
+    add("--val-json", help="COCO: instances file of the evaluation split")
+    add("--val-images", help="COCO: folder of the evaluation images")
+    add("--img-size", type=int, default=None,
+        help="training crop, and the short side at evaluation (default: 2x the pretraining img_size)")
+    add("--epochs", type=int, default=20, help="epochs of the head")
+    add("--lr", type=float, default=1e-3, help="AdamW learning rate of the head (cosine-decayed to 0)")
+    add("--wd", type=float, default=1e-4, help="AdamW weight decay of the head")
+    add("--batch-size", type=int, default=16, help="training batch size")
+    add("--out", default=None, help="write mIoU and the per-class IoU to this JSON file")
+    add("--vis", default=None, metavar="DIR",
+        help="write image | truth | prediction PNGs of the first 8 val images to DIR (vis_000.png, ...)")
+    return parser
+
 
 VOC_NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
              "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -71,8 +76,8 @@ def voc_split(root, split, mask_dir):
     if not ids:
         raise ValueError(f"VOC split list {list_file}: no image ids")
     items = [(os.path.join(root, "JPEGImages", i + ".jpg"), os.path.join(root, mask_dir, i + ".png")) for i in ids]
-    require_files([p for p, _ in items], f"images of {list_file}")
-    require_files([m for _, m in items], f"masks of {list_file}")
+    probing.require_files([p for p, _ in items], f"images of {list_file}")
+    probing.require_files([m for _, m in items], f"masks of {list_file}")
     return items
 
 
@@ -87,7 +92,7 @@ def voc_mask(path):
 def voc_n_classes(items):
     """1 + the largest class index (255 excluded) in the masks of `items`, checking on the way that every mask is
     readable and has the size of its image (a header read), so that nothing fails in the middle of training."""
-    top, bar = 0, vit.Progress("scanning masks", len(items))
+    top, bar = 0, probing.Progress("scanning masks", len(items))
     for img_path, mask_path in items:
         mask = voc_mask(mask_path)
         with Image.open(img_path) as img:
@@ -110,7 +115,7 @@ def coco_mask(coco, img_id, cat_index):
 
 
 def augment(img, label, size):
-    """Training pair (SPEC 1.10): scale the short side to size * U(0.5, 2), pad to at least size x size (image with 0 =
+    """Training pair (METHOD.md 6.2): scale the short side to size * U(0.5, 2), pad to at least size x size (image with 0 =
     the mean colour after normalisation, label with 255), random size x size crop, horizontal flip with p = 0.5.
     Uses the torch RNG, which DataLoader seeds per worker from torch.manual_seed."""
     w, h = img.size
@@ -163,7 +168,7 @@ class SegData(Dataset):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Metrics (SPEC 1.10)
+# Metrics (METHOD.md 6.2)
 
 def confusion_matrix(pred, target, n_classes, ignore_index=255):
     """[C, C] int64 counts, rows = truth, cols = prediction: conf[t, p] = #pixels with target t and prediction p,
@@ -208,12 +213,12 @@ def train_head(model, head, loader, args):
     (a crop of ignored pixels only gives 0); AdamW, lr cosine-decayed to 0."""
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.wd)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * len(loader))
-    bar, p = vit.Progress("training head", args.epochs * len(loader.dataset)), model.patch_size
+    bar, p = probing.Progress("training head", args.epochs * len(loader.dataset)), model.patch_size
     head.train()
     for epoch in range(args.epochs):
         for x, y in loader:
             y = y.to(args.device)
-            logits = head(token_map(vit.frozen_tokens(model, x), x.shape[2] // p, x.shape[3] // p))
+            logits = head(token_map(probing.frozen_tokens(model, x), x.shape[2] // p, x.shape[3] // p))
             logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
             loss = F.cross_entropy(logits, y, ignore_index=255, reduction="sum") / (y != 255).sum().clamp(min=1)
             opt.zero_grad(set_to_none=True)
@@ -226,7 +231,7 @@ def train_head(model, head, loader, args):
 def save_vis(path, img, truth, pred, names):
     """image | truth | prediction side by side (each at least 160 px high) in the VOC colours (ignored = cream),
     with a legend of the classes shown."""
-    colours, k = np.array(data._voc_palette(), dtype=np.uint8).reshape(256, 3), max(1, -(-160 // img.size[1]))
+    colours, k = np.array(demo_set.voc_palette(), dtype=np.uint8).reshape(256, 3), max(1, -(-160 // img.size[1]))
     w, h = img.size[0] * k, img.size[1] * k
     panels = [img.resize((w, h), Image.BICUBIC)] + [Image.fromarray(colours[m]).resize((w, h), Image.NEAREST)
                                                     for m in (truth, pred)]
@@ -249,11 +254,11 @@ def evaluate(model, head, dataset, names, args):
     upsampled to the original label size and argmaxed. Writes the first N_VIS pictures to --vis."""
     loader = DataLoader(dataset, batch_size=1, num_workers=args.workers)
     n, p = len(names), model.patch_size
-    conf, bar = np.zeros((n, n), dtype=np.int64), vit.Progress("evaluating", len(dataset))
+    conf, bar = np.zeros((n, n), dtype=np.int64), probing.Progress("evaluating", len(dataset))
     head.eval()
     with torch.no_grad():
         for i, (x, y, (nh, nw)) in enumerate(loader):
-            logits = head(token_map(vit.frozen_tokens(model, x), x.shape[2] // p, x.shape[3] // p))
+            logits = head(token_map(probing.frozen_tokens(model, x), x.shape[2] // p, x.shape[3] // p))
             logits = F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)[..., :nh, :nw]
             pred = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False).argmax(1).cpu()
             conf += confusion_matrix(pred, y, n)
@@ -273,14 +278,14 @@ def datasets(args, demo, size, patch):
         train_items, val_items = voc_split(root, args.train_split, args.mask_dir), voc_split(root, "val", args.mask_dir)
         n_classes = voc_n_classes(train_items + val_items)
         names = ["background"] + [f"class {c}" for c in range(1, n_classes)]
-        if demo and n_classes == 1 + len(data.DEMO_CATEGORIES):
-            names = ["background"] + [c[1] for c in data.DEMO_CATEGORIES]
+        if demo and n_classes == 1 + len(demo_set.DEMO_CATEGORIES):
+            names = ["background"] + [c[1] for c in demo_set.DEMO_CATEGORIES]
         elif n_classes == len(VOC_NAMES):
             names = VOC_NAMES
         return SegData(train_items, size, patch, True), SegData(val_items, size, patch, False), names
-    tj, ti, vj, vi = DEMO if demo else (args.train_json, args.train_images, args.val_json, args.val_images)
-    train, val = load_coco(tj, ti), load_coco(vj, vi)
-    cat_ids = same_categories(train, val, tj, vj)
+    tj, ti, vj, vi = probing.DEMO if demo else (args.train_json, args.train_images, args.val_json, args.val_images)
+    train, val = probing.load_coco(tj, ti), probing.load_coco(vj, vi)
+    cat_ids = probing.same_categories(train, val, tj, vj)
     if len(cat_ids) > 254:
         raise ValueError(f"{tj}: {len(cat_ids)} categories; at most 254 fit the uint8 masks")
     cat_index = {c: i + 1 for i, c in enumerate(cat_ids)}
@@ -292,7 +297,7 @@ def datasets(args, demo, size, patch):
 
 
 def main(argv=None):
-    args = parser.parse_args(argv)
+    args = get_args_parser().parse_args(argv)
     try:
         coco_flags = [args.train_json, args.train_images, args.val_json, args.val_images]
         if args.dataset == "voc" and any(coco_flags):
@@ -302,19 +307,19 @@ def main(argv=None):
         if any(coco_flags) and not all(coco_flags):
             raise ValueError("give all four of --train-json --train-images --val-json --val-images, or none for the "
                              "demo set")
-        check_flags(args)
+        probing.check_flags(args)
         if args.vis and (os.path.exists(args.vis) and not os.path.isdir(args.vis)
                          or not os.path.isdir(os.path.dirname(os.path.abspath(args.vis)))):
             raise ValueError(f"--vis {args.vis}: expected a folder (made if missing) inside an existing folder")
         demo = not (args.root or any(coco_flags))
         if args.random_init and not args.model:
             args.model = "vit_demo" if demo else "vit_small"
-        model, ckpt_args = vit.probe_backbone(args.ckpt, args.random_init, args.model, args.seed, args.device)
+        model, ckpt_args = probing.probe_backbone(args.ckpt, args.random_init, args.model, args.seed, args.device)
         size = args.img_size or 2 * (ckpt_args.get("img_size") or model.config["img_size"])
         if size < model.patch_size or size % model.patch_size:
             raise ValueError(f"--img-size {size}: expected a multiple of the patch size {model.patch_size}")
         if demo:
-            data.make_demo()
+            demo_set.make_demo()
         train_set, val_set, names = datasets(args, demo, size, model.patch_size)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

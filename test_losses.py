@@ -1,11 +1,10 @@
 """
-Every loss against a naive Python-loop implementation written from the SPEC formulas (float64, values and gradients),
+Every loss against a naive Python-loop implementation written from the formulas of METHOD.md (float64, values and gradients),
 closed forms, argument errors, two-process (gloo) equivalence, and the ViT's timm layout.
 The naive versions replay the documented draw order of losses.dense_loss from a generator with the same seed.
 """
 import math
 import os
-import socket
 import tempfile
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 import losses
-import vit
+from conftest import free_port
 
 @pytest.fixture(autouse=True)
 def float64():
@@ -23,13 +22,8 @@ def float64():
     yield
     torch.set_default_dtype(old)
 
-
 def unit(x):
     return x / x.norm()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# naive references (scalar loops; slow, obviously right)
 
 def naive_nt_xent(u1, u2, tau):
     views = [unit(u) for u in u1] + [unit(u) for u in u2]
@@ -40,7 +34,6 @@ def naive_nt_xent(u1, u2, tau):
         denom = sum(torch.exp(views[k] @ views[j] / tau) for j in range(2 * B) if j != k)
         total = total - torch.log(torch.exp(views[k] @ views[p] / tau) / denom)
     return total / (2 * B)
-
 
 def naive_match(f1, f2):
     B, T, _ = f1.shape
@@ -54,7 +47,6 @@ def naive_match(f1, f2):
                     best, arg = c, j
             out[b, t] = arg
     return out
-
 
 def naive_dense(z1, z2, f1, f2, tau, negatives, M=1, beta=None, N=0, seed=0, score_tokens=None, xv_exclude=0):
     g = torch.Generator().manual_seed(seed)
@@ -112,20 +104,14 @@ def naive_dense(z1, z2, f1, f2, tau, negatives, M=1, beta=None, N=0, seed=0, sco
             total = total - torch.log(terms[0] / sum(terms))
     return total / (2 * B * T)
 
-
 def inputs(B, T, Dz, Df, seed):
     g = torch.Generator().manual_seed(seed)
     t = [torch.randn(B, T, Dz, generator=g, requires_grad=True) for _ in range(2)]
     f = [torch.randn(B, T, Df, generator=g) for _ in range(2)]
     return t[0], t[1], f[0], f[1]
 
-
 def grads(loss, tensors):
     return torch.autograd.grad(loss, tensors)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# NT-Xent
 
 @pytest.mark.parametrize("B,D,tau", [(2, 3, 0.5), (5, 8, 0.2), (7, 16, 0.1)])
 def test_nt_xent_matches_naive(B, D, tau):
@@ -137,21 +123,15 @@ def test_nt_xent_matches_naive(B, D, tau):
     for a, b in zip(grads(fast, (u1, u2)), grads(slow, (u1, u2))):
         assert torch.allclose(a, b, atol=1e-10)
 
-
 @pytest.mark.parametrize("B", [2, 4, 9])
 def test_nt_xent_collinear_closed_form(B):
     u = torch.randn(1, 6).repeat(2 * B, 1) * torch.rand(2 * B, 1)  # all collinear, various norms
     assert math.isclose(losses.nt_xent(u[:B], u[B:], 0.3).item(), math.log(2 * B - 1), rel_tol=1e-12)
 
-
-# ---------------------------------------------------------------------------------------------------------------------
-# match and dense_loss
-
 def test_match_matches_naive():
     f1, f2 = torch.randn(3, 7, 5), torch.randn(3, 6, 5)
     assert torch.equal(losses.match(f1, f2), naive_match(f1, f2))
     assert torch.equal(losses.match(f1, f1), torch.arange(7).expand(3, 7))  # a view matches itself
-
 
 CASES = [  # negatives, M, beta, N, B, T (, score_tokens, xv_exclude)
     ("densecl", 1, None, 0, 3, 4),
@@ -174,7 +154,6 @@ CASES = [  # negatives, M, beta, N, B, T (, score_tokens, xv_exclude)
     ("densecl", 1, None, 1, 2, 5, None, 1),
 ]
 
-
 @pytest.mark.parametrize("case", CASES)
 def test_dense_loss_matches_naive(case):
     negatives, M, beta, N, B, T = case[:6]
@@ -188,7 +167,6 @@ def test_dense_loss_matches_naive(case):
     for a, b in zip(grads(fast, (z1, z2)), grads(slow, (z1, z2))):
         assert torch.allclose(a, b, atol=1e-10)
 
-
 def test_score_tokens_all_equals_exact():
     z1, z2, f1, f2 = inputs(3, 5, 4, 4, seed=4)
     kw = dict(tau=0.2, negatives="guided", M=5, beta=0.2, N=0)
@@ -196,20 +174,17 @@ def test_score_tokens_all_equals_exact():
     b = losses.dense_loss(z1, z2, f1, f2, generator=torch.Generator().manual_seed(1), **kw)
     assert torch.equal(a, b)
 
-
 def test_guided_m1_equals_random():
     z1, z2, f1, f2 = inputs(4, 6, 5, 5, seed=1)
     a = losses.dense_loss(z1, z2, f1, f2, tau=0.2, negatives="guided", M=1, N=2, generator=torch.Generator().manual_seed(3))
     b = losses.dense_loss(z1, z2, f1, f2, tau=0.2, negatives="random", N=2, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
 
-
 def test_all_equals_random_with_single_token_views():
     z1, z2, f1, f2 = inputs(5, 1, 4, 4, seed=2)
     a = losses.dense_loss(z1, z2, f1, f2, tau=0.2, negatives="all")
     b = losses.dense_loss(z1, z2, f1, f2, tau=0.2, negatives="random", generator=torch.Generator().manual_seed(0))
     assert torch.allclose(a, b, atol=1e-14)
-
 
 def test_guided_picks_the_hardest_set():
     """Anchors: tokens e0, e0, e1 in every view. Candidate sets (set m takes token m of every other view): m=0 points
@@ -229,7 +204,6 @@ def test_guided_picks_the_hardest_set():
             best = losses._guided_choice(anchors, z_all, sets, own, beta, chunk)
             assert torch.equal(best, torch.full((2, B), winner)), (beta, chunk)
 
-
 @pytest.mark.parametrize("kwargs,word", [
     (dict(negatives="nope"), "negatives"),
     (dict(negatives="guided", M=0), "M"),
@@ -247,7 +221,6 @@ def test_dense_loss_bad_arguments(kwargs, word):
     with pytest.raises(ValueError, match=word):
         losses.dense_loss(z1, z2, f1, f2, **kw)
 
-
 def test_dense_loss_bad_shapes():
     z1, z2, f1, f2 = inputs(2, 4, 3, 3, seed=0)
     with pytest.raises(ValueError, match="z1 and z2"):
@@ -257,7 +230,6 @@ def test_dense_loss_bad_shapes():
     with pytest.raises(ValueError, match="u1 and u2"):
         losses.nt_xent(torch.randn(3, 4), torch.randn(2, 4), 0.2)
 
-
 def test_recon_loss():
     x, y = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
     assert torch.allclose(losses.recon_loss(x, y), ((x - y) ** 2).sum() / x.numel())
@@ -266,7 +238,6 @@ def test_recon_loss():
         losses.recon_loss(x, y, "l3")
     with pytest.raises(ValueError, match="same shape"):
         losses.recon_loss(x, y[:1])
-
 
 def test_recon_loss_norm_pix():
     """MAE's per-patch target normalisation against a loop over the 4x4 patches."""
@@ -282,7 +253,6 @@ def test_recon_loss_norm_pix():
     with pytest.raises(ValueError, match="norm_pix"):
         losses.recon_loss(x, y, norm_pix=3)
 
-
 def test_match_is_exact_under_bf16_autocast():
     """Near-tied features (a shared base plus noise of 0.1): the cosines differ by ~1e-3, below bf16's step near 1
     (~0.004), so a bf16 table ties most anchors; match must still return the float64 argmax."""
@@ -296,7 +266,6 @@ def test_match_is_exact_under_bf16_autocast():
         assert torch.equal(losses.match(f1, f2), want)
         ties = torch.bmm(torch.nn.functional.normalize(f1, dim=-1), torch.nn.functional.normalize(f2, dim=-1).mT)
     assert ties.dtype == torch.bfloat16 and (ties.argmax(-1) != want).float().mean() > 0.2  # what bf16 would do
-
 
 def test_guided_choice_is_exact_under_bf16_autocast():
     """The unthresholded set score runs in float32 under a bf16 autocast: with near-tied sets (members a shared base
@@ -313,7 +282,6 @@ def test_guided_choice_is_exact_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(losses._guided_choice(zf, zf.reshape(2 * B, T, D), sets, own, None), want)
 
-
 @pytest.mark.parametrize("negatives,M,beta,N", [("all", 1, None, 2), ("guided", 9, 0.2, 0), ("guided", 3, 0.1, 1)])
 def test_chunks_equal_one_pass(negatives, M, beta, N):
     """The chunked paths ('all' logsumexp and the thresholded set score; both layouts, M >= T and M < T) with one
@@ -328,7 +296,6 @@ def test_chunks_equal_one_pass(negatives, M, beta, N):
         assert torch.allclose(loss, out[0][0], atol=1e-13)
         assert torch.allclose(g1, out[0][1][0], atol=1e-12) and torch.allclose(g2, out[0][1][1], atol=1e-12)
 
-
 def test_dense_draws_replay_the_generator():
     """dense_draws made ahead (pretrain.py's compiled step) give the loss of the generator passed in directly."""
     z1, z2, f1, f2 = inputs(3, 6, 4, 4, seed=3)
@@ -339,19 +306,30 @@ def test_dense_draws_replay_the_generator():
     b = losses.dense_loss(z1, z2, f1, f2, tau=0.2, generator=torch.Generator().manual_seed(4), **kw)
     assert torch.equal(a, b)
 
-
-# ---------------------------------------------------------------------------------------------------------------------
-# two processes (gloo) against one process holding the whole batch
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+def test_montage_loss_matches_naive_loop():
+    g = torch.Generator().manual_seed(0)
+    cells = torch.randn(11, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 5, (11,), generator=g)
+    tau = 0.3
+    loss = losses.montage_loss(cells, targets, labels, tau)
+    ref = 0
+    for c in range(11):
+        p = cells[c] / cells[c].norm()
+        logits = [torch.dot(p, targets[j] / targets[j].norm()) / tau for j in range(5)]
+        ref = ref - torch.log(torch.exp(logits[labels[c]]) / sum(torch.exp(v) for v in logits)) / 11
+    assert torch.allclose(loss, ref, rtol=1e-12)
+    ga = torch.autograd.grad(loss, (cells, targets))
+    gb = torch.autograd.grad(ref, (cells, targets))
+    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(ga, gb))
+    assert ga[1].abs().sum() > 0  # the targets carry gradient
+    with pytest.raises(ValueError, match="labels"):
+        losses.montage_loss(cells, targets, labels + 5, tau)
+    with pytest.raises(ValueError, match="labels"):
+        losses.montage_loss(cells, targets, labels.int(), tau)
 
 DIST_CASES = [("densecl", 1, None, 0), ("random", 1, None, 0), ("guided", 4, 0.3, 0), ("guided", 8, 0.3, 0),
               ("all", 1, None, 4)]  # guided: M < T and M >= T (the two scoring layouts); N = T-1: no draw
-
 
 def _worker(rank, world_size, port, u1, u2, zs, out_dir):
     torch.set_default_dtype(torch.float64)
@@ -373,7 +351,6 @@ def _worker(rank, world_size, port, u1, u2, zs, out_dir):
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
-
 
 def test_two_processes_equal_one():
     B, T = 6, 5
@@ -405,58 +382,3 @@ def test_two_processes_equal_one():
             sl = slice(r * B // 2, (r + 1) * B // 2)
             assert torch.allclose(ranks[r][key][1], 2 * c.grad[sl], atol=1e-12), key
             assert torch.allclose(ranks[r][key][2], 2 * e.grad[sl], atol=1e-12), key
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# the ViT
-
-def test_vit_small_has_timm_layout():
-    sd = vit.vit_small().state_dict()
-    assert len(sd) == 150
-    assert sum(v.numel() for v in sd.values()) == 21_665_664
-    shapes = {"cls_token": (1, 1, 384), "pos_embed": (1, 197, 384), "patch_embed.proj.weight": (384, 3, 16, 16),
-              "blocks.11.attn.qkv.weight": (1152, 384), "blocks.0.attn.qkv.bias": (1152,),
-              "blocks.5.attn.proj.weight": (384, 384), "blocks.3.mlp.fc1.weight": (1536, 384),
-              "blocks.3.mlp.fc2.weight": (384, 1536), "norm.weight": (384,), "blocks.7.norm2.bias": (384,)}
-    for k, s in shapes.items():
-        assert tuple(sd[k].shape) == s, k
-
-
-def test_vit_matches_timm_when_available():
-    timm = pytest.importorskip("timm")
-    torch.set_default_dtype(torch.float32)
-    ours = vit.vit_small().eval()
-    theirs = timm.create_model("vit_small_patch16_224", num_classes=0, pretrained=False).eval()
-    theirs.load_state_dict(ours.state_dict(), strict=True)
-    x = torch.randn(2, 3, 224, 224)
-    with torch.no_grad():
-        assert torch.allclose(ours.forward_features(x), theirs.forward_features(x), atol=1e-5)
-
-
-def test_vit_attention_matches_explicit_softmax():
-    """qkv packing [q|k|v] with contiguous heads, SDPA output and the CLS attention row against the textbook formula."""
-    m = vit.create_vit("vit_test").eval()
-    blk = m.blocks[-1].attn
-    x = torch.randn(2, 5, 32)
-    out, cls_attn = blk(x, return_cls_attn=True)
-    H, d = blk.num_heads, 32 // blk.num_heads
-    W, b = blk.qkv.weight, blk.qkv.bias
-    q, k, v = [(x @ W[i * 32:(i + 1) * 32].T + b[i * 32:(i + 1) * 32]).view(2, 5, H, d).transpose(1, 2) for i in range(3)]
-    att = (q @ k.transpose(-1, -2) / math.sqrt(d)).softmax(-1)
-    ref = blk.proj((att @ v).transpose(1, 2).reshape(2, 5, 32))
-    assert torch.allclose(out, ref, atol=1e-12)
-    assert torch.allclose(cls_attn.double(), att[:, :, 0, 1:], atol=1e-6)  # returned in float32
-
-
-def test_pos_embed_interpolation():
-    m = vit.create_vit("vit_test").eval()
-    x = torch.randn(1, 3, 32, 32)
-    assert m.pos_embed_for(4, 4) is m.pos_embed  # the training size uses the parameter itself: output unchanged
-    # an explicit identity interpolation gives the same output
-    same = torch.nn.functional.interpolate(m.pos_embed[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2), size=(4, 4),
-                                           mode="bicubic", align_corners=False)
-    assert torch.allclose(same.permute(0, 2, 3, 1).reshape(1, 16, -1), m.pos_embed[:, 1:], atol=1e-12)
-    assert m.forward_features(torch.randn(2, 3, 64, 48)).shape == (2, 1 + 8 * 6, 32)
-    with pytest.raises(ValueError, match="multiples of the patch size"):
-        m.forward_features(torch.randn(1, 3, 30, 32))
-    assert m.forward_features(x).shape == (1, 17, 32)

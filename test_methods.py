@@ -1,11 +1,10 @@
 """
-Tests of methods.py and the two options of pretrain.py: ContrastiveCrop (--crop ccrop, SPEC 4) and the MCL montage
-loss (--montage, SPEC 5). Naive loops as references; end-to-end runs in 1 process and under torchrun with 2 (with
+Tests of methods.py and the two options of pretrain.py: ContrastiveCrop (--crop ccrop, METHOD.md 9) and the MCL montage
+loss (--montage, METHOD.md 8). Naive loops as references; end-to-end runs in 1 process and under torchrun with 2 (with
 resume).
 """
 import json
 import math
-import os
 import shutil
 
 import numpy as np
@@ -15,11 +14,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
-import losses
 import methods
-import pretrain
 import vit
-from test_pretrain import TINY, make_images, run_pretrain, tiny_trainer
+from conftest import GUIDED, TINY, make_images, run_pretrain
 
 # ----------------------------------------------------------------------------------------------------------------------
 # ContrastiveCrop
@@ -231,48 +228,6 @@ def test_block_attn_mask_isolates_cells():
     assert torch.allclose(e_a[0], a[0, [1, 2, 5, 6]].mean(0))
 
 
-def test_montage_loss_matches_naive_loop():
-    g = torch.Generator().manual_seed(0)
-    cells = torch.randn(11, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    targets = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, 5, (11,), generator=g)
-    tau = 0.3
-    loss = losses.montage_loss(cells, targets, labels, tau)
-    ref = 0
-    for c in range(11):
-        p = cells[c] / cells[c].norm()
-        logits = [torch.dot(p, targets[j] / targets[j].norm()) / tau for j in range(5)]
-        ref = ref - torch.log(torch.exp(logits[labels[c]]) / sum(torch.exp(v) for v in logits)) / 11
-    assert torch.allclose(loss, ref, rtol=1e-12)
-    ga = torch.autograd.grad(loss, (cells, targets))
-    gb = torch.autograd.grad(ref, (cells, targets))
-    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(ga, gb))
-    assert ga[1].abs().sum() > 0  # the targets carry gradient
-    with pytest.raises(ValueError, match="labels"):
-        losses.montage_loss(cells, targets, labels + 5, tau)
-    with pytest.raises(ValueError, match="labels"):
-        losses.montage_loss(cells, targets, labels.int(), tau)
-
-
-def test_montage_objective_trains():
-    args = pretrain.resolve_args(TINY + ["--montage", "--montage-r", "2", "4", "--montage-block-attn", "--lam", "0",
-                                         "--data", "unused"])
-    model, before, opt, x = tiny_trainer(args)
-    for step in range(2):
-        gen = pretrain.step_generator(0, step, torch.device("cpu"))
-        canvases, labels, draws = pretrain.step_draws(args, x, gen)
-        assert [c.shape[0] for c in canvases] == [2 * 2, 2 * 1] and [l.shape for l in labels] == [(4, 4), (2, 16)]
-        loss, terms = pretrain.objective(model(x, canvases), x, args, draws, labels)
-        assert torch.isfinite(loss) and terms["montage"] > 0
-        assert torch.allclose(loss, terms["global"] + terms["montage"])  # lam = 0, mu = 1
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    changed = {".".join(k.split(".")[:2]) for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
-    assert {"montage_heads.0", "montage_heads.1"} <= changed
-    with pytest.raises(ValueError, match="--montage-r"):
-        pretrain.Pretrainer(pretrain.resolve_args(TINY + ["--montage", "--montage-r", "3", "--data", "unused"]))
-
 # ----------------------------------------------------------------------------------------------------------------------
 # end to end
 
@@ -284,7 +239,7 @@ def read_log(out):
 def test_ccrop_run_one_process(tmp_path):
     images = make_images(tmp_path / "imgs")
     out = tmp_path / "run"
-    r = run_pretrain(TINY + ["--data", images, "--batch-size", "8", "--max-steps", "4", "--out-dir", str(out), "--crop",
+    r = run_pretrain(TINY + GUIDED + ["--data", images, "--batch-size", "8", "--max-steps", "4", "--out-dir", str(out), "--crop",
                              "ccrop", "--ccrop-warmup", "1", "--ccrop-every", "1", "--ccrop-heat", "token_norm"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ccrop: new boxes at epoch 1" in r.stdout and "epoch 2" not in r.stdout  # 2 steps an epoch
@@ -296,7 +251,7 @@ def test_ccrop_run_one_process(tmp_path):
 def test_montage_run_one_process(tmp_path):
     images = make_images(tmp_path / "imgs")
     out = tmp_path / "run"
-    r = run_pretrain(TINY + ["--data", images, "--batch-size", "8", "--max-steps", "2", "--out-dir", str(out),
+    r = run_pretrain(TINY + GUIDED + ["--data", images, "--batch-size", "8", "--max-steps", "2", "--out-dir", str(out),
                              "--montage", "--montage-r", "2", "4", "--montage-block-attn"])
     assert r.returncode == 0, r.stdout + r.stderr
     log = read_log(out)
@@ -311,7 +266,7 @@ def test_both_options_two_processes_and_resume(tmp_path):
     (mid-epoch: the checkpoint's boxes are restored, not recomputed). The boxes equal a one-process localisation."""
     images = make_images(tmp_path / "imgs")
     out = tmp_path / "run"
-    argv = TINY + ["--data", images, "--batch-size", "4", "--out-dir", str(out), "--crop", "ccrop", "--ccrop-warmup",
+    argv = TINY + GUIDED + ["--data", images, "--batch-size", "4", "--out-dir", str(out), "--crop", "ccrop", "--ccrop-warmup",
                    "1", "--ccrop-every", "1", "--ccrop-k", "0.6", "--montage", "--montage-r", "2", "4",
                    "--montage-block-attn"]
     stdout, boxes = [], []

@@ -1,85 +1,37 @@
 """
-pretrain.py on a tiny ViT: every loss configuration takes optimizer steps without NaN and changes the weights; the
-learning-rate schedule and weight-decay groups; a full run (1 process and torchrun with 2) writes a checkpoint the
-probes accept.
+pretrain.py end to end on a tiny ViT: configuration (presets, checkpoint flags, refused flags), the schedule, full runs
+in 1 process and under torchrun with 2, compiled == eager, kill and resume, bad images, bad checkpoints, an
+unwritable or full disk, non-finite losses.
 """
 import importlib
+import io
 import json
 import os
-import shutil
+import pickle
+import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import losses
 import pretrain
+import pretrainer
+import rundir
 import vit
+from conftest import (GUIDED, HERE, TINY, inductor_works_on_cpu, labelled_images, losses_by_step, make_images,
+                      run_pretrain, small_run, tiny_trainer, weights)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = ["--model", "vit_test", "--img-size", "32", "--head-hidden", "32", "--head-out", "16", "--M", "4", "--N", "3",
-        "--workers", "0", "--log-every", "1", "--lr", "1e-3", "--warmup", "0"]
-
-CONFIGS = {
-    "simclr": ["--lam", "0"],
-    "densecl": ["--neg", "densecl", "--N", "0"],
-    "random": ["--neg", "random", "--N", "0"],
-    "guided_beta": ["--neg", "guided", "--beta", "0.5", "--N", "0"],
-    "guided_beta_N": ["--neg", "guided", "--beta", "0.5", "--N", "3"],
-    "recon_conv": ["--gamma", "0.5", "--decoder", "conv"],
-    "recon_transformer": ["--gamma", "0.5", "--decoder", "transformer"],
-    "cls_head_pairing": ["--agg", "cls", "--pair", "head", "--neg", "all"],
-}
-
-
-def make_images(folder, n=16, size=40, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    os.makedirs(folder, exist_ok=True)
-    for i in range(n):
-        arr = (torch.rand(size, size + 4 * (i % 3), 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(arr).save(os.path.join(folder, f"img{i:03d}.png" if i % 2 else f"img{i:03d}.jpg"))
-    return str(folder)
-
-
-def tiny_trainer(args):
-    """A Pretrainer seeded with 0, a copy of its initial state, an AdamW and a batch of 2 x 6 random 32 px views."""
-    torch.manual_seed(0)
-    model = pretrain.Pretrainer(args)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    return model, before, torch.optim.AdamW(pretrain.param_groups(model, 0.05), lr=1e-3), torch.randn(12, 3, 32, 32)
-
-
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_each_objective_trains(name):
-    args = pretrain.resolve_args(TINY + CONFIGS[name] + ["--data", "unused"])
-    model, before, opt, x = tiny_trainer(args)
-    for step in range(3):
-        _, _, draws = pretrain.step_draws(args, x, pretrain.step_generator(0, step, torch.device("cpu")))
-        loss, terms = pretrain.objective(model(x), x, args, draws)
-        assert torch.isfinite(loss) and all(torch.isfinite(v) for v in terms.values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert ("dense" in terms) == (args.lam > 0) and ("recon" in terms) == (args.gamma > 0)
-    after = model.state_dict()
-    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
-    changed = [k for k in before if not torch.equal(before[k], after[k])]
-    assert any(k.startswith("backbone.blocks.0.attn.qkv") for k in changed)
-    assert any(k.startswith("global_head") for k in changed)
-    if args.lam > 0:
-        assert any(k.startswith("dense_head") for k in changed)
-    if args.gamma > 0:
-        assert any(k.startswith("decoder") for k in changed)
-
+OBJ = ["--neg", "guided", "--beta", "0.5", "--N", "3", "--gamma", "0.1", "--decoder", "transformer"]
 
 def test_lr_schedule_and_weight_decay_groups():
     assert pretrain.lr_at(0, 1.0, 10, 100) == pytest.approx(0.1)
     assert pretrain.lr_at(9, 1.0, 10, 100) == pytest.approx(1.0)
     assert pretrain.lr_at(55, 1.0, 10, 100) == pytest.approx(0.5)  # half-way through the cosine
     assert pretrain.lr_at(100, 1.0, 10, 100) == pytest.approx(0.0, abs=1e-12)
-    model = pretrain.Pretrainer(pretrain.resolve_args(TINY + ["--data", "unused"]))
+    model = pretrainer.Pretrainer(pretrain.resolve_args(TINY + GUIDED + ["--data", "unused"]))
     decay, no_decay = pretrain.param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     nd = {names[id(p)] for p in no_decay["params"]}
@@ -87,19 +39,46 @@ def test_lr_schedule_and_weight_decay_groups():
     assert all(p.ndim == 2 or p.ndim == 4 for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
+@pytest.mark.parametrize("module,argv", [("pretrain", ["--batch", "32"]), ("pretrain", ["--lam-w", "3"]),
+                                         ("bench", ["--batch", "4"]), ("probe_multilabel", ["--ep", "2"]),
+                                         ("probe_segment", ["--ep", "2"])])
+def test_abbreviated_flags_are_refused(module, argv, capsys):
+    """argparse would take --batch for --batch-size, unseen by explicit_flags, and the demo preset would replace it."""
+    parser = importlib.import_module(module).get_args_parser()
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(argv)
+    assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
 
-def run_pretrain(argv, nproc=1, timeout=300):
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-           if nproc > 1 else [sys.executable]) + [os.path.join(HERE, "pretrain.py")] + argv
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE, env=env)
+@pytest.mark.parametrize("flags,named", [
+    (["--neg", "random", "--beta", "0.3"], "--beta"), (["--neg", "densecl", "--M", "8"], "--M"),
+    (["--neg", "all", "--score-tokens", "4"], "--score-tokens"), (["--lam", "0", "--N", "3"], "--N"),
+    (["--beta", "-2", "--score-tokens", "4"], "--score-tokens"), (["--N", "0", "--xv-exclude", "2"], "--xv-exclude"),
+    (["--norm-pix"], "--norm-pix"), (["--montage-r", "2"], "--montage-r"), (["--ccrop-k", "0.2"], "--ccrop-k")])
+def test_flags_that_do_nothing_are_errors(tmp_path, flags, named, capsys):
+    images = make_images(tmp_path / "imgs", n=8)
+    code = pretrain.main(TINY + ["--data", images, "--max-steps", "1", "--out-dir", str(tmp_path / "o")] + flags)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: {named} ") and "Traceback" not in err, err
+    assert not os.path.exists(tmp_path / "o" / "ckpt.pt")
 
+def test_lam_warmup_logs_the_weight_in_force(tmp_path):
+    """--lam-warmup 2: steps 1-2 train the global loss alone (lam 0), steps 3-4 with lam; each logged loss is the
+    weighted sum of its logged terms with the weight of its step."""
+    images = make_images(tmp_path / "imgs")
+    out = tmp_path / "run"
+    r = run_pretrain(TINY + GUIDED + ["--data", images, "--batch-size", "8", "--max-steps", "4", "--out-dir", str(out),
+                             "--lam", "0.4", "--lam-warmup", "2"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [rec["lam"] for rec in log] == [0.0, 0.0, 0.4, 0.4]
+    for rec in log:
+        assert rec["loss"] == pytest.approx((1 - rec["lam"]) * rec["global"] + rec["lam"] * rec["dense"], abs=2e-6)
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_end_to_end_run_writes_a_usable_checkpoint(tmp_path, nproc):
     images = make_images(tmp_path / "imgs")
     out = tmp_path / "run"
-    r = run_pretrain(TINY + ["--data", images, "--batch-size", str(8 // nproc), "--max-steps", "4",
+    r = run_pretrain(TINY + GUIDED + ["--data", images, "--batch-size", str(8 // nproc), "--max-steps", "4",
                              "--out-dir", str(out), "--ckpt-every", "2"], nproc=nproc)
     assert r.returncode == 0, r.stdout + r.stderr
     log = [json.loads(line) for line in open(out / "log.jsonl")]
@@ -112,20 +91,9 @@ def test_end_to_end_run_writes_a_usable_checkpoint(tmp_path, nproc):
     assert args["model"] == "vit_test" and model.config["embed_dim"] == 32
     # a second run into the same folder without --resume is refused and leaves the checkpoint alone
     mtime = os.path.getmtime(out / "ckpt.pt")
-    r = run_pretrain(TINY + ["--data", images, "--max-steps", "2", "--out-dir", str(out)])
+    r = run_pretrain(TINY + GUIDED + ["--data", images, "--max-steps", "2", "--out-dir", str(out)])
     assert r.returncode == 2 and "--resume" in r.stderr
     assert os.path.getmtime(out / "ckpt.pt") == mtime
-
-
-def inductor_works_on_cpu():
-    """Whether this machine can build inductor's CPU kernels at all (a C++ compiler and Python headers)."""
-    if shutil.which("g++") is None:
-        return False
-    try:
-        return torch.equal(torch.compile(lambda x: x * 2 + 1)(torch.ones(3)), torch.full((3,), 3.0))
-    except Exception:  # the environment, not our code: reported as a skip
-        return False
-
 
 def test_compiled_run_equals_eager(tmp_path):
     """--compile on (the CUDA default) through inductor's CPU backend: model and photometric ops compiled, the same
@@ -136,7 +104,7 @@ def test_compiled_run_equals_eager(tmp_path):
     runs = {}
     for mode in ("off", "on"):
         out = tmp_path / mode
-        r = run_pretrain(TINY + ["--data", images, "--batch-size", "8", "--max-steps", "3", "--out-dir", str(out),
+        r = run_pretrain(TINY + GUIDED + ["--data", images, "--batch-size", "8", "--max-steps", "3", "--out-dir", str(out),
                                  "--compile", mode, "--neg", "guided", "--beta", "0.5"])
         assert r.returncode == 0, r.stdout + r.stderr
         runs[mode] = ([json.loads(line)["loss"] for line in open(out / "log.jsonl")],
@@ -146,110 +114,297 @@ def test_compiled_run_equals_eager(tmp_path):
     for k in w_eager:
         assert torch.allclose(w_compiled[k], w_eager[k], atol=1e-4), k
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# the objective's weights, the flags, the compiled step
-
-def test_objective_is_the_weighted_sum_of_its_terms():
-    """L = (1-lam)*global + lam*dense + gamma*recon + mu*montage, each term computed here on its own from the model's
-    outputs, with weights other than 0 and 1 and a different temperature for every term."""
-    args = pretrain.resolve_args(TINY + ["--data", "unused", "--lam", "0.3", "--gamma", "0.7", "--mu", "0.6",
-                                         "--montage", "--montage-r", "2", "4", "--tau-g", "0.1", "--tau-d", "0.3",
-                                         "--tau-m", "0.45", "--neg", "guided", "--beta", "0.2", "--recon", "l1"])
-    model, _, _, x = tiny_trainer(args)
-    canvases, labels, draws = pretrain.step_draws(args, x, pretrain.step_generator(0, 0, torch.device("cpu")))
-    out = model(x, canvases)
-    loss, terms = pretrain.objective(out, x, args, draws, labels)
-    u, z, f, x_hat, cells = out
-    B = x.shape[0] // 2
-    glob = losses.nt_xent(u[:B], u[B:], 0.1)
-    dense = losses.dense_loss(z[:B], z[B:], f[:B], f[B:], tau=0.3, negatives="guided", M=4, beta=0.2, N=3,
-                              draws=draws)
-    recon = (x_hat - x).abs().mean()
-    montage = 0
-    for w, c, lab in zip((2 / 3, 1 / 3), cells, labels):  # 1/2, 1/4 normalised to sum 1
-        lab, h = lab.reshape(-1), c.shape[0] // 2
-        montage = montage + w * (losses.montage_loss(c[:h], u[B:], lab[:h], 0.45) +
-                                 losses.montage_loss(c[h:], u[:B], lab[h:], 0.45)) / 2
-    for name, want in (("global", glob), ("dense", dense), ("recon", recon), ("montage", montage)):
-        assert torch.allclose(terms[name], want, atol=1e-6), name
-    assert torch.allclose(loss, 0.7 * glob + 0.3 * dense + 0.7 * recon + 0.6 * montage, atol=1e-6)
-
-
-@pytest.mark.parametrize("module,argv", [("pretrain", ["--batch", "32"]), ("pretrain", ["--lam-w", "3"]),
-                                         ("bench", ["--batch", "4"]), ("probe_multilabel", ["--ep", "2"]),
-                                         ("probe_segment", ["--ep", "2"])])
-def test_abbreviated_flags_are_refused(module, argv, capsys):
-    """argparse would take --batch for --batch-size, unseen by explicit_flags, and the demo preset would replace it."""
-    parser = importlib.import_module(module).parser
-    with pytest.raises(SystemExit) as e:
-        parser.parse_args(argv)
-    assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("flags,named", [
-    (["--neg", "random", "--beta", "0.3"], "--beta"), (["--neg", "densecl", "--M", "8"], "--M"),
-    (["--neg", "all", "--score-tokens", "4"], "--score-tokens"), (["--lam", "0", "--N", "3"], "--N"),
-    (["--beta", "-2", "--score-tokens", "4"], "--score-tokens"), (["--N", "0", "--xv-exclude", "2"], "--xv-exclude"),
-    (["--norm-pix"], "--norm-pix"), (["--montage-r", "2"], "--montage-r"), (["--ccrop-k", "0.2"], "--ccrop-k")])
-def test_flags_that_do_nothing_are_errors(tmp_path, flags, named, capsys):
-    images = make_images(tmp_path / "imgs", n=8)
-    base = [a for i, a in enumerate(TINY) if a not in ("--M", "--N") and TINY[i - 1] not in ("--M", "--N")]
-    code = pretrain.main(base + ["--data", images, "--max-steps", "1", "--out-dir", str(tmp_path / "o")] + flags)
-    err = capsys.readouterr().err
-    assert code == 2 and err.startswith(f"error: {named} ") and "Traceback" not in err, err
-    assert not os.path.exists(tmp_path / "o" / "ckpt.pt")
-
-
-def test_lam_warmup_logs_the_weight_in_force(tmp_path):
-    """--lam-warmup 2: steps 1-2 train the global loss alone (lam 0), steps 3-4 with lam; each logged loss is the
-    weighted sum of its logged terms with the weight of its step."""
-    images = make_images(tmp_path / "imgs")
-    out = tmp_path / "run"
-    r = run_pretrain(TINY + ["--data", images, "--batch-size", "8", "--max-steps", "4", "--out-dir", str(out),
-                             "--lam", "0.4", "--lam-warmup", "2"])
-    assert r.returncode == 0, r.stdout + r.stderr
-    log = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert [rec["lam"] for rec in log] == [0.0, 0.0, 0.4, 0.4]
-    for rec in log:
-        assert rec["loss"] == pytest.approx((1 - rec["lam"]) * rec["global"] + rec["lam"] * rec["dense"], abs=2e-6)
-
-
-STEP_CONFIGS = {"SimCLR": ["--lam", "0"], "DenseCL++*": ["--neg", "guided", "--beta", "0.5"],
-                "scored tokens": ["--neg", "guided", "--beta", "0.5", "--score-tokens", "4"],
-                "all + recon": ["--neg", "all", "--gamma", "0.3", "--decoder", "transformer"],
-                "montage": ["--neg", "random", "--montage", "--montage-r", "2", "4", "--montage-block-attn"]}
-
-
-@pytest.mark.parametrize("name", sorted(STEP_CONFIGS))
-def test_step_compiles_as_one_graph(name):
-    """The forward and the objective trace without a graph break (every draw is made before them), so fullgraph=True
-    compiles them as one graph."""
-    args = pretrain.resolve_args(TINY + ["--data", "unused"] + STEP_CONFIGS[name])
-    model, _, _, x = tiny_trainer(args)
-    canvases, labels, draws = pretrain.step_draws(args, x, pretrain.step_generator(0, 0, torch.device("cpu")))
-    torch._dynamo.reset()
-    region = pretrain.make_loss_fn(model, args, torch.bfloat16, use_compile=False)
-    explained = torch._dynamo.explain(region)(x, canvases, labels, draws, torch.full((), args.lam))
-    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
-
-
 def test_compiled_step_equals_eager():
     """pretrain.compiled_parts with fullgraph=True through inductor's CPU backend: the losses and weights of three
     steps equal the eager ones up to float reassociation (plain SGD: AdamW would turn the sign of a gradient of ~0
     that differs in the last bits into a step of lr)."""
     if not inductor_works_on_cpu():
         pytest.skip("torch.compile cannot build CPU kernels here (needs g++ and the Python headers)")
-    args = pretrain.resolve_args(TINY + ["--data", "unused", "--neg", "guided", "--beta", "0.5", "--score-tokens", "4",
+    args = pretrain.resolve_args(TINY + GUIDED + ["--data", "unused", "--neg", "guided", "--beta", "0.5", "--score-tokens", "4",
                                          "--lam-warmup", "1"])
     runs = []
     for use_compile in (False, True):
         torch._dynamo.reset()
         model, _, _, x = tiny_trainer(args)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        loss_fn, _ = pretrain.compiled_parts(model, args, None, use_compile)
-        runs.append(([pretrain.train_step(loss_fn, opt, x, args, s)[0].item() for s in range(3)], model.state_dict()))
+        fwd, _ = pretrain.compiled_parts(model, use_compile)
+        losses = [pretrain.train_step(model, fwd, opt, x, args, s, None)[0].item() for s in range(3)]
+        runs.append((losses, model.state_dict()))
     (eager, w_eager), (compiled, w_compiled) = runs
     assert compiled == pytest.approx(eager, rel=1e-4)
     for k in w_eager:
         assert torch.allclose(w_compiled[k], w_eager[k], atol=1e-4), k
+
+def test_sigkill_and_resume_continue_exactly(tmp_path):
+    images = make_images(tmp_path / "imgs", n=20)
+    common = TINY + ["--M", "4"] + OBJ + ["--data", images, "--batch-size", "4", "--max-steps", "12", "--ckpt-every", "3"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    r = run_pretrain(common + ["--out-dir", str(straight)])
+    assert r.returncode == 0, r.stderr
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "pretrain.py")] + common + ["--out-dir", str(broken)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:  # kill in the middle of epoch 2 (5 steps an epoch), after the checkpoint of step 6
+        if line.startswith("step 7/"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert torch.load(broken / "ckpt.pt", weights_only=True)["step"] == 6
+    r = run_pretrain(common + ["--out-dir", str(broken), "--resume"])
+    assert r.returncode == 0, r.stderr
+    assert "resumed at step 6" in r.stdout
+    a, b = losses_by_step(straight), losses_by_step(broken)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), step
+    wa, ca = weights(straight)
+    wb, cb = weights(broken)
+    assert ca["step"] == cb["step"] == 12 and ca["epoch"] == cb["epoch"]
+    for k in wa:
+        assert torch.allclose(wa[k].float(), wb[k].float(), rtol=1e-5, atol=1e-6), k
+    for sa, sb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
+        assert torch.allclose(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=1e-5, atol=1e-12)
+
+def test_two_processes_equal_one_process(tmp_path):
+    images = make_images(tmp_path / "imgs", n=24)
+    # N = T-1 (all partner tokens): the per-rank cross-view draw is the one draw that differs by design (losses.py)
+    common = TINY + ["--data", images, "--max-steps", "5", "--neg", "guided", "--M", "4", "--beta", "0.5", "--N", "15"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = run_pretrain(common + ["--batch-size", "8", "--out-dir", str(one)])
+    r2 = run_pretrain(common + ["--batch-size", "4", "--out-dir", str(two)], nproc=2)
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
+    a, b = losses_by_step(one), losses_by_step(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-5), step
+    wa, _ = weights(one)
+    wb, _ = weights(two)
+    for k in wa:
+        assert torch.allclose(wa[k].float(), wb[k].float(), rtol=1e-4, atol=1e-5), k
+
+def bad_folder(folder):
+    make_images(folder, n=12)
+    buf = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(buf, "JPEG")
+    (folder / "truncated.jpg").write_bytes(buf.getvalue()[:300])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("this is not an image")
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(folder / "one_pixel.png")
+    Image.new("CMYK", (50, 40), (10, 200, 30, 0)).save(folder / "cmyk.jpg")
+    Image.fromarray(np.arange(48 * 48, dtype=np.uint16).reshape(48, 48) * 20).save(folder / "sixteen_bit.png")
+    Image.new("RGBA", (40, 40), (0, 0, 255, 100)).save(folder / "rgba.png")
+    pal = Image.new("P", (40, 40), 3)
+    pal.putpalette([i % 256 for i in range(768)])
+    pal.info["transparency"] = 3
+    pal.save(folder / "palette_transparent.png", transparency=3)
+    Image.new("1", (15000, 15000)).save(folder / "bomb.png")  # 225 Mpx > 2x PIL's decompression-bomb limit
+    return {"truncated.jpg", "empty.jpg", "notes.jpg", "bomb.png"}
+
+def test_bad_images_are_skipped_counted_and_named(tmp_path):
+    unreadable = bad_folder(tmp_path / "imgs")
+    out = tmp_path / "run"
+    r = run_pretrain(TINY + GUIDED + ["--data", str(tmp_path / "imgs"), "--batch-size", "4", "--max-steps", "10",
+                             "--out-dir", str(out)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    named = {line.rsplit("/", 1)[-1] for line in r.stdout.splitlines() if "skipped unreadable file" in line}
+    assert named == unreadable
+    last = [json.loads(line) for line in open(out / "log.jsonl")][-1]
+    assert last["step"] == 10 and last["skipped"] == len(unreadable)
+    assert f"skipped {len(unreadable)} unreadable files" in r.stdout
+    assert set(os.path.basename(p) for p in torch.load(out / "ckpt.pt", weights_only=True)["skipped"]) == unreadable
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_refuses_bad_checkpoints(tmp_path):
+    images, out = small_run(tmp_path)
+    good = torch.load(out / "ckpt.pt", weights_only=True)
+    resume = TINY + GUIDED + ["--data", images, "--batch-size", "4", "--max-steps", "4", "--out-dir", str(out), "--resume"]
+
+    nan = {**good, "model": {k: v.clone() for k, v in good["model"].items()}}
+    nan["model"]["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+    torch.save(nan, out / "ckpt.pt")
+    before = (out / "ckpt.pt").read_bytes()
+    r = run_pretrain(resume)
+    assert r.returncode == 2 and "non-finite" in r.stderr and "Traceback" not in r.stderr
+    assert (out / "ckpt.pt").read_bytes() == before
+
+    with open(out / "ckpt.pt", "wb") as fh:
+        pickle.dump({"model": Evil(tmp_path / "pwned")}, fh)
+    r = run_pretrain(resume)
+    assert r.returncode == 2 and "not a readable checkpoint" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "pwned").exists()
+
+    torch.save(good, out / "ckpt.pt")
+    r = run_pretrain(resume[:-1] + ["--resume", "--model", "vit_demo", "--img-size", "32"])  # another architecture
+    assert r.returncode == 2 and "does not fit this model" in r.stderr and "blocks.2" in r.stderr
+    assert "Traceback" not in r.stderr
+
+def test_out_dir_unwritable_or_full(tmp_path, monkeypatch, capsys):
+    images = make_images(tmp_path / "imgs")
+    (tmp_path / "a_file").write_text("x")
+    base = TINY + GUIDED + ["--data", images, "--batch-size", "4", "--max-steps", "2"]
+    assert pretrain.main(base + ["--out-dir", str(tmp_path / "a_file" / "run")]) == 2
+    assert "not writable" in capsys.readouterr().err
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: type("U", (), {"free": 1 << 20})())
+    assert pretrain.main(base + ["--out-dir", str(tmp_path / "full")]) == 2
+    err = capsys.readouterr().err
+    assert "MiB free" in err
+    assert not os.path.exists(tmp_path / "full" / "ckpt.pt") and not os.path.exists(tmp_path / "full" / "log.jsonl")
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    images, out = small_run(tmp_path)
+    before = (out / "ckpt.pt").read_bytes()
+    r = run_pretrain(TINY + GUIDED + ["--data", images, "--batch-size", "4", "--max-steps", "30", "--out-dir", str(out),
+                             "--resume", "--lr", "1e30", "--ckpt-every", "1000"])
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "non-finite loss" in r.stderr and "left as it was" in r.stderr
+    assert (out / "ckpt.pt").read_bytes() == before
+    ckpt = rundir.load_checkpoint(str(out / "ckpt.pt"))  # still a good one
+    assert ckpt["step"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# draws, configuration overrides, pre-emption, restarts, the online probe, clipping and snapshots
+
+def test_step_draws_are_a_function_of_seed_and_step():
+    args = pretrain.resolve_args(TINY + GUIDED + ["--data", "unused", "--beta", "0.5"])
+    model, _, _, x = tiny_trainer(args)
+
+    def draws(seed, step):
+        return model.draws(x, pretrain.step_generator(seed, step, torch.device("cpu")))[2]["sets"]
+    assert torch.equal(draws(0, 3), draws(0, 3))
+    assert not torch.equal(draws(0, 3), draws(0, 4)) and not torch.equal(draws(0, 3), draws(1, 3))
+
+
+def test_configure_reports_what_the_preset_and_the_checkpoint_changed(tmp_path, capsys):
+    images, out = small_run(tmp_path, extra=["--lam", "0.3", "--tau-d", "0.1"])
+    argv = TINY + GUIDED + ["--data", images, "--batch-size", "4", "--max-steps", "3", "--out-dir", str(out),
+                            "--resume", "--tau-d", "0.25"]
+    args, ckpt, changed = pretrain.configure(argv)
+    assert ("checkpoint", "lam", 0.5, 0.3) in changed and args.lam == 0.3 and ckpt["step"] == 2
+    assert args.tau_d == 0.25 and not [c for c in changed if c[1] == "tau_d"]  # the command line wins
+    assert pretrain.main(argv) == 0
+    assert "checkpoint: --lam 0.3 (command-line default 0.5)" in capsys.readouterr().out
+
+
+def test_sigterm_stops_with_a_checkpoint_and_resume_equals_uninterrupted(tmp_path):
+    """SIGTERM (and SIGUSR1) finish the step, write ckpt.pt and exit 75; --resume then ends exactly where the
+    uninterrupted run ends."""
+    images = make_images(tmp_path / "imgs", n=20)
+    common = TINY + GUIDED + ["--data", images, "--batch-size", "4", "--max-steps", "12", "--ckpt-every", "100"]
+    assert run_pretrain(common + ["--out-dir", str(tmp_path / "straight")]).returncode == 0
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        out = tmp_path / f"stopped_{sig.name}"
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "pretrain.py")] + common + ["--out-dir", str(out)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        for line in proc.stdout:
+            if line.startswith("step 5/"):
+                proc.send_signal(sig)
+                break
+        rest = proc.stdout.read()
+        assert proc.wait(timeout=120) == pretrain.EXIT_STOPPED, rest
+        assert "stopped by a signal" in rest
+        stopped_at = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+        assert 5 <= stopped_at < 12
+        r = run_pretrain(common + ["--out-dir", str(out), "--resume"])
+        assert r.returncode == 0 and f"resumed at step {stopped_at}" in r.stdout, r.stderr
+        (wa, _), (wb, _) = weights(tmp_path / "straight"), weights(out)
+        for k in wa:
+            assert torch.allclose(wa[k].float(), wb[k].float(), rtol=1e-5, atol=1e-6), k
+
+
+def test_torchrun_restarts_a_killed_worker_from_the_checkpoint(tmp_path):
+    """torchrun --max-restarts 1 with --resume: rank 1 killed (SIGKILL) at step 7, the group restarts from the
+    checkpoint of step 5 and ends with the weights of an uninterrupted run; twice (it used to hang or fail to connect
+    in most tries: the restarted group read the killed group's addresses from torchrun's store)."""
+    images = make_images(tmp_path / "imgs", n=24)
+    common = TINY + ["--M", "4", "--N", "15", "--data", images, "--batch-size", "4", "--max-steps", "10",
+                     "--ckpt-every", "5", "--resume"]
+
+    def torchrun(out, restarts, tag=""):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "--max-restarts", str(restarts), os.path.join(HERE, "pretrain.py")] + common + ["--out-dir", str(out)]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "TEST_RUN_TAG": tag})
+    straight = torchrun(tmp_path / "straight", 0)
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()
+    for attempt in range(2):
+        out = tmp_path / f"restarted{attempt}"
+        proc = torchrun(out, 1, tag=str(out))
+        for line in proc.stdout:
+            if line.startswith("step 7/"):
+                os.kill(worker_pid(str(out), rank=1), signal.SIGKILL)
+                break
+        rest = proc.stdout.read()
+        assert proc.wait(timeout=300) == 0, rest
+        assert "resumed at step 5" in rest, rest
+        (wa, ca), (wb, cb) = weights(tmp_path / "straight"), weights(out)
+        assert ca["step"] == cb["step"] == 10
+        for k in wa:
+            assert torch.allclose(wa[k].float(), wb[k].float(), rtol=1e-5, atol=1e-6), k
+
+
+def worker_pid(tag, rank):
+    """The pid of the first attempt's pretrain.py worker of `rank` among the processes started with TEST_RUN_TAG."""
+    for entry in os.listdir("/proc"):
+        try:
+            env = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if f"TEST_RUN_TAG={tag}".encode() in env and f"RANK={rank}".encode() in env and \
+                b"TORCHELASTIC_RESTART_COUNT=0" in env:
+            return int(entry)
+    raise AssertionError(f"no worker of rank {rank} found")
+
+
+def test_online_probe_logs_its_map_and_leaves_the_training_alone(tmp_path):
+    """--probe-every 1 on a labelled COCO file: probe_mAP records in log.jsonl at every epoch end, and the weights
+    are exactly those of the same run without it."""
+    data_json = labelled_images(tmp_path / "coco")
+    common = TINY + GUIDED + ["--data", data_json, "--batch-size", "8", "--max-steps", "4"]
+    for name, extra in (("plain", []), ("probed", ["--probe-every", "1", "--probe-images", "12"])):
+        r = run_pretrain(common + ["--out-dir", str(tmp_path / name)] + extra)
+        assert r.returncode == 0, r.stdout + r.stderr
+    probes = [rec for rec in map(json.loads, open(tmp_path / "probed" / "log.jsonl")) if "probe_mAP" in rec]
+    assert [(p["step"], p["epoch"], p["n_train"], p["n_heldout"]) for p in probes] == [(2, 1, 6, 6), (4, 2, 6, 6)]
+    assert all(0 <= p["probe_mAP"] <= 100 for p in probes)
+    (wa, ca), (wb, cb) = weights(tmp_path / "plain"), weights(tmp_path / "probed")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and torch.equal(ca["rng"]["torch"], cb["rng"]["torch"])
+    r = run_pretrain(TINY + GUIDED + ["--data", str(tmp_path / "coco" / "train"), "--probe-every", "1",
+                                      "--batch-size", "8", "--out-dir", str(tmp_path / "nolabels")])
+    assert r.returncode == 2 and "--probe-every needs labels" in r.stderr
+
+
+def test_clip_grad_clips_and_reports_the_norm_before_clipping():
+    args = pretrain.resolve_args(TINY + GUIDED + ["--data", "unused", "--clip-grad", "0.05"])
+    model, _, opt, x = tiny_trainer(args)
+    loss, terms = pretrain.train_step(model, model, opt, x, args, 0, None)
+    after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    model2, _, _, _ = tiny_trainer(args)
+    loss2 = model2(x, *model2.draws(x, pretrain.step_generator(0, 0, x.device)), torch.full((), args.lam))[0]
+    loss2.backward()
+    before = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model2.parameters() if p.grad is not None]))
+    assert terms["grad_norm"] == pytest.approx(before.item(), rel=1e-5) and before > 0.05
+    assert after.item() == pytest.approx(0.05, rel=1e-4)
+
+
+def test_keep_every_keeps_snapshots_the_probes_read(tmp_path):
+    images = make_images(tmp_path / "imgs", n=8)
+    out = tmp_path / "run"
+    r = run_pretrain(TINY + GUIDED + ["--data", images, "--batch-size", "4", "--epochs", "4", "--keep-every", "2",
+                                      "--out-dir", str(out)])
+    assert r.returncode == 0, r.stderr
+    assert sorted(f for f in os.listdir(out) if f.startswith("ckpt_epoch")) == ["ckpt_epoch0002.pt",
+                                                                                 "ckpt_epoch0004.pt"]
+    last, _ = vit.load_backbone(str(out / "ckpt_epoch0004.pt"))
+    final = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(last.state_dict()[k], final[k]) for k in final)
+    assert torch.load(out / "ckpt_epoch0002.pt", weights_only=True)["epoch"] == 2

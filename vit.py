@@ -1,11 +1,13 @@
 """
 A hand-written Vision Transformer (ViT-S/16 and smaller configs) whose state_dict has exactly the key layout of
-timm's `vit_small_patch16_224` (num_classes=0), plus the one place that loads a backbone from a file.
+timm's `vit_small_patch16_224` (num_classes=0), and the one place that loads a backbone from a file. This file
+imports nothing of the project: copy it as it is.
 
     cls_token [1,1,D]  pos_embed [1,1+T,D]  patch_embed.proj.{weight,bias}
     blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}.{weight,bias}  norm.{weight,bias}
 
 qkv is packed as timm does it: the 3*D outputs are [q | k | v], each split into heads of D/heads contiguous channels.
+The architecture is ViT (Dosovitskiy et al., ICLR 2021, arXiv 2010.11929); timm's initialisation.
 """
 import math
 import os
@@ -33,21 +35,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, attn_mask=None, return_cls_attn=False):
-        """softmax(q k^T / sqrt(d_head) + mask) v through SDPA (flash / memory-efficient kernels on CUDA).
-        return_cls_attn: also return the CLS row of the attention over the patch tokens, [B, heads, T], computed from the
-        same q and k (one extra [B, heads, 1, 1+T] product: the attention itself still runs through SDPA)."""
+    def qkv_heads(self, x):
+        """q, k, v [B, heads, N, D/heads] of the tokens x [B, N, D]."""
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        return self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+
+    def forward(self, x, attn_mask=None):
+        """softmax(q k^T / sqrt(d_head) + mask) v through SDPA (flash / memory-efficient kernels on CUDA)."""
+        q, k, v = self.qkv_heads(x)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        out = self.proj(out.transpose(1, 2).reshape(B, N, C))
-        if not return_cls_attn:
-            return out, None
-        logits = (q[:, :, :1] * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, H, 1, N]
-        if attn_mask is not None:
-            logits = logits + (attn_mask[..., :1, :] if attn_mask.dtype != torch.bool
-                               else torch.zeros_like(logits).masked_fill(~attn_mask[..., :1, :], float("-inf")))
-        return out, logits.float().softmax(-1)[:, :, 0, 1:]
+        return self.proj(out.transpose(1, 2).reshape(x.shape))
 
 
 class Mlp(nn.Module):
@@ -68,10 +65,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, attn_mask=None, return_cls_attn=False):
-        a, cls_attn = self.attn(self.norm1(x), attn_mask, return_cls_attn)
-        x = x + a
-        return x + self.mlp(self.norm2(x)), cls_attn
+    def forward(self, x, attn_mask=None):
+        x = x + self.attn(self.norm1(x), attn_mask)
+        return x + self.mlp(self.norm2(x))
 
 
 class PatchEmbed(nn.Module):
@@ -133,24 +129,38 @@ class VisionTransformer(nn.Module):
         grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False).to(cls.dtype)
         return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)], dim=1)
 
-    def forward_features(self, x, attn_mask=None, return_cls_attn=False):
-        """x [B, 3, H, W] (H, W multiples of the patch size) -> final-LayerNorm tokens [B, 1+T, D], CLS first.
-        attn_mask: optional SDPA mask broadcastable to [B, heads, 1+T, 1+T] (bool: True = may attend).
-        return_cls_attn: also return the last block's CLS-to-patch attention [B, heads, T] (ContrastiveCrop)."""
+    def tokens_in(self, x):
+        """x [B, 3, H, W] (H, W multiples of the patch size) -> the input of the first block [B, 1+T, D]: CLS token
+        and patch embeddings plus the position embedding (interpolated to the H x W grid)."""
         B, _, H, W = x.shape
         p = self.patch_size
         if H % p or W % p:
             raise ValueError(f"input of {H}x{W} px: height and width must be multiples of the patch size {p}")
-        x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_embed_for(H // p, W // p)
-        cls_attn = None
-        for i, blk in enumerate(self.blocks):
-            x, cls_attn = blk(x, attn_mask, return_cls_attn and i == len(self.blocks) - 1)
-        x = self.norm(x)
-        return (x, cls_attn) if return_cls_attn else x
+        x = torch.cat([self.cls_token.expand(B, -1, -1), self.patch_embed(x)], dim=1)
+        return x + self.pos_embed_for(H // p, W // p)
+
+    def forward_features(self, x, attn_mask=None):
+        """x [B, 3, H, W] -> final-LayerNorm tokens [B, 1+T, D], CLS first. attn_mask: optional SDPA mask
+        broadcastable to [B, heads, 1+T, 1+T] (bool: True = may attend)."""
+        x = self.tokens_in(x)
+        for blk in self.blocks:
+            x = blk(x, attn_mask)
+        return self.norm(x)
 
     def forward(self, x):
         return self.forward_features(x)
+
+    @torch.no_grad()
+    def last_cls_attention(self, x):
+        """The last block's attention of the CLS token over the patch tokens, [B, heads, T] in float32 (each row sums
+        to 1 minus the CLS token's own share), as DINO's get_last_selfattention: ContrastiveCrop's heat map and
+        visualize.py's pictures."""
+        x = self.tokens_in(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        q, k, _ = self.blocks[-1].attn.qkv_heads(self.blocks[-1].norm1(x))
+        logits = (q[:, :, :1] * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, heads, 1, 1+T]
+        return logits.float().softmax(-1)[:, :, 0, 1:]
 
 
 def create_vit(name="vit_small", **overrides):
@@ -165,7 +175,7 @@ def vit_small(**overrides):
 
 
 def global_feature(tokens, agg):
-    """The image-level feature of SPEC 1.2 from final-LN tokens [B, 1+T, D]: 'cls' = the CLS token,
+    """The image-level feature (METHOD.md 5.2) from final-LN tokens [B, 1+T, D]: 'cls' = the CLS token,
     'gap' = the mean of the T patch tokens."""
     if agg == "cls":
         return tokens[:, 0]
@@ -275,88 +285,3 @@ def load_backbone(path, device="cpu", name=None):
                          f"{len(shapes)} shape mismatches {shapes[:4]}")
     model.load_state_dict(clean, strict=True)
     return model.to(device).eval(), args
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Shared by the two evaluation probes (probe_multilabel.py, probe_segment.py): the frozen backbone they evaluate
-# (a file or a seeded random init), batched no-grad feature extraction, and the progress line of their long loops.
-import sys  # noqa: E402  (this section is appended; its imports stay with it)
-import time  # noqa: E402
-
-
-def add_probe_args(parser):
-    """The flags both probes share: CKPT, --random-init, --model, --seed (for probe_backbone), --workers, --device."""
-    parser.add_argument("ckpt", nargs="?", metavar="CKPT",
-                        help="our pretraining checkpoint, or a timm-layout ViT state dict (timm / DINO weights)")
-    parser.add_argument("--random-init", action="store_true",
-                        help="evaluate a randomly initialised ViT instead of CKPT")
-    parser.add_argument("--model", default=None, choices=sorted(CONFIGS),
-                        help="config of --random-init (default vit_demo on the demo set, else vit_small), or of a plain "
-                        "state dict whose width does not tell its head count")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --random-init, of the head and (segmentation) "
-                        "of the augmentations")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-decoding processes")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device (bf16 autocast of the backbone on CUDA)")
-
-
-def probe_backbone(ckpt, random_init, name, seed, device):
-    """The frozen backbone a probe evaluates -> (model in eval mode, pretraining args or {}).
-    CKPT goes through load_backbone (weights_only=True, layout checks); --random-init builds CONFIGS[name] with
-    timm's init under torch.manual_seed(seed) (the 'no pretraining' baseline)."""
-    if random_init and ckpt:
-        raise ValueError(f"give either CKPT ({ckpt}) or --random-init, not both")
-    if not random_init and not ckpt:
-        raise ValueError("no backbone: give CKPT (a checkpoint file) or --random-init")
-    if not random_init:
-        return load_backbone(ckpt, device, name)
-    torch.manual_seed(seed)
-    return create_vit(name).to(device).eval(), {}
-
-
-class Progress:
-    """One status line on stderr for a long loop: `what done/total unit, rate/s, ETA m:ss [info]`. On a terminal it
-    rewrites itself with \\r; in a log (not a TTY) it prints a line at each further 10% of the total (at most one in
-    5 s) or after 30 s without one, and always at the end."""
-
-    def __init__(self, what, total, unit="img"):
-        self.what, self.total, self.unit = what, max(1, total), unit
-        self.done, self.t0, self.last, self.next_pct = 0, time.time(), time.time(), 10
-        self.tty = sys.stderr.isatty()
-
-    def update(self, n=1, info=""):
-        self.done += n
-        now = time.time()
-        pct = 100 * self.done / self.total
-        quiet = now - self.last
-        due = quiet > 0.2 if self.tty else (pct >= self.next_pct and quiet > 5) or quiet > 30
-        if self.done < self.total and not due:
-            return
-        self.last = now
-        while self.next_pct <= pct:
-            self.next_pct += 10
-        rate = self.done / max(now - self.t0, 1e-9)
-        eta = (self.total - self.done) / max(rate, 1e-9)
-        line = (f"{self.what} {self.done}/{self.total} {self.unit} {rate:.1f} {self.unit}/s "
-                f"ETA {int(eta) // 60}:{int(eta) % 60:02d} {info}")
-        end = "\n" if self.done >= self.total or not self.tty else ""
-        print(("\r" if self.tty else "") + line.rstrip(), end=end, file=sys.stderr, flush=True)
-
-
-def frozen_tokens(model, images):
-    """Final-LN tokens [B, 1+T, D] in float32 of the frozen backbone for a batch of normalised images [B, 3, H, W]:
-    no grad, bf16 autocast on CUDA."""
-    device = next(model.parameters()).device
-    images = images.to(device, non_blocking=True)
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return model.forward_features(images).float()
-
-
-def extract_features(model, loader, fn, what="features"):
-    """Run the frozen backbone once over `loader` (batches whose first item is the image tensor) and keep fn(tokens)
-    of every image on the CPU, concatenated in loader order (with a progress line)."""
-    out, bar = [], Progress(what, len(loader.dataset))
-    for batch in loader:
-        out.append(fn(frozen_tokens(model, batch[0])).cpu())
-        bar.update(len(batch[0]))
-    return torch.cat(out)

@@ -1,0 +1,105 @@
+"""Tests of pretrainer.py: every objective trains, the objective is the weighted sum of its separately computed
+terms, the montage branch, and the forward (views + draws -> loss) traces as one graph for torch.compile."""
+import pytest
+import torch
+
+import losses
+import pretrain
+import pretrainer
+from conftest import GUIDED, TINY, tiny_trainer
+
+CONFIGS = {
+    "simclr": ["--lam", "0"],
+    "densecl": ["--neg", "densecl", "--N", "0"],
+    "random": ["--neg", "random", "--N", "0"],
+    "guided_beta": ["--neg", "guided", "--M", "4", "--beta", "0.5", "--N", "0"],
+    "guided_beta_N": ["--neg", "guided", "--M", "4", "--beta", "0.5", "--N", "3"],
+    "recon_conv": GUIDED + ["--gamma", "0.5", "--decoder", "conv"],
+    "recon_transformer": GUIDED + ["--gamma", "0.5", "--decoder", "transformer", "--norm-pix"],
+    "cls_head_pairing": ["--agg", "cls", "--pair", "head", "--neg", "all", "--N", "3", "--xv-exclude", "2"],
+}
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_each_objective_trains(name):
+    args = pretrain.resolve_args(TINY + CONFIGS[name] + ["--data", "unused"])
+    model, before, opt, x = tiny_trainer(args)
+    for step in range(3):
+        _, _, draws = model.draws(x, pretrain.step_generator(0, step, torch.device("cpu")))
+        loss, terms = model.objective(model.outputs(x), x, draws)
+        assert torch.isfinite(loss) and all(torch.isfinite(v) for v in terms.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert ("dense" in terms) == (args.lam > 0) and ("recon" in terms) == (args.gamma > 0)
+    after = model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any(k.startswith("backbone.blocks.0.attn.qkv") for k in changed)
+    assert any(k.startswith("global_head") for k in changed)
+    if args.lam > 0:
+        assert any(k.startswith("dense_head") for k in changed)
+    if args.gamma > 0:
+        assert any(k.startswith("decoder") for k in changed)
+
+def test_objective_is_the_weighted_sum_of_its_terms():
+    """L = (1-lam)*global + lam*dense + gamma*recon + mu*montage, each term computed here on its own from the model's
+    outputs, with weights other than 0 and 1 and a different temperature for every term."""
+    args = pretrain.resolve_args(TINY + GUIDED + ["--data", "unused", "--lam", "0.3", "--gamma", "0.7", "--mu", "0.6",
+                                         "--montage", "--montage-r", "2", "4", "--tau-g", "0.1", "--tau-d", "0.3",
+                                         "--tau-m", "0.45", "--neg", "guided", "--beta", "0.2", "--recon", "l1"])
+    model, _, _, x = tiny_trainer(args)
+    canvases, labels, draws = model.draws(x, pretrain.step_generator(0, 0, torch.device("cpu")))
+    out = model.outputs(x, canvases)
+    loss, terms = model.objective(out, x, draws, labels)
+    u, z, f, x_hat, cells = out
+    B = x.shape[0] // 2
+    glob = losses.nt_xent(u[:B], u[B:], 0.1)
+    dense = losses.dense_loss(z[:B], z[B:], f[:B], f[B:], tau=0.3, negatives="guided", M=4, beta=0.2, N=3,
+                              draws=draws)
+    recon = (x_hat - x).abs().mean()
+    montage = 0
+    for w, c, lab in zip((2 / 3, 1 / 3), cells, labels):  # 1/2, 1/4 normalised to sum 1
+        lab, h = lab.reshape(-1), c.shape[0] // 2
+        montage = montage + w * (losses.montage_loss(c[:h], u[B:], lab[:h], 0.45) +
+                                 losses.montage_loss(c[h:], u[:B], lab[h:], 0.45)) / 2
+    for name, want in (("global", glob), ("dense", dense), ("recon", recon), ("montage", montage)):
+        assert torch.allclose(terms[name], want, atol=1e-6), name
+    assert torch.allclose(loss, 0.7 * glob + 0.3 * dense + 0.7 * recon + 0.6 * montage, atol=1e-6)
+
+
+def test_montage_objective_trains():
+    args = pretrain.resolve_args(TINY + ["--montage", "--montage-r", "2", "4", "--montage-block-attn", "--lam", "0",
+                                         "--data", "unused"])
+    model, before, opt, x = tiny_trainer(args)
+    for step in range(2):
+        gen = pretrain.step_generator(0, step, torch.device("cpu"))
+        canvases, labels, draws = model.draws(x, gen)
+        assert [c.shape[0] for c in canvases] == [2 * 2, 2 * 1] and [l.shape for l in labels] == [(4, 4), (2, 16)]
+        loss, terms = model.objective(model.outputs(x, canvases), x, draws, labels)
+        assert torch.isfinite(loss) and terms["montage"] > 0
+        assert torch.allclose(loss, terms["global"] + terms["montage"])  # lam = 0, mu = 1
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    changed = {".".join(k.split(".")[:2]) for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert {"montage_heads.0", "montage_heads.1"} <= changed
+    with pytest.raises(ValueError, match="--montage-r"):
+        pretrainer.Pretrainer(pretrain.resolve_args(TINY + GUIDED + ["--montage", "--montage-r", "3", "--data", "unused"]))
+
+
+STEP_CONFIGS = {"SimCLR": ["--lam", "0"], "DenseCL++*": GUIDED + ["--beta", "0.5"],
+                "scored tokens": GUIDED + ["--beta", "0.5", "--score-tokens", "4", "--lam-warmup", "2"],
+                "all + recon": ["--neg", "all", "--N", "3", "--gamma", "0.3", "--decoder", "transformer"],
+                "montage": ["--neg", "random", "--N", "0", "--montage", "--montage-r", "2", "4", "--montage-block-attn"]}
+
+@pytest.mark.parametrize("name", sorted(STEP_CONFIGS))
+def test_step_compiles_as_one_graph(name):
+    """The forward and the objective trace without a graph break (every draw is made before them, in model.draws), so
+    fullgraph=True compiles them as one graph (under the bf16 autocast of a CUDA run)."""
+    args = pretrain.resolve_args(TINY + ["--data", "unused"] + STEP_CONFIGS[name])
+    model, _, _, x = tiny_trainer(args)
+    canvases, labels, draws = model.draws(x, pretrain.step_generator(0, 0, torch.device("cpu")))
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(model)(x, canvases, labels, draws, torch.full((), args.lam))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
