@@ -1,5 +1,6 @@
 """
-Speed of pretraining, in one table (medians over timed steps after warm-up; CUDA events on GPU, perf_counter on CPU):
+Speed of pretraining, in one table (medians over timed steps after warm-up; CUDA events on GPU, perf_counter
+on CPU):
 
     train  the pretrain.py training step (forward, backward, AdamW) of every objective, on batches already on the device
     vit    our ViT forward+backward against timm's vit_small_patch16_224 (when timm is installed)
@@ -123,8 +124,8 @@ def free(device):
 
 
 def train_step(pargs, device):
-    """pretrain.py's model, optimiser and step (pretrain.compiled_parts and pretrain.train_step: bf16 autocast and
-    torch.compile on CUDA); returns (model, step(x), photometric)."""
+    """pretrain.py's model, optimiser and step (pretrain.compiled_parts and pretrain.train_step: bf16 autocast
+    and torch.compile on CUDA); returns (model, step(x), photometric)."""
     cuda = device.type == "cuda"
     torch.manual_seed(0)
     model = pretrainer.Pretrainer(pargs).to(device)
@@ -138,8 +139,8 @@ def train_step(pargs, device):
 
 
 def objective_flags(objective, T):
-    """The pretrain.py flags and row name of an objective at T tokens (--quick: fewer tokens than N=64, and montage
-    levels that divide the demo's 8x8 grid)."""
+    """The pretrain.py flags and row name of an objective at T tokens (--quick: fewer tokens than N=64, and
+    montage levels that divide the demo's 8x8 grid)."""
     flags, name = OBJECTIVES[objective], objective
     if "--N" in flags and int(flags[flags.index("--N") + 1]) > T - 2:
         flags, name = flags + ["--N", str(T // 2)], name.replace("N=64", f"N={T // 2}")
@@ -195,7 +196,8 @@ def bench_train(cfg, device, files, rows, save):
     free(device)
     if cfg.gpu_check:
         return
-    # ContrastiveCrop costs nothing per step: its price is one no-grad pass over the data every --ccrop-every epochs
+    # ContrastiveCrop costs nothing per step: its price is one no-grad pass over the data every --ccrop-every
+    # epochs
     backbone = vit.create_vit(cfg.model, img_size=S).to(device).eval()
     x = torch.randn(B, 3, S, S, device=device)
 
@@ -210,10 +212,10 @@ def bench_train(cfg, device, files, rows, save):
 
 
 def bench_e2e(cfg, device, files, name, step, photometric, x, rows):
-    """Part e2e: steps/s (wall clock, data waits included) fed by the JPEG loader as in pretrain.py (workers, pinned
-    memory, data.device_batches, the compiled photometric ops on the device) against the same steps on the batch x
-    already there. The loader is first run for one batch per worker (start-up, and the photometric compilation), then
-    timed over 3x the steps of the other parts."""
+    """Part e2e: steps/s (wall clock, data waits included) fed by the JPEG loader as in pretrain.py (workers,
+    pinned memory, data.device_batches, the compiled photometric ops on the device) against the same steps on
+    the batch x already there. The loader is first run for one batch per worker (start-up, and the photometric
+    compilation), then timed over 3x the steps of the other parts."""
     B, cuda = cfg.batch_size, device.type == "cuda"
     warmup, n = max(cfg.warmup, cfg.workers), 3 * cfg.steps
     loader = torch.utils.data.DataLoader(
@@ -303,8 +305,8 @@ def bench_vit(cfg, device, rows):
 
 def bench_run(cfg, device, folder, rows):
     """Part run: pretrain.py in its own process, as a user starts it, on the JPEG folder for --run-steps steps
-    (DenseCL++* on 16 tokens; on CUDA --compile on --dtype bf16), logging every third of the run; the row keeps the
-    last log line (the first window includes start-up and compilation) and the whole output."""
+    (DenseCL++* on 16 tokens; on CUDA --compile on --dtype bf16), logging every third of the run; the row
+    keeps the last log line (the first window includes start-up and compilation) and the whole output."""
     cuda = device.type == "cuda"
     out_dir = tempfile.mkdtemp(prefix="bench_run_")
     T = (cfg.img_size // vit.CONFIGS[cfg.model]["patch_size"]) ** 2
@@ -330,13 +332,15 @@ def bench_run(cfg, device, folder, rows):
         shutil.rmtree(out_dir, ignore_errors=True)
     row["wall_s"] = time.perf_counter() - t0
     rows.append(row)
-    print(f"  [{time.perf_counter() - cfg.t_start:.0f} s] run: {row.get('log_line', row.get('error', row.get('output', '')[-600:]))}",
-          flush=True)
+    print(
+        f"  [{time.perf_counter() - cfg.t_start:.0f} s] run: "
+        f"{row.get('log_line', row.get('error', row.get('output', '')[-600:]))}",
+        flush=True)
 
 
 class TorchvisionTwoViews(torch.utils.data.Dataset):
-    """The baseline: full PIL decode, then the augmentation of METHOD.md 10 per image and view in the worker (PIL ops,
-    then to tensor: on a 2-core CPU ~1.5x faster than v2.ToImage first and tensor ops)."""
+    """The baseline: full PIL decode, then the augmentation of METHOD.md 10 per image and view in the worker (PIL
+    ops, then to tensor: on a 2-core CPU ~1.5x faster than v2.ToImage first and tensor ops)."""
 
     def __init__(self, files, S):
         self.files = files
@@ -355,9 +359,9 @@ class TorchvisionTwoViews(torch.utils.data.Dataset):
 
 
 def data_img_s(pipeline, files, S, workers, n_images, batch, device):
-    """Images/s (two views each) from DataLoader creation to the last batch ready. pipeline: "ours" (loader workers +
-    photometric on `device`), "loader" (ours without the photometric part: the CPU cost per process when the
-    photometric ops run on a GPU) or "torchvision"."""
+    """Images/s (two views each) from DataLoader creation to the last batch ready. pipeline: "ours" (loader
+    workers + photometric on `device`), "loader" (ours without the photometric part: the CPU cost per process
+    when the photometric ops run on a GPU) or "torchvision"."""
     ours = pipeline != "torchvision"
     ds = data.TwoViews(files, S) if ours else TorchvisionTwoViews(files, S)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=[i % len(files) for i in range(n_images)],
@@ -384,8 +388,8 @@ def data_img_s(pipeline, files, S, workers, n_images, batch, device):
 
 
 def bench_data(cfg, device, files, rows):
-    """Part 3: one process (num_workers=0), then --workers workers; ours with and without the photometric ops against
-    torchvision doing everything."""
+    """Part 3: one process (num_workers=0), then --workers workers; ours with and without the photometric ops
+    against torchvision doing everything."""
     batch = min(32, cfg.batch_size)
     names = {"ours": "ours", "loader": "ours, loader only", "torchvision": "torchvision"}
     for workers in sorted({0, cfg.workers}):
@@ -446,8 +450,8 @@ def environment(device):
 
 
 def presets(cfg, parser):
-    """Sizes (full: ViT-S at 224 px, batch 256; --quick: the demo ViT at 64 px, batch 16) and the parts and rows of
-    the full bench or of --gpu-check (fewer timed steps: it must fit in 6 minutes with compilation)."""
+    """Sizes (full: ViT-S at 224 px, batch 256; --quick: the demo ViT at 64 px, batch 16) and the parts and rows
+    of the full bench or of --gpu-check (fewer timed steps: it must fit in 6 minutes with compilation)."""
     for k, full, quick in (("model", "vit_small", "vit_demo"), ("img_size", 224, 64), ("batch_size", 256, 16),
                            ("steps", 20, 3), ("warmup", 5, 1), ("n_jpegs", 512, 64), ("run_steps", 48, 4)):
         if getattr(cfg, k) is None:

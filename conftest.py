@@ -1,5 +1,5 @@
-"""Helpers and fixtures shared by the test files: tiny images, datasets and runs of pretrain.py, the demo set, a free
-port, the one-line error check of the stage scripts."""
+"""Helpers and fixtures shared by the test files: tiny images, datasets and runs of pretrain.py, the demo set, a
+free port, the one-line error check of the stage scripts."""
 import json
 import os
 import shutil
@@ -19,7 +19,8 @@ import vit
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--model", "vit_test", "--img-size", "32", "--head-hidden", "32", "--head-out", "16", "--workers", "0",
         "--log-every", "1", "--lr", "1e-3", "--warmup", "0"]  # the 32 px test ViT (4x4 tokens), no objective flags
-GUIDED = ["--M", "4", "--N", "3"]  # guided sampling at a size for 16 tokens (the default --N 64 needs 65 tokens)
+# guided sampling at a size for 16 tokens (the default --N 64 needs 65 tokens)
+GUIDED = ["--M", "4", "--N", "3"]
 
 
 def make_images(folder, n=16, size=40, seed=0):
@@ -85,8 +86,8 @@ def square(x0, y0, x1, y1):
 
 
 def tiny_coco(folder, n_images=3, size=20):
-    """A COCO instances file with non-contiguous category ids (3, 7, 12), a crowd annotation, overlapping instances
-    listed large-after-small, and an image without annotations."""
+    """A COCO instances file with non-contiguous category ids (3, 7, 12), a crowd annotation, overlapping
+    instances listed large-after-small, and an image without annotations."""
     os.makedirs(folder / "img", exist_ok=True)
     images = []
     for i in range(1, n_images + 1):

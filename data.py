@@ -8,8 +8,9 @@ Data for two-view contrastive pretraining, top to bottom:
     two_view_batch / device_batches  collate; the views on the training device (side-stream upload, photometric)
     EpochSampler / RunSampler        deterministic, resumable, rank-aware samplers (one epoch / a span of steps)
 
-Randomness: every draw comes from a torch.Generator. A sample's generator is seeded from (seed, epoch, index) only, so
-the views do not depend on the number of workers, their order, the number of processes, or on resuming mid-epoch.
+Randomness: every draw comes from a torch.Generator. A sample's generator is seeded from (seed, epoch, index)
+only, so the views do not depend on the number of workers, their order, the number of processes, or on
+resuming mid-epoch.
 """
 import json
 import math
@@ -20,8 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-try:  # libjpeg-turbo through torchvision: ~1.5x faster than PIL's decode. Deprecated since torchvision 0.29 in favour
-    from torchvision.io import ImageReadMode, decode_jpeg, read_file  # of TorchCodec; PIL takes over once it is gone
+# libjpeg-turbo through torchvision: ~1.5x faster than PIL's decode. Deprecated since torchvision 0.29 in
+# favour
+try:
+    # of TorchCodec; PIL takes over once it is gone
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
 except ImportError:
     decode_jpeg = None
 
@@ -36,8 +40,8 @@ MAX_TRIES = 50  # a sample gives up after this many unreadable files in a row
 
 
 def _open(path):
-    """Image.open that turns PIL's decompression-bomb warning (more than Image.MAX_IMAGE_PIXELS pixels) into an error,
-    so a huge image is skipped like a corrupt one instead of being decoded into all of memory."""
+    """Image.open that turns PIL's decompression-bomb warning (more than Image.MAX_IMAGE_PIXELS pixels) into an
+    error, so a huge image is skipped like a corrupt one instead of being decoded into all of memory."""
     with warnings.catch_warnings():
         warnings.simplefilter('error', Image.DecompressionBombWarning)
         try:
@@ -48,8 +52,8 @@ def _open(path):
 
 def _to_rgb(im):
     """Decode an opened image to 8-bit RGB. 16/32-bit integer modes (I;16*, I) are read as 0..65535 and scaled by
-    255/65535; images with alpha (RGBA, LA, PA, or a 'transparency' entry as in P/L/RGB PNGs) are composited onto
-    BACKGROUND (mid-grey)."""
+    255/65535; images with alpha (RGBA, LA, PA, or a 'transparency' entry as in P/L/RGB PNGs) are composited
+    onto BACKGROUND (mid-grey)."""
     if im.mode.startswith('I'):
         a = np.asarray(im).astype(np.float64) * (255 / 65535)
         return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert('RGB')
@@ -60,10 +64,11 @@ def _to_rgb(im):
 
 
 def load_rgb(path, draft_size=None):
-    """Open an image file of any PIL mode (1, L, P, RGB, RGBA, LA, CMYK, I;16, ...) and return an 8-bit RGB PIL image
-    (see _to_rgb: alpha is composited on mid-grey (128,128,128), 16-bit is scaled by 255/65535).
-    draft_size=(w, h): a JPEG is decoded at 1/2, 1/4 or 1/8 scale (DCT scaling, PIL's Image.draft) as long as the result
-    stays >= (w, h). Raises on unreadable, truncated or non-image files and on images above Image.MAX_IMAGE_PIXELS."""
+    """Open an image file of any PIL mode (1, L, P, RGB, RGBA, LA, CMYK, I;16, ...) and return an 8-bit RGB PIL
+    image (see _to_rgb: alpha is composited on mid-grey (128,128,128), 16-bit is scaled by 255/65535).
+    draft_size=(w, h): a JPEG is decoded at 1/2, 1/4 or 1/8 scale (DCT scaling, PIL's Image.draft) as long as
+    the result stays >= (w, h). Raises on unreadable, truncated or non-image files and on images above
+    Image.MAX_IMAGE_PIXELS."""
     with _open(path) as im:
         if draft_size is not None:
             im.draft('RGB', tuple(draft_size))
@@ -72,7 +77,8 @@ def load_rgb(path, draft_size=None):
 
 def coco_image_root(json_path):
     """The image folder of a COCO .json: <json folder>/../<split> (annotations/instances_train2017.json ->
-    train2017/), else <json folder>/../images/<split> (the demo layout); split = the last '_' part of the name."""
+    train2017/), else <json folder>/../images/<split> (the demo layout); split = the last '_' part of the
+    name."""
     split = os.path.basename(json_path)[:-len('.json')].split('_')[-1]
     parent = os.path.dirname(os.path.dirname(os.path.abspath(json_path)))
     tried = [os.path.join(parent, split), os.path.join(parent, 'images', split)]
@@ -115,9 +121,9 @@ def list_images(data, image_root=None):
 
 def _rrc_size(H, W, scale, ratio, g):
     """The crop size of torchvision's RandomResizedCrop.get_params, same float32 draws from g: up to 10 tries of
-    area = U(scale)*H*W, aspect = w/h = exp(U(log ratio)), w = round(sqrt(area*aspect)), h = round(sqrt(area/aspect)),
-    accepted if 0 < h <= H and 0 < w <= W. Returns (h, w, True), or after 10 misses (h, w, False) of the central
-    fallback: the whole image with its aspect clamped into `ratio`."""
+    area = U(scale)*H*W, aspect = w/h = exp(U(log ratio)), w = round(sqrt(area*aspect)), h =
+    round(sqrt(area/aspect)), accepted if 0 < h <= H and 0 < w <= W. Returns (h, w, True), or after 10 misses
+    (h, w, False) of the central fallback: the whole image with its aspect clamped into `ratio`."""
     log_r = torch.log(torch.tensor(ratio)).tolist()
     for _ in range(10):
         area = H * W * torch.empty(1).uniform_(scale[0], scale[1], generator=g).item()
@@ -135,8 +141,8 @@ def _rrc_size(H, W, scale, ratio, g):
 
 
 def rrc_params(H, W, scale, ratio, g):
-    """RandomResizedCrop box (top, left, h, w), exactly torchvision's algorithm (same draws in the same order, so with
-    g = torch.default_generator it reproduces T.RandomResizedCrop.get_params): size from _rrc_size, then
+    """RandomResizedCrop box (top, left, h, w), exactly torchvision's algorithm (same draws in the same order, so
+    with g = torch.default_generator it reproduces T.RandomResizedCrop.get_params): size from _rrc_size, then
     top ~ randint(0, H-h+1), left ~ randint(0, W-w+1); the fallback crop is centred."""
     h, w, ok = _rrc_size(H, W, scale, ratio, g)
     if not ok:
@@ -153,12 +159,13 @@ def _beta(alpha, g):
 
 
 def ccrop_params(H, W, box, scale, ratio, alpha, g):
-    """ContrastiveCrop box (top, left, h, w), METHOD.md 9 / the official code: h, w drawn as RRC (same fallback); then with
-    the normalised box (h0, w0, h1, w1)
+    """ContrastiveCrop box (top, left, h, w), METHOD.md 9 / the official code: h, w drawn as RRC (same fallback);
+    then with the normalised box (h0, w0, h1, w1)
         ch0 = clip(int(H*h0) - h//2, 0, H-h),  ch1 = clip(int(H*h1) - h//2, 0, H-h),  top = ch0 + floor((ch1-ch0)*b1)
         cw0 = clip(int(W*w0) - w//2, 0, W-w),  cw1 = clip(int(W*w1) - w//2, 0, W-w),  left = cw0 + floor((cw1-cw0)*b2)
-    b1, b2 ~ Beta(alpha, alpha) independent: the crop centre lies in the box, alpha < 1 pushes it towards the box edges.
-    (The official code clips ch0 only from below and ch1 only from above; clipping both keeps crops in the image.)"""
+    b1, b2 ~ Beta(alpha, alpha) independent: the crop centre lies in the box, alpha < 1 pushes it towards the
+    box edges. (The official code clips ch0 only from below and ch1 only from above; clipping both keeps crops
+    in the image.)"""
     h, w, ok = _rrc_size(H, W, scale, ratio, g)
     if not ok:
         return (H - h) // 2, (W - w) // 2, h, w
@@ -172,12 +179,14 @@ def ccrop_params(H, W, box, scale, ratio, alpha, g):
 # ----------------------------------------------------------------------------------------------------------------------
 # the two-view dataset (runs in loader workers)
 
-PHOTO_KEYS = ('brightness', 'contrast', 'saturation', 'hue', 'gray', 'blur_sigma')  # layout of a 'photo' vector, P = 6
+# layout of a 'photo' vector, P = 6
+PHOTO_KEYS = ('brightness', 'contrast', 'saturation', 'hue', 'gray', 'blur_sigma')
 
 
 def draw_photo(g):
-    """Photometric parameters of one view (METHOD.md 10), always 8 draws from g. ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8:
-    brightness, contrast, saturation ~ U(0.6, 1.4), hue ~ U(-0.1, 0.1), or the identity (1, 1, 1, 0) when not applied;
+    """Photometric parameters of one view (METHOD.md 10), always 8 draws from g. ColorJitter(0.4, 0.4, 0.4, 0.1)
+    with p=0.8: brightness, contrast, saturation ~ U(0.6, 1.4), hue ~ U(-0.1, 0.1), or the identity (1, 1, 1,
+    0) when not applied;
     gray = 1 with p=0.2 else 0; blur_sigma ~ U(0.1, 2) with p=0.5 else 0 (= no blur)."""
     u = torch.rand(8, generator=g, dtype=torch.float64).tolist()
     jitter = u[0] < 0.8
@@ -191,18 +200,20 @@ def draw_photo(g):
 class TwoViews(torch.utils.data.Dataset):
     """Decode + geometric crop in loader workers; returns uint8 views and the photometric parameters.
 
-    Sample i of epoch e (key (e, i), as RunSampler yields them; a plain index i takes e from set_epoch) uses the
-    generator seeded with ((seed*1_000_003 + e)*10_000_019 + i) mod 2**63 and draws per view, in this order: crop box
-    (rrc_params, or ccrop_params with boxes[index] when `boxes` is given), flip ~ Bernoulli(0.5), photometric
-    parameters (draw_photo). The boxes are drawn on the original size (read from the file header), then a JPEG is
-    decoded at the largest DCT reduction (1/2, 1/4, 1/8) that keeps both crops >= img_size pixels on each side (PIL's
-    draft; at full size through torchvision's decode_jpeg, which is faster), and each crop (its corners rounded to the
-    decoded grid) is resized to img_size x img_size with torch's antialiased bilinear interpolation on uint8.
-    `boxes` ([n_files, 4] normalised (h0, w0, h1, w1), METHOD.md 9) is read at __getitem__ time, so a tensor in shared
-    memory updated in place by the trainer is seen by running workers; pass boxes=None for plain RRC. With
-    ccrop_warmup=W the boxes are used from epoch W on and epochs < W use plain RRC (METHOD.md 9 warm-up).
-    A file that fails to load is skipped: files (i+1) % n, (i+2) % n, ... are tried with the same generator seed, the
-    failed paths are returned in 'skipped', and RuntimeError is raised after MAX_TRIES failures in a row."""
+    Sample i of epoch e (key (e, i), as RunSampler yields them; a plain index i takes e from set_epoch) uses
+    the generator seeded with ((seed*1_000_003 + e)*10_000_019 + i) mod 2**63 and draws per view, in this
+    order: crop box (rrc_params, or ccrop_params with boxes[index] when `boxes` is given), flip ~
+    Bernoulli(0.5), photometric parameters (draw_photo). The boxes are drawn on the original size (read from
+    the file header), then a JPEG is decoded at the largest DCT reduction (1/2, 1/4, 1/8) that keeps both
+    crops >= img_size pixels on each side (PIL's draft; at full size through torchvision's decode_jpeg, which
+    is faster), and each crop (its corners rounded to the decoded grid) is resized to img_size x img_size with
+    torch's antialiased bilinear interpolation on uint8. `boxes` ([n_files, 4] normalised (h0, w0, h1, w1),
+    METHOD.md 9) is read at __getitem__ time, so a tensor in shared memory updated in place by the trainer is
+    seen by running workers; pass boxes=None for plain RRC. With ccrop_warmup=W the boxes are used from epoch
+    W on and epochs < W use plain RRC (METHOD.md 9 warm-up).
+    A file that fails to load is skipped: files (i+1) % n, (i+2) % n, ... are tried with the same generator
+    seed, the failed paths are returned in 'skipped', and RuntimeError is raised after MAX_TRIES failures in a
+    row."""
 
     def __init__(self, files, img_size=224, scale=(0.2, 1.0), ratio=(3/4, 4/3), seed=0, boxes=None, ccrop_alpha=0.6,
                  ccrop_warmup=0):
@@ -237,7 +248,8 @@ class TwoViews(torch.utils.data.Dataset):
             g = torch.Generator().manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63)
             try:
                 out = self.load(j, g, epoch)
-            except Exception as e:  # any decode failure (PIL raises OSError, ValueError, SyntaxError...) skips the file
+            # any decode failure (PIL raises OSError, ValueError, SyntaxError...) skips the file
+            except Exception as e:
                 skipped.append(self.files[j])
                 error = e
                 continue
@@ -260,10 +272,13 @@ class TwoViews(torch.utils.data.Dataset):
                     box = ccrop_params(H, W, self.boxes[j].tolist(), self.scale, self.ratio, self.ccrop_alpha, g)
                 flip = torch.rand((), generator=g).item() < 0.5
                 views.append((box, flip, draw_photo(g)))
-            f = min(min(box[2], box[3]) for box, _, _ in views) / S  # largest downscale keeping both crops >= S px
-            drafted = im.draft('RGB', (math.ceil(W / f), math.ceil(H / f))) if f >= 2 else None  # None: not a JPEG
+            # largest downscale keeping both crops >= S px
+            f = min(min(box[2], box[3]) for box, _, _ in views) / S
+            # None: not a JPEG
+            drafted = im.draft('RGB', (math.ceil(W / f), math.ceil(H / f))) if f >= 2 else None
             if decode_jpeg and drafted is None and im.format == 'JPEG' and im.mode in ('RGB', 'L', 'CMYK'):
-                img = decode_jpeg(read_file(path), mode=ImageReadMode.RGB)  # libjpeg-turbo, ~1.5x faster than PIL's
+                # libjpeg-turbo, ~1.5x faster than PIL's
+                img = decode_jpeg(read_file(path), mode=ImageReadMode.RGB)
             else:
                 img = torch.from_numpy(np.array(_to_rgb(im))).permute(2, 0, 1)
         d = W / img.shape[2]  # the DCT scale of the decode: 1, 2, 4 or 8
@@ -290,30 +305,32 @@ def two_view_batch(batch_list):
 
 def _gray(x):
     """ITU-R 601 luma as torchvision: 0.2989 R + 0.587 G + 0.114 B, [N, 1, H, W]."""
-    r, g, b = x.unbind(1)
-    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1)
+    red, green, blue = x.unbind(1)
+    return red.mul(0.2989).add_(green, alpha=0.587).add_(blue, alpha=0.114).unsqueeze(1)
 
 
 def _shift_hue(x, shift):
-    """torchvision's adjust_hue for [N, 3, H, W] in [0, 1] with a per-sample shift [N]: RGB -> HSV,
-    hue = (hue + shift) mod 1, HSV -> RGB via channel_n = V - V*S*clip(min(k, 4-k), 0, 1), k = (n + 6*hue) mod 6,
-    n = 5, 3, 1 for R, G, B."""
-    r, g, b = x.unbind(1)
+    """torchvision's adjust_hue for [N, 3, H, W] in [0, 1] with a per-sample shift [N]: RGB -> HSV, hue = (hue +
+    shift) mod 1, HSV -> RGB via channel_n = V - V*S*clip(min(k, 4-k), 0, 1), k = (n + 6*hue) mod 6, n = 5, 3,
+    1 for R, G, B."""
+    red, green, blue = x.unbind(1)
     v, minc = x.amax(1), x.amin(1)
     d = v - minc
     s = d / v.clamp_min(1e-12)  # 0 where v = 0 (then d = 0)
     dd = d.clamp_min(1e-12)  # where d = 0 the hue is irrelevant (s = 0)
-    h = torch.where(v == r, ((g - b) / dd) % 6, torch.where(v == g, (b - r) / dd + 2, (r - g) / dd + 4)) / 6
+    h = torch.where(v == red, ((green - blue) / dd) % 6,
+                    torch.where(v == green, (blue - red) / dd + 2, (red - green) / dd + 4)) / 6
     h = (h + shift.view(-1, 1, 1)) % 1
-    n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1 without a host copy
+    # 5, 3, 1 without a host copy
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     k = (n + 6 * h.unsqueeze(1)) % 6
     return v.unsqueeze(1) - (v * s).unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
 def _blur(x, sigma):
-    """Separable Gaussian blur with one sigma per sample [N] (> 0): kernel size K = 2*floor(0.05*S) + 1 (~10% of the
-    side, odd; 23 at 224 px, 7 at 64 px), weights exp(-t^2 / (2 sigma^2)) normalised, t = -K//2..K//2, reflect
-    padding, as torchvision's gaussian_blur. One grouped conv over all N*3 channels per direction."""
+    """Separable Gaussian blur with one sigma per sample [N] (> 0): kernel size K = 2*floor(0.05*S) + 1 (~10% of
+    the side, odd; 23 at 224 px, 7 at 64 px), weights exp(-t^2 / (2 sigma^2)) normalised, t = -K//2..K//2,
+    reflect padding, as torchvision's gaussian_blur. One grouped conv over all N*3 channels per direction."""
     N, C, S, _ = x.shape
     r = int(0.05 * S)
     x = x.float()
@@ -327,9 +344,9 @@ def _blur(x, sigma):
 
 
 def _where(mask, fn, x):
-    """fn applied where mask [N] is set, x elsewhere; fn takes an index into the batch. Eager on CPU only the selected
-    samples are computed; on an accelerator or under torch.compile one dense torch.where keeps the op free of host
-    syncs and of data-dependent shapes."""
+    """fn applied where mask [N] is set, x elsewhere; fn takes an index into the batch. Eager on CPU only the
+    selected samples are computed; on an accelerator or under torch.compile one dense torch.where keeps the op
+    free of host syncs and of data-dependent shapes."""
     if x.device.type == 'cpu' and not torch.compiler.is_compiling():
         idx = mask.nonzero().squeeze(1)
         return x.index_copy(0, idx, fn(idx)) if len(idx) else x
@@ -338,9 +355,10 @@ def _where(mask, fn, x):
 
 def photometric(views_uint8, params, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Batched photometric augmentation on the training device (GPU in practice), METHOD.md 10.
-    views_uint8: [N, 3, S, S] uint8; params: [N, 6] float (stacked 'photo' tensors, layout PHOTO_KEYS). Returns
-    [N, 3, S, S] float32. With x = views/255, in this fixed order (torchvision's ColorJitter permutes b, c, s, h per
-    call; a fixed order keeps the op vectorised and the parameters meaningful), clamping to [0, 1] after each jitter op:
+    views_uint8: [N, 3, S, S] uint8; params: [N, 6] float (stacked 'photo' tensors, layout PHOTO_KEYS).
+    Returns [N, 3, S, S] float32. With x = views/255, in this fixed order (torchvision's ColorJitter permutes
+    b, c, s, h per call; a fixed order keeps the op vectorised and the parameters meaningful), clamping to [0,
+    1] after each jitter op:
         brightness  x <- clip(b x)
         contrast    x <- clip(c x + (1 - c) mean(gray(x)))      mean over the whole image
         saturation  x <- clip(s x + (1 - s) gray(x))            gray = 0.2989 R + 0.587 G + 0.114 B
@@ -366,22 +384,23 @@ def photometric(views_uint8, params, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     with torch.autocast(x.device.type, enabled=False):  # keep the blur in float32 under a bf16 autocast
         x = _where(p[:, 5] > 0, lambda i: _blur(x[i], p[i, 5].clamp_min(1e-3)), x)
     m, sd = x.new_empty(1, 3, 1, 1), x.new_empty(1, 3, 1, 1)
-    for c in range(3):  # filled on the device: a torch.tensor(..., device=cuda) copy would stall the GPU queue
+    # filled on the device: a torch.tensor(..., device=cuda) copy would stall the GPU queue
+    for c in range(3):
         m[:, c].fill_(mean[c])
         sd[:, c].fill_(std[c])
     return (x - m) / sd
 
 def device_views(batch, device, photometric=photometric):
-    """The [2B, 3, S, S] float input of a TwoViews batch (view 1 of every image, then view 2): the uint8 views are
-    copied to `device` and the photometric ops run there."""
+    """The [2B, 3, S, S] float input of a TwoViews batch (view 1 of every image, then view 2): the uint8 views
+    are copied to `device` and the photometric ops run there."""
     return torch.cat([photometric(batch[f"view{i}"].to(device, non_blocking=True),
                                   batch[f"photo{i}"].to(device, non_blocking=True)) for i in (1, 2)])
 
 
 def device_batches(loader, device, photometric=photometric):
     """(device_views of each batch, its 'skipped' list) for the batches of `loader`. On CUDA the next batch's
-    host->device copy (pinned memory, ~77 MB at 224 px and batch 256) runs on a side stream while the current step
-    computes, instead of in front of it on the compute stream."""
+    host->device copy (pinned memory, ~77 MB at 224 px and batch 256) runs on a side stream while the current
+    step computes, instead of in front of it on the compute stream."""
     if device.type != "cuda":
         for batch in loader:
             yield device_views(batch, device, photometric), batch["skipped"]
@@ -409,11 +428,12 @@ def device_batches(loader, device, photometric=photometric):
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Deterministic, resumable, rank-aware. Each epoch: perm = randperm(n) from a Generator seeded with seed + epoch;
-    n_batches = n // G (the tail is dropped); global batch b = perm[b*G:(b+1)*G], of which this rank yields the slice
-    perm[b*G + rank*G/world : b*G + (rank+1)*G/world] for b = start_batch .. n_batches-1. So `world` ranks together see
-    exactly the global batches of one process, and a run resumed at start_batch skips the seen batches without reading
-    them. Use with DataLoader(batch_size=G // world)."""
+    """Deterministic, resumable, rank-aware. Each epoch: perm = randperm(n) from a Generator seeded with seed +
+    epoch;
+    n_batches = n // G (the tail is dropped); global batch b = perm[b*G:(b+1)*G], of which this rank yields
+    the slice perm[b*G + rank*G/world : b*G + (rank+1)*G/world] for b = start_batch .. n_batches-1. So `world`
+    ranks together see exactly the global batches of one process, and a run resumed at start_batch skips the
+    seen batches without reading them. Use with DataLoader(batch_size=G // world)."""
 
     def __init__(self, n, global_batch, rank=0, world=1, seed=0, epoch=0, start_batch=0):
         if global_batch < 1 or global_batch % world:
@@ -443,9 +463,9 @@ class EpochSampler(torch.utils.data.Sampler):
 
 class RunSampler(EpochSampler):
     """EpochSampler's batches over a span of global steps [start, stop) that crosses epoch boundaries (step s is
-    batch s % n_batches of epoch s // n_batches), as (epoch, index) keys for TwoViews. One loader then serves a whole
-    run: its workers run ahead into the next epoch, where a loader restarted at every epoch would drain (with 16
-    workers and 16 batches an epoch, half the time of an H200 run went there)."""
+    batch s % n_batches of epoch s // n_batches), as (epoch, index) keys for TwoViews. One loader then serves
+    a whole run: its workers run ahead into the next epoch, where a loader restarted at every epoch would
+    drain (with 16 workers and 16 batches an epoch, half the time of an H200 run went there)."""
 
     def __init__(self, n, global_batch, rank=0, world=1, seed=0):
         super().__init__(n, global_batch, rank, world, seed)

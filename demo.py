@@ -61,7 +61,8 @@ def _hsv(h, s, v):
 
 
 def _demo_shape(shape, cx, cy, r, angle):
-    """Boolean [S, S] mask of a shape of radius r centred at (cx, cy), and its COCO polygon (None for disc and ring).
+    """Boolean [S, S] mask of a shape of radius r centred at (cx, cy), and its COCO polygon (None for disc and
+    ring).
     Polygons are rasterised by pycocotools itself, so a json polygon decodes to exactly the drawn pixels."""
     from pycocotools import mask as mask_utils
     S = DEMO_SIZE
@@ -89,11 +90,12 @@ def _demo_texture(texture, g):
 
 
 def _demo_scene(g, n_objects, crowd):
-    """One image: a smooth random two-colour gradient + low-frequency colour noise + pixel noise, then n_objects objects
-    (radius 6-24 px, i.e. 12-48 px wide, random position/rotation, category colour with jitter and category texture)
-    painted in order, later on top. If crowd, the first object is a cluster of 3-5 small same-category objects (one
-    iscrowd=1 annotation). Objects left with < 30% of their area visible are not drawn. Returns uint8 [S, S, 3] and a
-    list of (category index, full mask, visible mask, polygon or None, iscrowd) in drawing order."""
+    """One image: a smooth random two-colour gradient + low-frequency colour noise + pixel noise, then n_objects
+    objects (radius 6-24 px, i.e. 12-48 px wide, random position/rotation, category colour with jitter and
+    category texture) painted in order, later on top. If crowd, the first object is a cluster of 3-5 small
+    same-category objects (one iscrowd=1 annotation). Objects left with < 30% of their area visible are not
+    drawn. Returns uint8 [S, S, 3] and a list of (category index, full mask, visible mask, polygon or None,
+    iscrowd) in drawing order."""
     S = DEMO_SIZE
     yy, xx = np.mgrid[0:S, 0:S] + 0.5
     c0, c1 = (_hsv(_u(g), _u(g, 0.1, 0.45), _u(g, 0.3, 0.9)) for _ in range(2))
@@ -129,25 +131,28 @@ def _demo_scene(g, n_objects, crowd):
 
 
 def voc_palette():
-    """The PASCAL VOC colour map: bit 3j+ch of the class index i -> bit 7-j of channel ch (1 -> (128, 0, 0), 255 ->
-    (224, 224, 192)). A flat list of 768 values for Image.putpalette."""
+    """The PASCAL VOC colour map: bit 3j+ch of the class index i -> bit 7-j of channel ch (1 -> (128, 0, 0), 255
+    -> (224, 224, 192)). A flat list of 768 values for Image.putpalette."""
     return [sum(((i >> (3 * j + ch)) & 1) << (7 - j) for j in range(8)) for i in range(256) for ch in range(3)]
 
 
 def make_demo(root='data/demo', seed=0, n_train=DEMO_TRAIN, n_val=DEMO_VAL):
-    """Generate the built-in demo set deterministically on first use (idempotent: if root/DONE exists return at once).
-    Written into a temp folder next to root, then os.replace'd into place: an interrupted generation leaves no half set.
+    """Generate the built-in demo set deterministically on first use (idempotent: if root/DONE exists return at
+    once).
+    Written into a temp folder next to root, then os.replace'd into place: an interrupted generation leaves no
+    half set.
 
     root/images/{train,val}/<id:06d>.jpg        96x96 RGB JPEG q90; n_train (ids 1..n_train) + n_val images
-    root/annotations/instances_{train,val}.json COCO instances: polygons for unoccluded polygon shapes, RLE (counts
+    root/annotations/instances_{train,val}.json COCO instances: polygons for unoccluded polygon shapes, RLE
+    (counts
                                                 as str) for discs, rings, occluded objects and iscrowd=1 clusters;
                                                 bbox/area of the visible mask; 8 categories, ids 1,3,7,8,13,18,22,25
     root/voc/JPEGImages/<id>.jpg                the same images
     root/voc/SegmentationClass/<id>.png         'P' PNG, VOC palette: 0 background, 1..8 = category in DEMO_CATEGORIES
                                                 order, 255 on the 2-px band where the instance id changes (like VOC)
-    root/voc/ImageSets/Segmentation/{train,val}.txt
-    Every 33rd image (k % 33 == 5) has no object; the others have 2-4 objects (see _demo_scene); the json masks are the
-    visible masks, so they agree with the PNGs. Random draws: torch.Generator seeded with `seed`."""
+    root/voc/ImageSets/Segmentation/{train,val}.txt Every 33rd image (k % 33 == 5) has no object; the others
+    have 2-4 objects (see _demo_scene); the json masks are the visible masks, so they agree with the PNGs.
+    Random draws: torch.Generator seeded with `seed`."""
     from pycocotools import mask as mask_utils  # only the demo needs pycocotools
     root = os.fspath(root)
     if os.path.exists(os.path.join(root, 'DONE')):
@@ -181,7 +186,8 @@ def make_demo(root='data/demo', seed=0, n_train=DEMO_TRAIN, n_val=DEMO_VAL):
                                     'segmentation': segmentation, 'area': int(mask_utils.area(rle)),
                                     'bbox': [float(v) for v in mask_utils.toBbox(rle)], 'iscrowd': iscrowd})
                 ann_id += 1
-            p = np.pad(inst, 1, mode='edge')  # VOC-style void band: pixels with a differently-labelled 3x3 neighbour
+            # VOC-style void band: pixels with a differently-labelled 3x3 neighbour
+            p = np.pad(inst, 1, mode='edge')
             band = np.logical_or.reduce([p[dy:dy + S, dx:dx + S] != inst for dy in range(3) for dx in range(3)])
             label[band] = 255
             buf = io.BytesIO()

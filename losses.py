@@ -8,11 +8,11 @@ The contrastive objectives, as pure functions (tensors in, tensor out; no global
     montage_loss MCL montage cells vs global embeddings of the other view      METHOD.md 8
     mcl_loss     MCL's levels and both directions of montage_loss             METHOD.md 8
 
-Views are laid out as [view 1 of images 0..B-1, view 2 of images 0..B-1]. Under torch.distributed the negatives come from
-every rank through a differentiable all-gather; global image g = rank * B + i, so the global layout is that of one
-process holding the concatenated batch. Each rank returns the mean over its own anchors: the mean over ranks is the
-single-process loss, and DDP's gradient averaging then gives exactly the single-process gradients (the gather's
-backward sums every rank's gradient into the features it came from).
+Views are laid out as [view 1 of images 0..B-1, view 2 of images 0..B-1]. Under torch.distributed the
+negatives come from every rank through a differentiable all-gather; global image g = rank * B + i, so the
+global layout is that of one process holding the concatenated batch. Each rank returns the mean over its own
+anchors: the mean over ranks is the single-process loss, and DDP's gradient averaging then gives exactly the
+single-process gradients (the gather's backward sums every rank's gradient into the features it came from).
 """
 import torch
 import torch.distributed as dist
@@ -37,7 +37,8 @@ class _Gather(torch.autograd.Function):
         rank, size = world()
         ctx.rank, ctx.n = rank, x.shape[0]
         out = torch.empty((size * x.shape[0],) + x.shape[1:], dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x.contiguous())
+        # all_gather_single from torch 2.14 on (all_gather_into_tensor, its former name, then warns at every call)
+        (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x.contiguous())
         return out
 
     @staticmethod
@@ -79,21 +80,24 @@ def nt_xent(u1, u2, tau):
     with torch.autocast(u.device.type, enabled=False):  # a [2B, 2Bg] table: float32 costs nothing here
         logits = (u.reshape(2 * B, -1) @ everyone.reshape(2 * Bg, -1).T) / tau  # [2B, 2Bg]
     a = torch.arange(2, device=u.device).repeat_interleave(B)
-    g = rank * B + torch.arange(B, device=u.device).repeat(2)
-    self_col, pos_col = a * Bg + g, (1 - a) * Bg + g
+    img = rank * B + torch.arange(B, device=u.device).repeat(2)  # global image index of each anchor
+    self_col, pos_col = a * Bg + img, (1 - a) * Bg + img
     cols = torch.arange(2 * Bg, device=u.device)
-    logits = logits.masked_fill(cols[None, :] == self_col[:, None], float("-inf"))  # no host->device copy: no sync
+    # no host->device copy: no sync
+    logits = logits.masked_fill(cols[None, :] == self_col[:, None], float("-inf"))
     return F.cross_entropy(logits, pos_col)
 
 
 @torch.no_grad()
 def match(f1, f2):
-    """Dense correspondence (METHOD.md 3): for each token t of view 1, j*(t) = argmax_j cos(f1_t, f2_j). [B, T] (int64).
-    The cosine table is computed in float32 (float64 stays float64) with autocast off: in bf16 (steps of ~0.004 near
-    1) many anchors tie and argmax would break the ties towards the lowest token index. It is [B, T, T], tiny next to
-    the backbone."""
+    """Dense correspondence (METHOD.md 3): for each token t of view 1, j*(t) = argmax_j cos(f1_t, f2_j). [B, T]
+    (int64).
+    The cosine table is computed in float32 (float64 stays float64) with autocast off: in bf16 (steps of
+    ~0.004 near 1) many anchors tie and argmax would break the ties towards the lowest token index. It is [B,
+    T, T], tiny next to the backbone."""
     if f1.ndim != 3 or f1.shape[0] != f2.shape[0] or f1.shape[2] != f2.shape[2]:
-        raise ValueError(f"match: f1, f2 must be [B, T, K] with equal B and K; got {tuple(f1.shape)}, {tuple(f2.shape)}")
+        raise ValueError(
+            f"match: f1, f2 must be [B, T, K] with equal B and K; got {tuple(f1.shape)}, {tuple(f2.shape)}")
     acc = _acc(f1.dtype)
     with torch.autocast(f1.device.type, enabled=False):
         a, b = F.normalize(f1.to(acc), dim=-1), F.normalize(f2.to(acc), dim=-1)
@@ -102,8 +106,8 @@ def match(f1, f2):
 
 @torch.no_grad()
 def near_tokens(f1, f2, j, k):
-    """The k tokens of view 2 most similar to each token t of view 1 by cos(f1_t, f2_j), not counting its match j[t]
-    (METHOD.md 4.6, xv_exclude): [B, T, k] (int64), most similar first. Same float32 table as match."""
+    """The k tokens of view 2 most similar to each token t of view 1 by cos(f1_t, f2_j), not counting its match
+    j[t] (METHOD.md 4.6, xv_exclude): [B, T, k] (int64), most similar first. Same float32 table as match."""
     acc = _acc(f1.dtype)
     with torch.autocast(f1.device.type, enabled=False):
         cos = torch.bmm(F.normalize(f1.to(acc), dim=-1), F.normalize(f2.to(acc), dim=-1).transpose(1, 2))
@@ -139,8 +143,9 @@ def _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator, score_tokens,
 
 
 def dense_draws(generator, *, B, T, negatives, M=1, beta=None, N=0, score_tokens=None, xv_exclude=0, device=None):
-    """Every random draw of one dense_loss call, made up front (so the loss itself has no generator and compiles as
-    one graph), in this fixed order from `generator` (on its own device), returned on `device` (default: its own):
+    """Every random draw of one dense_loss call, made up front (so the loss itself has no generator and compiles
+    as one graph), in this fixed order from `generator` (on its own device), returned on `device` (default:
+    its own):
         'sets'       'random': token indices (2, Bg); 'guided': M candidate sets (M, 2*Bg), set m takes token
                      sets[m, u] of view u (drawn as (M, 2, Bg))
         'score_keys' guided with beta and score_tokens < T: uniform keys (2, Bg, T); the score_tokens largest of
@@ -162,21 +167,24 @@ def dense_draws(generator, *, B, T, negatives, M=1, beta=None, N=0, score_tokens
 
 
 def _guided_choice(z, z_all, r, own, beta, chunk=None):
-    """Guided set selection (METHOD.md 4.4-4.5), no gradient. z [2, B, T, D] normalised anchors, z_all [2Bg, T', D]
-    every normalised token of every view of the global batch, r [M, 2Bg] the candidate sets (set m takes token r[m, u]
-    of view u: n_u^m = z_all[u, r[m, u]]), own [2, B, 2] the global columns of each anchor view's own image.
+    """Guided set selection (METHOD.md 4.4-4.5), no gradient. z [2, B, T, D] normalised anchors, z_all [2Bg, T',
+    D] every normalised token of every view of the global batch, r [M, 2Bg] the candidate sets (set m takes
+    token r[m, u] of view u: n_u^m = z_all[u, r[m, u]]), own [2, B, 2] the global columns of each anchor
+    view's own image.
     Returns m* [2, B].
       beta None: s(v, m) = zbar_v . (sum_u n_u^m - own-image members) / (2Bg-2)      (exact, by linearity)
       beta:      s(v, m) = mean_t mean_{u not in img(v)} qbar(z_t^v . n_u^m),  qbar(q) = q if q > beta else -1
-    Ties go to the smallest m. The thresholded score needs sum_t qbar(z_t^v . w) for every candidate token w: with
-    M >= T' it is cheaper to compute it once for all 2Bg*T' tokens and pick the sets' members from that table than for
-    the M*2Bg set members (fewer columns in the product); either way one [c*T, columns] product per chunk of c anchor
-    views (c = chunk, default: 2^28 elements a chunk). z may hold a subset of each view's tokens (score_tokens)."""
+    Ties go to the smallest m. The thresholded score needs sum_t qbar(z_t^v . w) for every candidate token w:
+    with M >= T' it is cheaper to compute it once for all 2Bg*T' tokens and pick the sets' members from that
+    table than for the M*2Bg set members (fewer columns in the product); either way one [c*T, columns] product
+    per chunk of c anchor views (c = chunk, default: 2^28 elements a chunk). z may hold a subset of each
+    view's tokens (score_tokens)."""
     M, n_cols = r.shape
     _, B, T, D = z.shape
     cols = torch.arange(n_cols, device=z.device)
     own_m = own[:, :, None, :].expand(2, B, M, 2)
-    if beta is None:  # float32 even under bf16 autocast: cheap (O(M*2Bg*D)), and bf16 rounding reorders the sets
+    # float32 even under bf16 autocast: cheap (O(M*2Bg*D)), and bf16 rounding reorders the sets
+    if beta is None:
         acc = _acc(z.dtype)
         with torch.autocast(z.device.type, enabled=False):
             zbar, cand = z.to(acc).mean(2), z_all[cols, r].to(acc)  # [2, B, D], [M, 2Bg, D]
@@ -191,7 +199,8 @@ def _guided_choice(z, z_all, r, own, beta, chunk=None):
     scores = []
     for s in range(0, 2 * B, c):
         q = flat[s:s + c] @ keys.T  # [c, T, columns]
-        summed = q.masked_fill_(q <= beta, -1.0).sum(1, dtype=_acc(q.dtype))  # bf16 sums would reorder the sets
+        # bf16 sums would reorder the sets
+        summed = q.masked_fill_(q <= beta, -1.0).sum(1, dtype=_acc(q.dtype))
         per_col = summed.view(-1, n_cols, z_all.shape[1])[:, cols, r] if per_token else summed.view(-1, M, n_cols)
         per_col = per_col.scatter(-1, own[s:s + c][:, None, :].expand(-1, M, 2), 0.0)  # [c, M, 2Bg]
         scores.append(per_col.sum(-1))  # own-image columns zeroed, not subtracted: exact ties stay exact
@@ -199,9 +208,9 @@ def _guided_choice(z, z_all, r, own, beta, chunk=None):
 
 
 def _lse_all(z, z_all, own_img, tau, acc, chunk=None):
-    """logsumexp over every token of every other-image view (the poster's exact sum over j-, m), chunked over anchor
-    views (chunk views at a time, default: 2^24 logits a chunk); each chunk is recomputed in backward (activation
-    checkpointing), so memory stays O(chunk)."""
+    """logsumexp over every token of every other-image view (the poster's exact sum over j-, m), chunked over
+    anchor views (chunk views at a time, default: 2^24 logits a chunk); each chunk is recomputed in backward
+    (activation checkpointing), so memory stays O(chunk)."""
     _, B, T, D = z.shape
     Bg = z_all.shape[1]
     flat, cols = z.reshape(2 * B, T, D), z_all.reshape(2 * Bg * T, D)
@@ -221,29 +230,31 @@ def _lse_all(z, z_all, own_img, tau, acc, chunk=None):
 
 def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator=None, score_tokens=None,
                xv_exclude=0, draws=None, chunk=None):
-    """Dense InfoNCE of METHOD.md 4.1, averaged over all 2B·T anchor tokens of both directions.
-    z1, z2: unnormalised dense projections [B, T, Dz] (L2-normalised here); f1, f2: pairing features [B, T, Df].
+    """Dense InfoNCE of METHOD.md 4.1, averaged over all 2B·T anchor tokens of both directions. z1, z2:
+    unnormalised dense projections [B, T, Dz] (L2-normalised here); f1, f2: pairing features [B, T, Df].
     For anchor token t of view v (image i, partner view v', matched token j*(t) = match(f_v, f_v')[t]):
         p_t = z^v_t . z^v'_j*(t)
-        l_{v,t} = -log e^{p_t/tau} / (e^{p_t/tau} + sum_{n in NegImg(v)} e^{z^v_t.n/tau} + sum_{k in NegXV(v,t)} e^{z^v_t.z^v'_k/tau})
+        l_{v,t} = -log e^{p_t/tau} / (e^{p_t/tau} + sum_{n in NegImg(v)} e^{z^v_t.n/tau}
+                                                   + sum_{k in NegXV(v,t)} e^{z^v_t.z^v'_k/tau})
     NegImg(v), over the views u of the other images of the (gathered) batch (2Bg-2 of them):
         'densecl': norm(mean_t' Z^u_t')                         the pooled dense vector of each view   (4.2)
         'random' : z^u_{r_u},  r ~ U{0..T-1}^{2Bg}, shared by all anchors                              (4.3)
         'guided' : z^u_{r^m*(v)_u}, M index vectors r^m, m*(v) the highest-scoring set (see
                    _guided_choice; beta thresholds inside the score)                                  (4.4-4.5)
         'all'    : every token of every such view                                                      (4.7, exact)
-    NegXV(v, t): N tokens of the partner view drawn uniformly without replacement from {0..T-1} minus {j*(t)} minus
-    the xv_exclude tokens most similar to t after j*(t) by the pairing feature (near_tokens; fewer false negatives),
-    per anchor token; N = T-1-xv_exclude takes all of them deterministically (4.6). Gradients flow through anchors, positives
-    and negatives; the matching and the set selection are not differentiated.
-    score_tokens=S (guided with beta only): the thresholded set score averages over S anchor tokens per view drawn
-    uniformly without replacement instead of all T: T/S times less scoring work, the loss itself still uses every
-    token. None or S >= T scores exactly.
-    Randomness: the draws of dense_draws(generator, ...) (see there for their order), or `draws`, the output of that
-    call made earlier (pretrain.py draws before its compiled region). Under DDP the cross-view keys are per rank (one
-    process with the whole batch draws other ones); every other draw matches the single-process run exactly.
-    chunk: anchor views per chunk of the 'all' negatives and of the thresholded set score (None: by memory budget;
-    the result does not depend on it)."""
+    NegXV(v, t): N tokens of the partner view drawn uniformly without replacement from {0..T-1} minus {j*(t)}
+    minus the xv_exclude tokens most similar to t after j*(t) by the pairing feature (near_tokens; fewer false
+    negatives), per anchor token; N = T-1-xv_exclude takes all of them deterministically (4.6). Gradients flow
+    through anchors, positives and negatives; the matching and the set selection are not differentiated.
+    score_tokens=S (guided with beta only): the thresholded set score averages over S anchor tokens per view
+    drawn uniformly without replacement instead of all T: T/S times less scoring work, the loss itself still
+    uses every token. None or S >= T scores exactly.
+    Randomness: the draws of dense_draws(generator, ...) (see there for their order), or `draws`, the output
+    of that call made earlier (pretrain.py draws before its compiled region). Under DDP the cross-view keys
+    are per rank (one process with the whole batch draws other ones); every other draw matches the
+    single-process run exactly.
+    chunk: anchor views per chunk of the 'all' negatives and of the thresholded set score (None: by memory
+    budget; the result does not depend on it)."""
     _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator, score_tokens, draws, xv_exclude)
     rank, _ = world()
     B, T, Dz = z1.shape
@@ -288,7 +299,8 @@ def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator
                 zs = zs.gather(2, keys.topk(score_tokens, -1).indices[..., None].expand(-1, -1, -1, Dz))
             with torch.no_grad():
                 best = _guided_choice(zs, z_all.detach(), r, own, beta, chunk)  # [2, B]
-            negs = z_all[torch.arange(2 * Bg, device=dev), r[best]]  # the chosen set of each view [2, B, 2Bg, Dz]
+            # the chosen set of each view [2, B, 2Bg, Dz]
+            negs = z_all[torch.arange(2 * Bg, device=dev), r[best]]
             logits = torch.einsum("abtd,abud->abtu", z, negs)
         logits = logits.to(acc) / tau
         mask = torch.zeros(2, B, 2 * Bg, dtype=torch.bool, device=dev)
@@ -312,8 +324,9 @@ def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator
 
 
 def recon_loss(x, x_hat, kind="l2", norm_pix=None):
-    """Auxiliary reconstruction (METHOD.md 7): mean over all elements of (x_hat - x)^2 ('l2') or |x_hat - x| ('l1').
-    x is the augmented, normalised view fed to the network [N, C, H, W]; x_hat the decoder output of the same shape.
+    """Auxiliary reconstruction (METHOD.md 7): mean over all elements of (x_hat - x)^2 ('l2') or |x_hat - x|
+    ('l1'). x is the augmented, normalised view fed to the network [N, C, H, W]; x_hat the decoder output of
+    the same shape.
     norm_pix=p (MAE's target): the target is normalised per p x p patch, over its p*p*C values,
         x_patch <- (x_patch - mean) / sqrt(var + 1e-6)      (var: the biased variance, as MAE)
     and compared with x_hat in the same pixel layout."""
@@ -336,13 +349,14 @@ def recon_loss(x, x_hat, kind="l2", norm_pix=None):
 
 
 def montage_loss(cells, targets, labels, tau):
-    """MCL's montage loss for one level and one direction, ViT port (METHOD.md 8). cells: unnormalised projections [Nc, D]
-    of the montage cells; targets: unnormalised global projections [B, D] of this rank's images (the other view);
-    labels [Nc] (int64): the global index rank*B + i of each cell's source image. With p = norm(cells),
-    y = norm(targets) gathered over ranks (Bg rows, differentiable: the targets carry gradient, SimCLR style):
+    """MCL's montage loss for one level and one direction, ViT port (METHOD.md 8). cells: unnormalised
+    projections [Nc, D] of the montage cells; targets: unnormalised global projections [B, D] of this rank's
+    images (the other view); labels [Nc] (int64): the global index rank*B + i of each cell's source image.
+    With p = norm(cells), y = norm(targets) gathered over ranks (Bg rows, differentiable: the targets carry
+    gradient, SimCLR style):
         l_c = -log exp(p_c.y_label(c)/tau) / sum_{j < Bg} exp(p_c.y_j/tau),     L = mean_c l_c
-    i.e. the positive is the source image, the negatives all other images of the global batch. Returns the mean over
-    this rank's cells (see the module docstring for DDP)."""
+    i.e. the positive is the source image, the negatives all other images of the global batch. Returns the
+    mean over this rank's cells (see the module docstring for DDP)."""
     if cells.ndim != 2 or targets.ndim != 2 or cells.shape[1] != targets.shape[1]:
         raise ValueError(f"montage_loss: cells [Nc, D] and targets [B, D] need the same D; got {tuple(cells.shape)} "
                          f"and {tuple(targets.shape)}")
@@ -360,11 +374,12 @@ def montage_loss(cells, targets, labels, tau):
 
 
 def mcl_loss(cells, u, labels, tau):
-    """MCL's multi-level montage loss (METHOD.md 8), both directions and all levels. For level r (in the order given)
-    cells[r]: unnormalised cell projections [2n*r*r, D], the cells of the view-1 canvases then of the view-2 canvases
-    (methods.build_montages); labels[r]: [2n, r*r] (int64) source image 0..B-1 of each cell on this rank;
-    u: global projections [2B, D] of this rank's views (view 1 of every image, then view 2). With w_r = 2^-(r+1)
-    normalised to sum 1 over the levels:
+    """MCL's multi-level montage loss (METHOD.md 8), both directions and all levels. For level r (in the order
+    given) cells[r]: unnormalised cell projections [2n*r*r, D], the cells of the view-1 canvases then of the
+    view-2 canvases (methods.build_montages); labels[r]: [2n, r*r] (int64) source image 0..B-1 of each cell on
+    this rank;
+    u: global projections [2B, D] of this rank's views (view 1 of every image, then view 2). With w_r =
+    2^-(r+1) normalised to sum 1 over the levels:
         L = sum_r w_r * (montage_loss(view-1 cells, view-2 globals) + montage_loss(view-2 cells, view-1 globals)) / 2
     each cell's positive being the other view of its source image (global index rank*B + label)."""
     if len(cells) != len(labels) or not cells:

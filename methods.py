@@ -1,10 +1,12 @@
 """
-The two optional pretraining methods on top of pretrain.py, as plain functions (their loss is losses.montage_loss):
+The two optional pretraining methods on top of pretrain.py, as plain functions (their loss is
+losses.montage_loss):
 
     ContrastiveCrop (--crop ccrop, METHOD.md 9)    ccrop_due, heat_maps, heat_to_boxes / heat_to_box, localise
     MCL montage (--montage, METHOD.md 8)           assemble_montage, build_montages, block_attn_mask, cell_means
 
-Every random draw comes from the torch.Generator passed in, in the order the docstrings give, so tests replay them.
+Every random draw comes from the torch.Generator passed in, in the order the docstrings give, so tests replay
+them.
 """
 import math
 
@@ -20,14 +22,15 @@ HEATS = ("cls_attn", "token_norm", "channel_sum")
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)
 
 # ----------------------------------------------------------------------------------------------------------------------
-# ContrastiveCrop: semantic-aware localisation (METHOD.md 9); the centre-suppressed sampling is data.ccrop_params
+# ContrastiveCrop: semantic-aware localisation (METHOD.md 9); the centre-suppressed sampling is
+# data.ccrop_params
 
 
 def ccrop_due(epoch, warmup, every):
-    """Whether the boxes are recomputed at the start of 0-based `epoch`. METHOD.md 9 in 0-based epochs: plain RRC before
-    epoch W = warmup (data.TwoViews(ccrop_warmup=W)); the boxes are recomputed at the start of epochs e > 0 with
-    e >= W and (e - W) % L == 0 (L = every), i.e. after e finished epochs, and used from epoch W on (W = 0: the
-    initial (0, 0, 1, 1) boxes until epoch L)."""
+    """Whether the boxes are recomputed at the start of 0-based `epoch`. METHOD.md 9 in 0-based epochs: plain RRC
+    before epoch W = warmup (data.TwoViews(ccrop_warmup=W)); the boxes are recomputed at the start of epochs e
+    > 0 with e >= W and (e - W) % L == 0 (L = every), i.e. after e finished epochs, and used from epoch W on
+    (W = 0: the initial (0, 0, 1, 1) boxes until epoch L)."""
     if warmup < 0 or every < 1:
         raise ValueError(f"--ccrop-warmup {warmup} must be >= 0 and --ccrop-every {every} >= 1")
     return epoch > 0 and epoch >= warmup and (epoch - warmup) % every == 0
@@ -39,12 +42,13 @@ def check_ccrop_k(k):
 
 
 def heat_to_boxes(heat, k, out_hw):
-    """Boxes [N, 4] = (h0, w0, h1, w1) in [0, 1] from token heat maps heat [N, gh, gw] (METHOD.md 9): per map min-max
-    normalise to [0, 1], bilinear upsampling to out_hw = (H, W) (align_corners=False, as the official code), then
-    rows whose max > k give [h0, h1] and columns whose max > k give [w0, w1] (no connected components):
+    """Boxes [N, 4] = (h0, w0, h1, w1) in [0, 1] from token heat maps heat [N, gh, gw] (METHOD.md 9): per map
+    min-max normalise to [0, 1], bilinear upsampling to out_hw = (H, W) (align_corners=False, as the official
+    code), then rows whose max > k give [h0, h1] and columns whose max > k give [w0, w1] (no connected
+    components):
         h0 = first row / H,  h1 = (last row + 1) / H,  w0 = first col / W,  w1 = (last col + 1) / W
-    (the pixel-edge convention: a map over the whole image gives the initial box (0, 0, 1, 1)). A constant map or one
-    with no pixel above k (or NaN) gives the full box."""
+    (the pixel-edge convention: a map over the whole image gives the initial box (0, 0, 1, 1)). A constant map
+    or one with no pixel above k (or NaN) gives the full box."""
     if heat.ndim != 3:
         raise ValueError(f"heat_to_boxes: heat must be [N, gh, gw], got {tuple(heat.shape)}")
     check_ccrop_k(k)
@@ -97,8 +101,9 @@ def heat_maps(backbone, x, kind):
 
 
 class ResizedImages(torch.utils.data.Dataset):
-    """The un-augmented images of the localisation pass: RGB uint8 [3, S, S], resized to S x S ignoring the aspect ratio
-    (METHOD.md 9), and whether the file could be read (an unreadable file gives zeros and keeps the full box)."""
+    """The un-augmented images of the localisation pass: RGB uint8 [3, S, S], resized to S x S ignoring the
+    aspect ratio (METHOD.md 9), and whether the file could be read (an unreadable file gives zeros and keeps
+    the full box)."""
 
     def __init__(self, files, size):
         self.files, self.size = list(files), size
@@ -117,13 +122,15 @@ class ResizedImages(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def localise(backbone, files, img_size, kind, k, batch_size, workers, device, amp_dtype=None):
-    """Semantic-aware localisation (METHOD.md 9): one box per file, [len(files), 4] float32 on the CPU, computed with the
-    backbone in eval mode (restored afterwards) over the un-augmented images resized to img_size x img_size and
-    normalised as the training views (data.photometric with identity parameters). Under torch.distributed rank r
-    does files[r::world] and the boxes are all-gathered, so every rank returns all of them."""
+    """Semantic-aware localisation (METHOD.md 9): one box per file, [len(files), 4] float32 on the CPU, computed
+    with the backbone in eval mode (restored afterwards) over the un-augmented images resized to img_size x
+    img_size and normalised as the training views (data.photometric with identity parameters). Under
+    torch.distributed rank r does files[r::world] and the boxes are all-gathered, so every rank returns all of
+    them."""
     rank, world = losses.world()
     mine = ResizedImages(files[rank::world], img_size)
-    m = math.ceil(len(files) / world)  # equal-sized shards for the gather (the last rows of some ranks are padding)
+    # equal-sized shards for the gather (the last rows of some ranks are padding)
+    m = math.ceil(len(files) / world)
     out = torch.tensor(FULL_BOX, device=device).repeat(m, 1)
     identity = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
     loader = torch.utils.data.DataLoader(mine, batch_size=batch_size, num_workers=workers)
@@ -150,17 +157,18 @@ def localise(backbone, files, img_size, kind, k, batch_size, workers, device, am
 
 
 def assemble_montage(views, r, generator):
-    """Level-r montages of a batch of views [B, 3, S, S] (METHOD.md 8): n = max(1, ceil(B / r^2)) canvases [n, 3, S, S], each
-    an r x r row-major grid of cells of c = S/r pixels, and labels [n, r*r] (int64): the source image (0..B-1) of each
-    cell. Draws from `generator`, in this order:
+    """Level-r montages of a batch of views [B, 3, S, S] (METHOD.md 8): n = max(1, ceil(B / r^2)) canvases [n, 3,
+    S, S], each an r x r row-major grid of cells of c = S/r pixels, and labels [n, r*r] (int64): the source
+    image (0..B-1) of each cell. Draws from `generator`, in this order:
         idx = randperm(r*r*n) mod B                  sources, so every image is used about equally (MCL)
         u = rand(4, r*r*n) (float64)                 per cell: crop side, top, left, flip
-    The cell's "independent augmentation" is a re-crop of its source view: a square of side
-    s = lo + floor(u0 * (S - lo + 1)), lo = max(c, ceil(S/2)) (25-100% of the view's area), at top = floor(u1*(S-s+1)),
-    left = floor(u2*(S-s+1)), flipped horizontally if u3 < 0.5, then downsampled to c x c as
-    F.interpolate(crop, (c, c), mode='bilinear', align_corners=False) (MCL: F.interpolate, default nearest). All cells
-    are sampled in one grid_sample call; since s >= c it never reads outside the crop, so it equals that interpolate.
-    The colour augmentation is the one of the source view (the canvases are built from the photometric output)."""
+    The cell's "independent augmentation" is a re-crop of its source view: a square of side s = lo + floor(u0
+    * (S - lo + 1)), lo = max(c, ceil(S/2)) (25-100% of the view's area), at top = floor(u1*(S-s+1)), left =
+    floor(u2*(S-s+1)), flipped horizontally if u3 < 0.5, then downsampled to c x c as F.interpolate(crop, (c,
+    c), mode='bilinear', align_corners=False) (MCL: F.interpolate, default nearest). All cells are sampled in
+    one grid_sample call; since s >= c it never reads outside the crop, so it equals that interpolate.
+    The colour augmentation is the one of the source view (the canvases are built from the photometric
+    output)."""
     if views.ndim != 4 or views.shape[2] != views.shape[3]:
         raise ValueError(f"assemble_montage: views must be [B, 3, S, S], got {tuple(views.shape)}")
     B, C, S, _ = views.shape
@@ -175,7 +183,8 @@ def assemble_montage(views, r, generator):
     s = (lo + (u[0] * (S - lo + 1)).floor()).clamp(max=S)
     top, left = (u[1] * (S - s + 1)).floor(), (u[2] * (S - s + 1)).floor()
     sign = torch.where(u[3] < 0.5, -1.0, 1.0).to(torch.float64)
-    theta = torch.zeros(cells, 2, 3, dtype=torch.float64, device=views.device)  # output [-1, 1] -> input [-1, 1]
+    # output [-1, 1] -> input [-1, 1]
+    theta = torch.zeros(cells, 2, 3, dtype=torch.float64, device=views.device)
     theta[:, 0, 0], theta[:, 0, 2] = sign * s / S, (2 * left + s) / S - 1
     theta[:, 1, 1], theta[:, 1, 2] = s / S, (2 * top + s) / S - 1
     grid = F.affine_grid(theta.to(views.dtype), [cells, C, c, c], align_corners=False)
@@ -185,8 +194,9 @@ def assemble_montage(views, r, generator):
 
 
 def build_montages(x, levels, generator):
-    """The montages of one step: x = [view 1 of B images, view 2 of them] [2B, 3, S, S]. For each level r (in order):
-    canvases [2n, 3, S, S] = (assemble_montage(view 1), assemble_montage(view 2)) and labels [2n, r*r] (0..B-1)."""
+    """The montages of one step: x = [view 1 of B images, view 2 of them] [2B, 3, S, S]. For each level r (in
+    order): canvases [2n, 3, S, S] = (assemble_montage(view 1), assemble_montage(view 2)) and labels [2n, r*r]
+    (0..B-1)."""
     B = x.shape[0] // 2
     canvases, labels = [], []
     for r in levels:
@@ -209,10 +219,11 @@ def _cell_of_token(grid, r):
 
 
 def block_attn_mask(grid, r):
-    """Attention mask [1+T, 1+T] (bool, True = may attend; rows = queries, CLS first) of --montage-block-attn (METHOD.md 8):
-    a patch token attends only to the patch tokens of its own cell; the CLS token attends to everything ("keeps CLS
-    free"), but patch tokens do not attend to CLS, which would carry other cells' content into a cell from the second
-    block on. So a cell's tokens, and its embedding, depend on its own pixels only."""
+    """Attention mask [1+T, 1+T] (bool, True = may attend; rows = queries, CLS first) of --montage-block-attn
+    (METHOD.md 8): a patch token attends only to the patch tokens of its own cell; the CLS token attends to
+    everything ("keeps CLS free"), but patch tokens do not attend to CLS, which would carry other cells'
+    content into a cell from the second block on. So a cell's tokens, and its embedding, depend on its own
+    pixels only."""
     cell = _cell_of_token(grid, r)
     T = cell.numel()
     mask = torch.zeros(1 + T, 1 + T, dtype=torch.bool)
@@ -222,8 +233,8 @@ def block_attn_mask(grid, r):
 
 
 def cell_means(tokens, grid, r):
-    """Cell embeddings (METHOD.md 8): the mean of each cell's patch tokens. tokens [n, T, D] (T = grid^2, row-major) ->
-    [n * r * r, D], canvas-major then row-major cells (the layout of assemble_montage's labels)."""
+    """Cell embeddings (METHOD.md 8): the mean of each cell's patch tokens. tokens [n, T, D] (T = grid^2,
+    row-major) -> [n * r * r, D], canvas-major then row-major cells (the layout of assemble_montage's labels)."""
     n, T, D = tokens.shape
     if T != grid * grid:
         raise ValueError(f"cell_means: {T} tokens is not a {grid} x {grid} grid")

@@ -1,21 +1,23 @@
 """
-Pretrain a ViT with SimCLR, DenseCL or DenseCL++ (METHOD.md):  L = (1-lam)*global + lam*dense + gamma*recon + mu*montage
+Pretrain a ViT with SimCLR, DenseCL or DenseCL++ (METHOD.md):
+    L = (1-lam)*global + lam*dense + gamma*recon + mu*montage
 
     python pretrain.py                                   # the built-in demo: tiny ViT, demo set, a few CPU minutes
     torchrun --nproc_per_node=8 pretrain.py --data /coco/annotations/instances_train2017.json --lam 0.5 --M 256
     python pretrain.py --lam 0                           # plain SimCLR;   --neg densecl --N 0: the DenseCL baseline
 
-One process per GPU under torchrun (NCCL on CUDA, gloo on CPU) or a plain single process. Every random draw is a
-function of (--seed, epoch, image index) or (--seed, step), so a resumed run continues exactly and 1 process equals N
-processes with the same global batch. Exit codes: 0 done; 2 bad input (one line on stderr); 3 non-finite loss (the last
-good checkpoint is left as it was); 75 stopped by SIGTERM or SIGUSR1 after writing a checkpoint (run the same command
-with --resume to continue; see the README for SLURM).
+One process per GPU under torchrun (NCCL on CUDA, gloo on CPU) or a plain single process. Every random draw is
+a function of (--seed, epoch, image index) or (--seed, step), so a resumed run continues exactly and 1 process
+equals N processes with the same global batch. Exit codes: 0 done; 2 bad input (one line on stderr); 3
+non-finite loss (the last good checkpoint is left as it was); 75 stopped by SIGTERM or SIGUSR1 after writing a
+checkpoint (run the same command with --resume to continue; see the README for SLURM).
 """
 import argparse
 import math
 import os
 import sys
 import time
+import types
 
 import torch
 import torch.distributed as dist
@@ -147,10 +149,11 @@ def explicit_flags(parser, argv):
 
 
 def configure(argv):
-    """Parsed flags -> (args, checkpoint or None, [(source, flag, old, new)] of every value a preset or the checkpoint
-    changed). Applied in this order: the command line, the demo preset (no --data), the checkpoint's flags (--resume);
-    then flags that do nothing in the configuration are refused, and the dense-loss flags translated once: beta < -1 ->
-    None (no thresholding), M -> 1 unless guided, score_tokens 0 -> None (exact scoring)."""
+    """Parsed flags -> (args, checkpoint or None, [(source, flag, old, new)] of every value a preset or the
+    checkpoint changed). Applied in this order: the command line, the demo preset (no --data), the
+    checkpoint's flags (--resume); then flags that do nothing in the configuration are refused, and the
+    dense-loss flags translated once: beta < -1 -> None (no thresholding), M -> 1 unless guided, score_tokens
+    0 -> None (exact scoring)."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
     args.explicit, changed = explicit_flags(parser, argv), []
@@ -198,9 +201,9 @@ def step_generator(seed, step, device):
 
 
 def compiled_parts(model, use_compile, world_size=1):
-    """What runs every step: the Pretrainer's forward (the views and draws -> the loss; under DDP when world_size > 1)
-    and the batched photometric ops, both through torch.compile when use_compile (one graph in one process: fullgraph
-    turns any graph break into an error)."""
+    """What runs every step: the Pretrainer's forward (the views and draws -> the loss; under DDP when world_size
+    > 1) and the batched photometric ops, both through torch.compile when use_compile (one graph in one
+    process: fullgraph turns any graph break into an error)."""
     device = next(model.parameters()).device
     fwd = model if world_size == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -211,11 +214,12 @@ def compiled_parts(model, use_compile, world_size=1):
 
 def train_step(model, fwd, opt, x, args, step, amp_dtype):
     """One optimisation step on the views x [2B, 3, S, S]: the step's draws (model.draws), the forward and the
-    objective (fwd of compiled_parts) under autocast with the dense weight in force (0 for the first --lam-warmup
-    steps, then --lam), backward, gradient clipping (--clip-grad), AdamW. Returns the loss (detached) and its terms
-    (with --lam-warmup also that weight, with --clip-grad the gradient norm)."""
+    objective (fwd of compiled_parts) under autocast with the dense weight in force (0 for the first
+    --lam-warmup steps, then --lam), backward, gradient clipping (--clip-grad), AdamW. Returns the loss
+    (detached) and its terms (with --lam-warmup also that weight, with --clip-grad the gradient norm)."""
     canvases, cell_labels, draws = model.draws(x, step_generator(args.seed, step, x.device))
-    lam = torch.full((), 0.0 if step < args.lam_warmup else args.lam, device=x.device)  # a fill: no host->device copy
+    # a fill: no host->device copy
+    lam = torch.full((), 0.0 if step < args.lam_warmup else args.lam, device=x.device)
     with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
         loss, values = fwd(x, canvases, cell_labels, draws, lam)
     terms = dict(zip(model.terms, values.unbind()))
@@ -261,169 +265,182 @@ def setup_distributed(args):
         torch.cuda.set_device(local)
     backend, store = "nccl" if use_cuda else "gloo", None
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # torchrun's agent keeps one store for every restart of the group, and init_process_group would read the
-        # addresses the killed group left there (its ranks hang or get "Connection refused"): a key prefix per attempt
-        attempt = f"pretrain/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
+        # torchrun's agent keeps one store for every restart of the group, and init_process_group would read
+        # the
+        # addresses the killed group left there (its ranks hang or get "Connection refused"): a key prefix per
+        # attempt
+        run_id, restart = os.environ.get("TORCHELASTIC_RUN_ID", ""), os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)
+        attempt = f"pretrain/{run_id}/{restart}"
         store = dist.PrefixStore(attempt, dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                                                         world_size, is_master=False))
     dist.init_process_group(backend, store=store, rank=rank if store else -1, world_size=world_size if store else -1)
     return rank, world_size, torch.device(f"cuda:{local}" if use_cuda else "cpu")
 
 
-def train(args, ckpt=None, changed=()):
-    rank, world_size, device = setup_distributed(args)
-    ckpt_path, log_path = rundir.prepare_out_dir(args, rank)
-    if rank == 0:
-        for source, k, old, new in changed:  # as nanoGPT's configurator: every value not from the command line
-            print(f"{source}: --{k.replace('_', '-')} {new} (default {old})" if source == "demo preset" else
-                  f"{source}: --{k.replace('_', '-')} {new} (command-line default {old})", flush=True)
+def setup(args, ckpt, rank, world_size, device):
+    """Everything a run holds, built once: the files, the model (restored from ckpt), AdamW, the compiled step, the
+    ContrastiveCrop boxes, the loader over the run, the log window, the online probe. Returns a namespace."""
+    run = types.SimpleNamespace(step=0, skipped=set(), boxes=None, probe=None, cuda=device.type == "cuda")
     if args.workers is None:
         args.workers = max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    files = data.list_images(args.data, args.image_root)
-    global_batch = args.batch_size * world_size
-    if len(files) < global_batch:
-        raise ValueError(f"--data {args.data}: {len(files)} images, fewer than one global batch of {global_batch}")
-    probe = None
+    run.files = data.list_images(args.data, args.image_root)
+    run.global_batch = args.batch_size * world_size
+    if len(run.files) < run.global_batch:
+        raise ValueError(f"--data {args.data}: {len(run.files)} images, fewer than one global batch of "
+                         f"{run.global_batch}")
     if args.probe_every:  # built before training: a missing label file is an error now, not after an epoch
         json_path = args.probe_json or (args.data if args.data.endswith(".json") else None)
         if json_path is None:
             raise ValueError("--probe-every needs labels: --data a COCO .json, the demo set, or --probe-json")
-        probe = probing.OnlineProbe(json_path, None if args.probe_json else args.image_root, args.probe_images,
-                                    args.img_size, args.agg, args.seed, min(args.workers, 4))
-    steps_per_epoch = len(files) // global_batch
-    total_steps = args.max_steps or args.epochs * steps_per_epoch
-    warmup_steps = max(1, int(args.warmup * steps_per_epoch))
-    cuda = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and cuda) else None
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        run.probe = probing.OnlineProbe(json_path, None if args.probe_json else args.image_root, args.probe_images,
+                                        args.img_size, args.agg, args.seed, min(args.workers, 4))
+    run.steps_per_epoch = len(run.files) // run.global_batch
+    run.total_steps = args.max_steps or args.epochs * run.steps_per_epoch
+    run.warmup_steps = max(1, int(args.warmup * run.steps_per_epoch))
+    run.amp_dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and run.cuda) else None
+    if run.cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:
         torch.set_flush_denormal(True)  # tiny weights/gradients turn into denormals: up to 17x slower CPU steps
-
     torch.manual_seed(args.seed)
-    model = pretrainer.Pretrainer(args).to(device)
+    run.model = pretrainer.Pretrainer(args).to(device)
     if rank == 0:
-        rundir.check_disk_space(args.out_dir, model)
-    opt = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.95), fused=cuda or None)
-    step, skipped = 0, set()  # unreadable files this rank has met (names, printed once each)
+        rundir.check_disk_space(args.out_dir, run.model)
+    run.opt = torch.optim.AdamW(param_groups(run.model, args.wd), lr=args.lr, betas=(0.9, 0.95),
+                                fused=run.cuda or None)
     if ckpt is not None:
         try:
-            model.load_state_dict({**{"backbone." + k: v for k, v in ckpt["model"].items()}, **ckpt["heads"]})
-            opt.load_state_dict(ckpt["optimizer"])
+            run.model.load_state_dict({**{"backbone." + k: v for k, v in ckpt["model"].items()}, **ckpt["heads"]})
+            run.opt.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:  # another architecture / flags than this run's
-            raise ValueError(f"--resume: {ckpt_path} does not fit this model: {str(e)[:600]}") from None
-        step, skipped = ckpt["step"], set(ckpt["skipped"])
+            raise ValueError(f"--resume: {args.out_dir}/ckpt.pt does not fit this model: {str(e)[:600]}") from None
+        run.step, run.skipped = ckpt["step"], set(ckpt["skipped"])  # skipped: unreadable files met on this rank
         torch.set_rng_state(ckpt["rng"]["torch"])
-    use_compile = args.compile == "on" or (args.compile == "auto" and cuda)
-    fwd, photometric = compiled_parts(model, use_compile, world_size)
-
-    boxes = None  # ContrastiveCrop: one (h0, w0, h1, w1) per file, in shared memory so loader workers see updates
-    if args.crop == "ccrop":
+    use_compile = args.compile == "on" or (args.compile == "auto" and run.cuda)
+    run.fwd, run.photometric = compiled_parts(run.model, use_compile, world_size)
+    if args.crop == "ccrop":  # one (h0, w0, h1, w1) per file, in shared memory so loader workers see updates
         methods.ccrop_due(0, args.ccrop_warmup, args.ccrop_every)  # checks the flags
         methods.check_ccrop_k(args.ccrop_k)
-        boxes = torch.tensor(methods.FULL_BOX).repeat(len(files), 1)
+        run.boxes = torch.tensor(methods.FULL_BOX).repeat(len(run.files), 1)
         if ckpt is not None and "ccrop_boxes" in ckpt:
-            if ckpt["ccrop_boxes"].shape != boxes.shape:
-                raise ValueError(f"--resume: {ckpt_path} holds {ckpt['ccrop_boxes'].shape[0]} ContrastiveCrop boxes, "
-                                 f"--data {args.data} has {len(files)} images")
-            boxes.copy_(ckpt["ccrop_boxes"])
-        boxes.share_memory_()
-    dataset = data.TwoViews(files, args.img_size, seed=args.seed, boxes=boxes, ccrop_alpha=args.ccrop_alpha,
-                            ccrop_warmup=args.ccrop_warmup)
-    sampler = data.RunSampler(len(files), global_batch, rank, world_size, args.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
-                                         num_workers=args.workers, collate_fn=data.two_view_batch, pin_memory=cuda,
-                                         prefetch_factor=4 if args.workers else None,
-                                         persistent_workers=args.workers > 0)
-    n_canvases = sum(2 * max(1, math.ceil(args.batch_size / r ** 2)) for r in model.montage_r) * world_size
-    window = rundir.LogWindow(log_path, rank, world_size, device, total_steps, global_batch,
-                       3 * vit.vit_flops(model.backbone.config, args.img_size) * (2 * global_batch + n_canvases))
+            if ckpt["ccrop_boxes"].shape != run.boxes.shape:
+                raise ValueError(f"--resume: the checkpoint holds {ckpt['ccrop_boxes'].shape[0]} ContrastiveCrop "
+                                 f"boxes, --data {args.data} has {len(run.files)} images")
+            run.boxes.copy_(ckpt["ccrop_boxes"])
+        run.boxes.share_memory_()
+    dataset = data.TwoViews(run.files, args.img_size, seed=args.seed, boxes=run.boxes,
+                            ccrop_alpha=args.ccrop_alpha, ccrop_warmup=args.ccrop_warmup)
+    run.sampler = data.RunSampler(len(run.files), run.global_batch, rank, world_size, args.seed)
+    run.loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=run.sampler,
+                                             num_workers=args.workers, collate_fn=data.two_view_batch,
+                                             pin_memory=run.cuda, prefetch_factor=4 if args.workers else None,
+                                             persistent_workers=args.workers > 0)
+    n_canvases = sum(2 * max(1, math.ceil(args.batch_size / r ** 2)) for r in run.model.montage_r) * world_size
+    flops = 3 * vit.vit_flops(run.model.backbone.config, args.img_size) * (2 * run.global_batch + n_canvases)
+    run.window = rundir.LogWindow(os.path.join(args.out_dir, "log.jsonl"), rank, world_size, device,
+                                  run.total_steps, run.global_batch, flops)
+    return run
+
+
+def state(run, args):
+    """The checkpoint of a run: the backbone in timm's layout, its config, the heads, AdamW, the flags, the step."""
+    heads = {k: v for k, v in run.model.state_dict().items() if not k.startswith("backbone.")}
+    return {"model": run.model.backbone.state_dict(), "vit_config": run.model.backbone.config, "heads": heads,
+            "optimizer": run.opt.state_dict(), "args": {k: v for k, v in vars(args).items() if k != "explicit"},
+            "step": int(run.step), "epoch": int(run.step // run.steps_per_epoch), "skipped": sorted(run.skipped),
+            "rng": {"torch": torch.get_rng_state()},
+            **({"ccrop_boxes": run.boxes.clone()} if run.boxes is not None else {})}
+
+
+def loader_pass(run, args, rank, device):
+    """Where the next pass of the loader stops: the end of the run, or with ContrastiveCrop the next epoch whose
+    boxes are due (so no sample is drawn with stale boxes); the boxes of this epoch are computed first if due."""
+    epoch, spe = run.step // run.steps_per_epoch, run.steps_per_epoch
+    if run.boxes is None:
+        return run.total_steps
+    if run.step % spe == 0 and methods.ccrop_due(epoch, args.ccrop_warmup, args.ccrop_every):
+        t0 = time.time()
+        run.boxes.copy_(methods.localise(run.model.backbone, run.files, args.img_size, args.ccrop_heat, args.ccrop_k,
+                                         args.batch_size, args.workers, device, run.amp_dtype))
+        run.window.t0 += time.time() - t0  # not counted in the img/s of the log
+        if rank == 0:
+            area = ((run.boxes[:, 2] - run.boxes[:, 0]) * (run.boxes[:, 3] - run.boxes[:, 1])).mean().item()
+            print(f"ccrop: new boxes at epoch {epoch}, mean area {area:.3f} ({time.time() - t0:.1f} s)", flush=True)
+    due = next((e for e in range(epoch + 1, run.total_steps // spe + 1)
+                if methods.ccrop_due(e, args.ccrop_warmup, args.ccrop_every)), None)
+    return min(run.total_steps, due * spe) if due is not None else run.total_steps
+
+
+def train(args, ckpt=None, changed=()):
+    rank, world_size, device = setup_distributed(args)
+    ckpt_path, _ = rundir.prepare_out_dir(args, rank)
+    for source, k, old, new in changed if rank == 0 else ():  # as nanoGPT's configurator: what the flags did not set
+        default = "default" if source == "demo preset" else "command-line default"
+        print(f"{source}: --{k.replace('_', '-')} {new} ({default} {old})", flush=True)
+    run = setup(args, ckpt, rank, world_size, device)
     if rank == 0:
-        print(f"{len(files)} images from {args.data}; {world_size} process(es) on {device}; global batch {global_batch}; "
-              f"{steps_per_epoch} steps/epoch, {total_steps} steps; backbone {args.model} "
-              f"{sum(p.numel() for p in model.backbone.parameters()) / 1e6:.1f}M params; lam={args.lam} neg={args.neg} "
-              f"M={args.M} beta={args.beta} N={args.N} gamma={args.gamma} agg={args.agg} pair={args.pair} "
-              f"crop={args.crop} montage={model.montage_r or 'off'}" + (f" (resumed at step {step})" if ckpt else ""),
-              flush=True)
-
-    def state():
-        return {"model": model.backbone.state_dict(), "vit_config": model.backbone.config,
-                "heads": {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")},
-                "optimizer": opt.state_dict(), "args": {k: v for k, v in vars(args).items() if k != "explicit"},
-                "step": int(step), "epoch": int(step // steps_per_epoch), "skipped": sorted(skipped),
-                "rng": {"torch": torch.get_rng_state()}, **({"ccrop_boxes": boxes.clone()} if boxes is not None else {})}
-
-    peak_lr = args.lr * global_batch / 256
-    model.train()
-    window.reset(step)
+        print(f"{len(run.files)} images from {args.data}; {world_size} process(es) on {device}; global batch "
+              f"{run.global_batch}; {run.steps_per_epoch} steps/epoch, {run.total_steps} steps; backbone "
+              f"{args.model} {sum(p.numel() for p in run.model.backbone.parameters()) / 1e6:.1f}M params; "
+              f"lam={args.lam} neg={args.neg} M={args.M} beta={args.beta} N={args.N} gamma={args.gamma} "
+              f"agg={args.agg} pair={args.pair} crop={args.crop} montage={run.model.montage_r or 'off'}"
+              + (f" (resumed at step {run.step})" if ckpt else ""), flush=True)
+    peak_lr = args.lr * run.global_batch / 256
+    run.model.train()
+    run.window.reset(run.step)
     with rundir.StopSignals() as signals:
-        while step < total_steps:  # one pass of the loader; with ContrastiveCrop one pass per localisation
-            epoch, stop = step // steps_per_epoch, total_steps
-            if boxes is not None:  # the loader stops where new boxes are due, so no sample is drawn with stale boxes
-                due = next((e for e in range(epoch + 1, total_steps // steps_per_epoch + 1)
-                            if methods.ccrop_due(e, args.ccrop_warmup, args.ccrop_every)), None)
-                stop = min(total_steps, due * steps_per_epoch) if due is not None else total_steps
-                if step % steps_per_epoch == 0 and methods.ccrop_due(epoch, args.ccrop_warmup, args.ccrop_every):
-                    t0 = time.time()
-                    boxes.copy_(methods.localise(model.backbone, files, args.img_size, args.ccrop_heat, args.ccrop_k,
-                                                 args.batch_size, args.workers, device, amp_dtype))
-                    window.t0 += time.time() - t0  # not counted in the img/s of the log
-                    if rank == 0:
-                        area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).mean().item()
-                        print(f"ccrop: new boxes at epoch {epoch}, mean area {area:.3f} ({time.time() - t0:.1f} s)",
-                              flush=True)
-            sampler.set_steps(step, stop)
-            for x, batch_skipped in data.device_batches(loader, device, photometric):
-                lr = lr_at(step, peak_lr, warmup_steps, total_steps)
-                for group in opt.param_groups:
+        while run.step < run.total_steps:  # one pass of the loader; with ContrastiveCrop one per localisation
+            run.sampler.set_steps(run.step, loader_pass(run, args, rank, device))
+            for x, batch_skipped in data.device_batches(run.loader, device, run.photometric):
+                lr = lr_at(run.step, peak_lr, run.warmup_steps, run.total_steps)
+                for group in run.opt.param_groups:
                     group["lr"] = lr
-                loss, terms = train_step(model, fwd, opt, x, args, step, amp_dtype)
-                window.update(loss, terms)
-                for path in set(batch_skipped) - skipped:
-                    skipped.add(path)
+                loss, terms = train_step(run.model, run.fwd, run.opt, x, args, run.step, run.amp_dtype)
+                run.window.update(loss, terms)
+                for path in set(batch_skipped) - run.skipped:
+                    run.skipped.add(path)
                     print(f"[rank {rank}] skipped unreadable file: {path}", flush=True)
-                step += 1
-                last, epoch_end = step == total_steps, step % steps_per_epoch == 0
+                run.step += 1
+                step, epoch = run.step, run.step // run.steps_per_epoch
+                last, epoch_end = step == run.total_steps, step % run.steps_per_epoch == 0
                 log_now = step % args.log_every == 0 or last or (signals.requested and world_size == 1)
                 ckpt_now = step % args.ckpt_every == 0 or last
                 # a non-finite loss stops the run before anything is saved from it (on CUDA checked at the syncs)
-                if (not cuda or log_now or ckpt_now) and not window.finite():
+                if (not run.cuda or log_now or ckpt_now) and not run.window.finite():
                     if rank == 0:
-                        where = f"step {step - 1}" if not cuda else f"steps {window.first}-{step - 1}"
+                        where = f"step {step - 1}" if not run.cuda else f"steps {run.window.first}-{step - 1}"
                         print(f"error: non-finite loss at {where}; stopping. The last good checkpoint {ckpt_path} "
                               f"is left as it was.", file=sys.stderr, flush=True)
                     cleanup(world_size)
                     return EXIT_NONFINITE
-                stopping = window.flush(step, step // steps_per_epoch, lr, len(skipped), signals.requested) \
-                    if log_now else False
+                stopping = log_now and run.window.flush(step, epoch, lr, len(run.skipped), signals.requested)
                 if ckpt_now or stopping:
                     if rank == 0:
-                        rundir.save_checkpoint(ckpt_path, state())
+                        rundir.save_checkpoint(ckpt_path, state(run, args))
                     if world_size > 1:
                         dist.barrier()
-                if epoch_end and args.keep_every and (step // steps_per_epoch) % args.keep_every == 0 and rank == 0:
-                    rundir.save_snapshot(args.out_dir, step // steps_per_epoch, state())
-                if epoch_end and probe is not None and (step // steps_per_epoch) % args.probe_every == 0:
-                    run_probe(probe, model, step, step // steps_per_epoch, rank, world_size, device, window)
+                if epoch_end and args.keep_every and epoch % args.keep_every == 0 and rank == 0:
+                    rundir.save_snapshot(args.out_dir, epoch, state(run, args))
+                if epoch_end and run.probe is not None and epoch % args.probe_every == 0:
+                    run_probe(run.probe, run.model, step, epoch, rank, world_size, device, run.window)
                 if stopping:
                     if rank == 0:
-                        print(f"stopped by a signal at step {step}: checkpoint {ckpt_path}; run the same command with "
-                              f"--resume to continue (exit code {EXIT_STOPPED})", flush=True)
+                        print(f"stopped by a signal at step {step}: checkpoint {ckpt_path}; run the same command "
+                              f"with --resume to continue (exit code {EXIT_STOPPED})", flush=True)
                     cleanup(world_size)
                     return EXIT_STOPPED
                 if last:
                     break
     if rank == 0:
-        print(f"done: {step} steps; checkpoint {ckpt_path}; skipped {len(skipped)} unreadable files on rank 0"
-              + (": " + ", ".join(sorted(skipped)) if skipped else ""), flush=True)
+        print(f"done: {run.step} steps; checkpoint {ckpt_path}; skipped {len(run.skipped)} unreadable files on rank 0"
+              + (": " + ", ".join(sorted(run.skipped)) if run.skipped else ""), flush=True)
     cleanup(world_size)
     return 0
 
 
 def run_probe(probe, model, step, epoch, rank, world_size, device, window):
-    """The online probe on rank 0 (its own generator and a forked RNG: the training draws are untouched); the other
-    ranks wait at a barrier. Its time is not counted in the img/s of the log."""
+    """The online probe on rank 0 (its own generator and a forked RNG: the training draws are untouched); the
+    other ranks wait at a barrier. Its time is not counted in the img/s of the log."""
     t0 = time.time()
     if rank == 0:
         result = probe(model.backbone, device)

@@ -1,7 +1,8 @@
 """
-The pretraining model (METHOD.md 2-8): the backbone with the global projection head (BatchNorm over the global batch),
-the token-wise dense head, the reconstruction decoders and the MCL montage projectors, and the objective they feed.
-pretrain.py runs it; every head is discarded after pretraining (the checkpoint's 'model' is the backbone alone).
+The pretraining model (METHOD.md 2-8): the backbone with the global projection head (BatchNorm over the global
+batch), the token-wise dense head, the reconstruction decoders and the MCL montage projectors, and the
+objective they feed. pretrain.py runs it; every head is discarded after pretraining (the checkpoint's 'model'
+is the backbone alone).
 """
 import math
 
@@ -14,9 +15,10 @@ import vit
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d with the statistics of the global batch across ranks, so N processes train exactly as one process
-    with the whole batch (nn.SyncBatchNorm does this on CUDA only). mean = S1/n, var = S2/n - mean^2 from the summed
-    S1 = sum x, S2 = sum x^2 of every rank (a differentiable gather: gradients reach every rank's inputs)."""
+    """BatchNorm1d with the statistics of the global batch across ranks, so N processes train exactly as one
+    process with the whole batch (nn.SyncBatchNorm does this on CUDA only). mean = S1/n, var = S2/n - mean^2
+    from the summed S1 = sum x, S2 = sum x^2 of every rank (a differentiable gather: gradients reach every
+    rank's inputs)."""
 
     def forward(self, x):
         if not self.training or losses.world()[1] == 1:
@@ -42,8 +44,8 @@ def mlp(d_in, hidden, d_out, bn):
 
 
 class ConvDecoder(nn.Module):
-    """Token map [N, D, g, g] -> log2(patch) x [ConvTranspose2d(2, stride 2) + BN + ReLU] (256, 128, 64, 32 channels)
-    -> Conv1x1 -> 3 channels at the input resolution. Its BatchNorms use per-rank statistics."""
+    """Token map [N, D, g, g] -> log2(patch) x [ConvTranspose2d(2, stride 2) + BN + ReLU] (256, 128, 64, 32
+    channels) -> Conv1x1 -> 3 channels at the input resolution. Its BatchNorms use per-rank statistics."""
 
     def __init__(self, dim, patch):
         super().__init__()
@@ -82,11 +84,12 @@ class TransformerDecoder(nn.Module):
 
 
 class Pretrainer(nn.Module):
-    """The backbone with every head of the objective (global, dense, decoder, montage projectors) and the objective
-    itself, so that one forward (the region pretrain.py compiles) maps the views and the step's draws to the loss:
+    """The backbone with every head of the objective (global, dense, decoder, montage projectors) and the
+    objective itself, so that one forward (the region pretrain.py compiles) maps the views and the step's
+    draws to the loss:
         L = (1-lam)*global + lam*dense + gamma*recon + mu*montage                              (METHOD.md 2)
-    Built from pretrain.py's parsed flags (args), translated there: beta None = no thresholding, score_tokens None =
-    exact scoring, M = 1 unless guided."""
+    Built from pretrain.py's parsed flags (args), translated there: beta None = no thresholding, score_tokens
+    None = exact scoring, M = 1 unless guided."""
 
     def __init__(self, args):
         super().__init__()
@@ -101,8 +104,10 @@ class Pretrainer(nn.Module):
             p, grid = self.backbone.patch_size, self.backbone.grid
             self.decoder = (ConvDecoder(D, p) if args.decoder == "conv" else TransformerDecoder(D, p, grid * grid))
         self.montage_r = list(args.montage_r) if args.montage else []
-        for i, r in enumerate(self.montage_r):  # the level-r canvas is an r x r grid of cells of (grid/r)^2 tokens
-            mask = methods.block_attn_mask(self.backbone.grid, r)  # ValueError naming --montage-r unless r divides
+        # the level-r canvas is an r x r grid of cells of (grid/r)^2 tokens
+        for i, r in enumerate(self.montage_r):
+            # ValueError naming --montage-r unless r divides
+            mask = methods.block_attn_mask(self.backbone.grid, r)
             self.register_buffer(f"block_mask{i}", mask, persistent=False)  # built once, moves with the model
         self.montage_heads = nn.ModuleList([mlp(D, args.head_hidden, args.head_out, bn=True) for _ in self.montage_r])
         self.block_attn = args.montage_block_attn
@@ -116,9 +121,9 @@ class Pretrainer(nn.Module):
             + ["montage"] * bool(self.montage_r)
 
     def draws(self, x, generator):
-        """Every random draw of one step, made before the forward (which then holds no generator and compiles as one
-        graph), in this order from `generator`: the montages (methods.build_montages), then the dense loss's draws
-        (losses.dense_draws). Returns (canvases, cell_labels, draws), each None where unused."""
+        """Every random draw of one step, made before the forward (which then holds no generator and compiles as
+        one graph), in this order from `generator`: the montages (methods.build_montages), then the dense
+        loss's draws (losses.dense_draws). Returns (canvases, cell_labels, draws), each None where unused."""
         canvases, cell_labels = methods.build_montages(x, self.montage_r, generator) if self.montage_r else (None, None)
         draws = None
         if self.dense_head is not None:
@@ -127,10 +132,11 @@ class Pretrainer(nn.Module):
         return canvases, cell_labels, draws
 
     def outputs(self, x, canvases=None):
-        """x: [2B, 3, S, S], view 1 of every image then view 2. Returns the global projections u [2B, Dout], the dense
-        projections z [2B, T, Dout], the pairing features f [2B, T, K], the reconstruction (or None) and, given the
-        montage canvases of each level (methods.build_montages), the cell projections of each level [2n*r*r, Dout]
-        (METHOD.md 8: mean of the cell's final-LN tokens -> the level's projector), else None."""
+        """x: [2B, 3, S, S], view 1 of every image then view 2. Returns the global projections u [2B, Dout], the
+        dense projections z [2B, T, Dout], the pairing features f [2B, T, K], the reconstruction (or None)
+        and, given the montage canvases of each level (methods.build_montages), the cell projections of each
+        level [2n*r*r, Dout] (METHOD.md 8: mean of the cell's final-LN tokens -> the level's projector), else
+        None."""
         tokens = self.backbone.forward_features(x)
         patches = tokens[:, 1:]
         u = self.global_head(vit.global_feature(tokens, self.agg))
@@ -148,9 +154,9 @@ class Pretrainer(nn.Module):
         return u, z, f.detach(), x_hat, cells
 
     def objective(self, out, x, draws=None, cell_labels=None, lam=None):
-        """L = (1-lam)*global + lam*dense + gamma*recon + mu*montage (METHOD.md 2) on the outputs `out` of the views x,
-        with the step's draws; lam: the dense weight in force (a tensor, so --lam-warmup needs no recompilation;
-        default --lam). Returns (L, its terms detached)."""
+        """L = (1-lam)*global + lam*dense + gamma*recon + mu*montage (METHOD.md 2) on the outputs `out` of the
+        views x, with the step's draws; lam: the dense weight in force (a tensor, so --lam-warmup needs no
+        recompilation; default --lam). Returns (L, its terms detached)."""
         u, z, f, x_hat, cells = out
         B = u.shape[0] // 2
         lam = self.lam if lam is None else lam
@@ -165,7 +171,8 @@ class Pretrainer(nn.Module):
         return sum(weight[k] * v for k, v in terms.items()), {k: v.detach() for k, v in terms.items()}
 
     def forward(self, x, canvases=None, cell_labels=None, draws=None, lam=None):
-        """The loss of the views x and the step's draws, and its terms stacked in the order of self.terms. (Returned
-        one by one next to a loss that is 1.0 x a term, the compiled loss came back without grad_fn: torch 2.14.)"""
+        """The loss of the views x and the step's draws, and its terms stacked in the order of self.terms.
+        (Returned one by one next to a loss that is 1.0 x a term, the compiled loss came back without grad_fn:
+        torch 2.14.)"""
         loss, terms = self.objective(self.outputs(x, canvases), x, draws, cell_labels, lam)
         return loss, torch.stack([terms[k] for k in self.terms])

@@ -6,8 +6,8 @@ COCO multi-label classification probe (METHOD.md 6.1): a linear head on the froz
         --val-json annotations/instances_val2017.json --val-images val2017 --out ml.json
     python probe_multilabel.py --random-init                # the no-pretraining baseline
 
-The backbone features are extracted once (eval resize to img_size x img_size, no crop, so all objects stay in view)
-and cached, so a second run with other head settings skips the backbone (instead of a train-time
+The backbone features are extracted once (eval resize to img_size x img_size, no crop, so all objects stay in
+view) and cached, so a second run with other head settings skips the backbone (instead of a train-time
 RandomResizedCrop augmentation of the probe: one pass over the data instead of one per epoch).
 """
 import argparse
@@ -71,7 +71,8 @@ def features(model, backbone_id, split, coco, images_dir, json_path, size, args)
     paths = [os.path.join(images_dir, coco.imgs[i]["file_name"]) for i in sorted(coco.imgs)]
     loader = DataLoader(probing.Images(paths, size), batch_size=args.batch_size, num_workers=args.workers,
                         pin_memory=args.device.startswith("cuda"))
-    both = lambda t: torch.stack([vit.global_feature(t, "cls"), vit.global_feature(t, "gap")], 1)  # noqa: E731
+    # noqa: E731
+    both = lambda t: torch.stack([vit.global_feature(t, "cls"), vit.global_feature(t, "gap")], 1)
     feats = probing.extract_features(model, loader, both, f"{split} features")
     os.makedirs(args.cache, exist_ok=True)
     torch.save({"key": key, "feats": feats}, path + ".tmp")

@@ -1,5 +1,6 @@
 """
-Semantic-segmentation probe (METHOD.md 6.2): BatchNorm2d + 1x1 conv on the frozen ViT's patch-token map, scored by mIoU.
+Semantic-segmentation probe (METHOD.md 6.2): BatchNorm2d + 1x1 conv on the frozen ViT's patch-token map,
+scored by mIoU.
 
     python probe_segment.py ckpt.pt                                     # demo set (data/demo/voc, made if missing)
     python probe_segment.py ckpt.pt --dataset voc --root VOCdevkit/VOC2012 --out seg.json --vis vis/
@@ -8,9 +9,10 @@ Semantic-segmentation probe (METHOD.md 6.2): BatchNorm2d + 1x1 conv on the froze
     python probe_segment.py --random-init                               # the no-pretraining baseline
 
 VOC: JPEGImages/<id>.jpg, SegmentationClass/<id>.png (palette indices, 255 = ignored boundary),
-ImageSets/Segmentation/{train,val}.txt; classes = 0 .. the largest index in the masks. COCO: semantic masks drawn
-from the instance annotations (background 0, categories 1..C in sorted-id order, crowd regions ignored).
-The backbone runs on every training batch (frozen, no grad) so that each epoch sees new random scales, crops and flips.
+ImageSets/Segmentation/{train,val}.txt; classes = 0 .. the largest index in the masks. COCO: semantic masks
+drawn from the instance annotations (background 0, categories 1..C in sorted-id order, crowd regions ignored).
+The backbone runs on every training batch (frozen, no grad) so that each epoch sees new random scales, crops
+and flips.
 """
 import argparse
 import json
@@ -105,8 +107,9 @@ def voc_n_classes(items):
 
 
 def coco_mask(coco, img_id, cat_index):
-    """[H, W] uint8 semantic mask of one COCO image: 0 background, cat_index[category_id] for each instance, 255 for
-    crowd regions; instances are drawn in descending area so smaller objects are painted last and stay visible."""
+    """[H, W] uint8 semantic mask of one COCO image: 0 background, cat_index[category_id] for each instance, 255
+    for crowd regions; instances are drawn in descending area so smaller objects are painted last and stay
+    visible."""
     info = coco.imgs[img_id]
     mask = np.zeros((info["height"], info["width"]), dtype=np.uint8)
     for ann in sorted(coco.imgToAnns.get(img_id, []), key=lambda a: -a["area"]):
@@ -115,8 +118,9 @@ def coco_mask(coco, img_id, cat_index):
 
 
 def augment(img, label, size):
-    """Training pair (METHOD.md 6.2): scale the short side to size * U(0.5, 2), pad to at least size x size (image with 0 =
-    the mean colour after normalisation, label with 255), random size x size crop, horizontal flip with p = 0.5.
+    """Training pair (METHOD.md 6.2): scale the short side to size * U(0.5, 2), pad to at least size x size
+    (image with 0 = the mean colour after normalisation, label with 255), random size x size crop, horizontal
+    flip with p = 0.5.
     Uses the torch RNG, which DataLoader seeds per worker from torch.manual_seed."""
     w, h = img.size
     s = size * (0.5 + 1.5 * torch.rand(()).item()) / min(w, h)
@@ -138,9 +142,9 @@ def normalize(img):
 
 
 class SegData(Dataset):
-    """Image/label pairs. Training: augment() -> ([3, size, size], [size, size]). Evaluation: the image with its short
-    side resized to `size` and padded (bottom/right) to a multiple of the patch size, the label at its original size,
-    and the resized (h, w) before padding."""
+    """Image/label pairs. Training: augment() -> ([3, size, size], [size, size]). Evaluation: the image with its
+    short side resized to `size` and padded (bottom/right) to a multiple of the patch size, the label at its
+    original size, and the resized (h, w) before padding."""
 
     def __init__(self, items, size, patch, train, coco=None, cat_index=None):
         self.items, self.size, self.patch, self.train = items, size, patch, train
@@ -250,8 +254,8 @@ def save_vis(path, img, truth, pred, names):
 
 
 def evaluate(model, head, dataset, names, args):
-    """One confusion matrix over the whole set: logits upsampled to the resized input, the padding cropped off, then
-    upsampled to the original label size and argmaxed. Writes the first N_VIS pictures to --vis."""
+    """One confusion matrix over the whole set: logits upsampled to the resized input, the padding cropped off,
+    then upsampled to the original label size and argmaxed. Writes the first N_VIS pictures to --vis."""
     loader = DataLoader(dataset, batch_size=1, num_workers=args.workers)
     n, p = len(names), model.patch_size
     conf, bar = np.zeros((n, n), dtype=np.int64), probing.Progress("evaluating", len(dataset))

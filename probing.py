@@ -1,7 +1,7 @@
 """
-What the evaluation probes share (probe_multilabel.py, probe_segment.py, and pretrain.py's --probe-every): the frozen
-backbone they evaluate, its features, the labelled COCO data they read, the multi-label metrics and linear head, and
-the progress line of their long loops. The protocols are those of METHOD.md section 6.
+What the evaluation probes share (probe_multilabel.py, probe_segment.py, and pretrain.py's --probe-every): the
+frozen backbone they evaluate, its features, the labelled COCO data they read, the multi-label metrics and
+linear head, and the progress line of their long loops. The protocols are those of METHOD.md section 6.
 """
 import json
 import os
@@ -31,9 +31,10 @@ def add_probe_args(parser):
                         help="our pretraining checkpoint, or a timm-layout ViT state dict (timm / DINO weights)")
     parser.add_argument("--random-init", action="store_true",
                         help="evaluate a randomly initialised ViT instead of CKPT")
-    parser.add_argument("--model", default=None, choices=sorted(vit.CONFIGS),
-                        help="config of --random-init (default vit_demo on the demo set, else vit_small), or of a plain "
-                        "state dict whose width does not tell its head count")
+    parser.add_argument(
+        "--model", default=None, choices=sorted(vit.CONFIGS),
+        help="config of --random-init (default vit_demo on the demo set, else vit_small), or of a plain "
+        "state dict whose width does not tell its head count")
     parser.add_argument("--seed", type=int, default=0, help="seed of --random-init, of the head and (segmentation) "
                         "of the augmentations")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-decoding processes")
@@ -43,8 +44,8 @@ def add_probe_args(parser):
 
 def probe_backbone(ckpt, random_init, name, seed, device):
     """The frozen backbone a probe evaluates -> (model in eval mode, pretraining args or {}).
-    CKPT goes through vit.load_backbone (weights_only=True, layout checks); --random-init builds CONFIGS[name] with
-    timm's init under torch.manual_seed(seed) (the 'no pretraining' baseline)."""
+    CKPT goes through vit.load_backbone (weights_only=True, layout checks); --random-init builds CONFIGS[name]
+    with timm's init under torch.manual_seed(seed) (the 'no pretraining' baseline)."""
     if random_init and ckpt:
         raise ValueError(f"give either CKPT ({ckpt}) or --random-init, not both")
     if not random_init and not ckpt:
@@ -56,8 +57,8 @@ def probe_backbone(ckpt, random_init, name, seed, device):
 
 
 def frozen_tokens(model, images):
-    """Final-LN tokens [B, 1+T, D] in float32 of the frozen backbone for a batch of normalised images [B, 3, H, W]:
-    no grad, bf16 autocast on CUDA."""
+    """Final-LN tokens [B, 1+T, D] in float32 of the frozen backbone for a batch of normalised images [B, 3, H,
+    W]: no grad, bf16 autocast on CUDA."""
     device = next(model.parameters()).device
     images = images.to(device, non_blocking=True)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -65,8 +66,8 @@ def frozen_tokens(model, images):
 
 
 def extract_features(model, loader, fn, what="features", quiet=False):
-    """Run the frozen backbone once over `loader` (batches whose first item is the image tensor) and keep fn(tokens)
-    of every image on the CPU, concatenated in loader order (with a progress line unless quiet)."""
+    """Run the frozen backbone once over `loader` (batches whose first item is the image tensor) and keep
+    fn(tokens) of every image on the CPU, concatenated in loader order (with a progress line unless quiet)."""
     out, bar = [], None if quiet else Progress(what, len(loader.dataset))
     for batch in loader:
         out.append(fn(frozen_tokens(model, batch[0])).cpu())
@@ -76,9 +77,9 @@ def extract_features(model, loader, fn, what="features", quiet=False):
 
 
 class Progress:
-    """One status line on stderr for a long loop: `what done/total unit, rate/s, ETA m:ss [info]`. On a terminal it
-    rewrites itself with \\r; in a log (not a TTY) it prints a line at each further 10% of the total (at most one in
-    5 s) or after 30 s without one, and always at the end."""
+    """One status line on stderr for a long loop: `what done/total unit, rate/s, ETA m:ss [info]`. On a terminal
+    it rewrites itself with \\r; in a log (not a TTY) it prints a line at each further 10% of the total (at
+    most one in 5 s) or after 30 s without one, and always at the end."""
 
     def __init__(self, what, total, unit="img"):
         self.what, self.total, self.unit = what, max(1, total), unit
@@ -132,8 +133,8 @@ def require_files(paths, what):
 
 
 def load_coco(json_path, images_dir):
-    """A pycocotools COCO index of `json_path` after checking that it is COCO instances JSON and that every image it
-    names is in `images_dir`; images sorted by id (a fixed order for features and labels)."""
+    """A pycocotools COCO index of `json_path` after checking that it is COCO instances JSON and that every image
+    it names is in `images_dir`; images sorted by id (a fixed order for features and labels)."""
     from pycocotools.coco import COCO
     if not os.path.isfile(json_path):
         raise FileNotFoundError(f"annotation file {json_path}: no such file")
@@ -239,9 +240,10 @@ def f1_scores(scores, targets, threshold=0.5):
 
 
 def train_linear_head(x, y, steps, lr, wd, device, quiet=False):
-    """Linear(D, C) on features standardised with the training mean/std (= BatchNorm1d(affine=False) at eval), trained
-    full-batch (one AdamW step per epoch over all cached features; the problem is convex, so no mini-batch noise is
-    needed) on BCE-with-logits, lr cosine-decayed to 0 over `steps`. Returns (mean, std, head)."""
+    """Linear(D, C) on features standardised with the training mean/std (= BatchNorm1d(affine=False) at eval),
+    trained full-batch (one AdamW step per epoch over all cached features; the problem is convex, so no
+    mini-batch noise is needed) on BCE-with-logits, lr cosine-decayed to 0 over `steps`. Returns (mean, std,
+    head)."""
     mean, std = x.mean(0), x.std(0) + 1e-6
     x, y = ((x - mean) / std).to(device), y.to(device)
     head = nn.Linear(x.shape[1], y.shape[1]).to(device)
@@ -260,10 +262,11 @@ def train_linear_head(x, y, steps, lr, wd, device, quiet=False):
 
 
 class OnlineProbe:
-    """pretrain.py's --probe-every: a frozen-feature multi-label linear probe on n images of a labelled COCO file,
-    fixed at the start (a subset drawn from its own generator seeded with `seed`): the first half of the subset trains
-    the head, the second half is held out for the mAP. Each call: `agg` features of the subset (no grad), `steps`
-    full-batch AdamW steps of the head (under a forked RNG: the caller's random state is untouched), mAP."""
+    """pretrain.py's --probe-every: a frozen-feature multi-label linear probe on n images of a labelled COCO
+    file, fixed at the start (a subset drawn from its own generator seeded with `seed`): the first half of the
+    subset trains the head, the second half is held out for the mAP. Each call: `agg` features of the subset
+    (no grad), `steps` full-batch AdamW steps of the head (under a forked RNG: the caller's random state is
+    untouched), mAP."""
 
     def __init__(self, json_path, image_root, n_images, img_size, agg, seed, workers, steps=300):
         image_root = image_root or data.coco_image_root(json_path)

@@ -1,5 +1,6 @@
 """
-Run the DenseCL++ poster's tables end to end: pretraining of every row and seed, both probes, one results table.
+Run the DenseCL++ poster's tables end to end: pretraining of every row and seed, both probes, one results
+table.
 
     python reproduce.py --table main --seeds 0 1 2                 # the demo set (data/demo), CPU-sized
     python reproduce.py --quick                                    # a tiny two-row table in a few CPU minutes
@@ -14,9 +15,10 @@ Tables (METHOD.md; the poster's numbers beside ours where it gives them):
     negatives  DenseCL++ guided over the 3 x 3 x 4 grid M x beta x N (the poster averages mAP over it)
     recon      DenseCL++ at gamma 0, 0.1, 0.5, 1 with the conv and the transformer decoder
 
-Every run lives in its own folder under --out-dir (<row>/seed<k>/: pretrain/, ml.json, seg.json). A finished step is
-skipped and an interrupted pretraining resumed (--resume), so the same command continues a stopped table. Pretraining
-starts as users start it: `python pretrain.py ...`, or `torchrun --nproc_per_node N pretrain.py ...` when N > 1.
+Every run lives in its own folder under --out-dir (<row>/seed<k>/: pretrain/, ml.json, seg.json). A finished
+step is skipped and an interrupted pretraining resumed (--resume), so the same command continues a stopped
+table. Pretraining starts as users start it: `python pretrain.py ...`, or `torchrun --nproc_per_node N
+pretrain.py ...` when N > 1.
 Writes <out-dir>/results.md, results.json and one PNG plot per table (drawn with PIL).
 """
 import argparse
@@ -257,7 +259,8 @@ def main(argv=None):
         f.write(markdown(table, summary, args))
     plot(summary, os.path.join(args.out_dir, f"results_{table}.png"), f"reproduce.py --table {table}")
     for name in ("json", "md", "png"):  # the last table run is also results.<ext>
-        shutil.copy(os.path.join(args.out_dir, f"results_{table}.{name}"), os.path.join(args.out_dir, f"results.{name}"))
+        shutil.copy(os.path.join(args.out_dir, f"results_{table}.{name}"),
+                    os.path.join(args.out_dir, f"results.{name}"))
     print(open(os.path.join(args.out_dir, f"results_{table}.md")).read())
     print(f"{time.time() - t0:.0f} s; results in {args.out_dir}/results_{table}.{{md,json,png}}")
     return 1 if any("error" in r for per in runs.values() for r in per.values()) else 0

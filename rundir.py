@@ -1,8 +1,8 @@
 """
-The run directory of pretrain.py and what writes into it: checkpoints written to a temp file and renamed (a crash
-never leaves a half-written ckpt.pt), loaded with weights_only=True and refused when not ours or not finite; an
-existing run is resumed or refused, never overwritten; the disk is checked before training starts; the log window
-behind every log line; the signals that stop a run with a checkpoint.
+The run directory of pretrain.py and what writes into it: checkpoints written to a temp file and renamed (a
+crash never leaves a half-written ckpt.pt), loaded with weights_only=True and refused when not ours or not
+finite; an existing run is resumed or refused, never overwritten; the disk is checked before training starts;
+the log window behind every log line; the signals that stop a run with a checkpoint.
 
     <out-dir>/ckpt.pt             the latest state: backbone ('model', timm layout), 'vit_config', 'heads', 'optimizer',
                                   'args', 'step', 'epoch', 'skipped', 'rng' (+ 'ccrop_boxes')
@@ -100,8 +100,8 @@ def peak_flops(device):
 
 
 class StopSignals:
-    """SIGTERM and SIGUSR1 (what SLURM sends before it kills a job) set `requested` instead of killing the process,
-    so the loop can finish its step and write a checkpoint; the previous handlers come back on exit."""
+    """SIGTERM and SIGUSR1 (what SLURM sends before it kills a job) set `requested` instead of killing the
+    process, so the loop can finish its step and write a checkpoint; the previous handlers come back on exit."""
 
     def __init__(self):
         self.requested, self.previous = False, {}
@@ -121,9 +121,9 @@ class StopSignals:
 
 class LogWindow:
     """The logged values summed over the steps since the last log line (tensors: no host sync per step). flush()
-    averages them over the window and the ranks (one all-reduce that also carries the skipped-file count and the stop
-    request, so every rank takes the same decision at the same step), prints one line on rank 0 and appends the same
-    as a JSON object to log.jsonl."""
+    averages them over the window and the ranks (one all-reduce that also carries the skipped-file count and
+    the stop request, so every rank takes the same decision at the same step), prints one line on rank 0 and
+    appends the same as a JSON object to log.jsonl."""
 
     def __init__(self, path, rank, world_size, device, total_steps, images_per_step, flops_per_step):
         self.path, self.rank, self.world_size, self.device = path, rank, world_size, device
@@ -157,10 +157,11 @@ class LogWindow:
             rec["mfu"] = round(100 * self.flops_per_step / dt / (self.peak * self.world_size), 2)
         if self.rank == 0:
             terms = " ".join(f"{k} {rec[k]:.4f}" for k in keys if k != "loss")
-            print(f"step {step}/{self.total_steps} ep {epoch} | loss {rec['loss']:.4f} ({terms}) | lr {lr:.2e} | "
-                  f"{rec['img_per_s']:.0f} img/s" + (f" | MFU {rec['mfu']:.1f}%" if self.peak else "") +
-                  f" | ETA {(self.total_steps - step) * dt / 60:.1f} min" + (f" | skipped {skipped}" if skipped else ""),
-                  flush=True)
+            print(
+                f"step {step}/{self.total_steps} ep {epoch} | loss {rec['loss']:.4f} ({terms}) | lr {lr:.2e} | "
+                f"{rec['img_per_s']:.0f} img/s" + (f" | MFU {rec['mfu']:.1f}%" if self.peak else "") +
+                f" | ETA {(self.total_steps - step) * dt / 60:.1f} min" +
+                (f" | skipped {skipped}" if skipped else ""), flush=True)
             self.write(rec)
         self.reset(step)
         return stop

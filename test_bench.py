@@ -26,8 +26,8 @@ def test_bench_quick_writes_every_row(tmp_path):
 
 
 def test_gpu_check_runs_every_part_at_a_tiny_size(tmp_path):
-    """The prepared GPU check end to end on the CPU (nothing in it is first tried on the GPU): its train rows, e2e
-    rows, the pretrain.py run in its own process and the profiles, JSON written."""
+    """The prepared GPU check end to end on the CPU (nothing in it is first tried on the GPU): its train rows,
+    e2e rows, the pretrain.py run in its own process and the profiles, JSON written."""
     out = tmp_path / "g.json"
     assert bench.main(["--gpu-check", "--quick", "--out", str(out), "--model", "vit_test", "--img-size", "32",
                        "--batch-size", "8", "--n-jpegs", "16", "--workers", "1", "--threads", "1", "--run-steps", "3",

@@ -37,7 +37,8 @@ def noise_image(path, W, H, seed=0, smooth=False, **save_kw):
 
 def test_rrc_params_matches_torchvision():
     g = torch.Generator().manual_seed(0)
-    extremes = [(1, 1), (1, 1000), (1000, 1), (3, 2000), (2000, 3), (2, 3), (10, 7)]  # these often hit the fallback
+    # these often hit the fallback
+    extremes = [(1, 1), (1, 1000), (1000, 1), (3, 2000), (2000, 3), (2, 3), (10, 7)]
     for k in range(600):
         H, W = extremes[k % 7] if k % 2 else tuple(int(v) for v in torch.randint(1, 700, (2,), generator=g))
         torch.manual_seed(k)
@@ -76,8 +77,9 @@ def ccrop_positions(alpha, n=4000):
 
 
 def test_ccrop_params_both_axes_with_asymmetric_boxes():
-    """ContrastiveCrop's formula, written out per axis, against ccrop_params with the same draws: boxes whose vertical
-    and horizontal extents differ clearly, on images whose height and width differ (an axis mix-up cannot pass)."""
+    """ContrastiveCrop's formula, written out per axis, against ccrop_params with the same draws: boxes whose
+    vertical and horizontal extents differ clearly, on images whose height and width differ (an axis mix-up
+    cannot pass)."""
     from data import _beta, _rrc_size
     for k, (H, W, box) in enumerate([(300, 800, (0.05, 0.55, 0.35, 0.95)), (900, 250, (0.6, 0.0, 0.9, 0.3)),
                                      (480, 640, (0.1, 0.7, 0.2, 0.8))]):
@@ -105,7 +107,8 @@ def test_ccrop_alpha1_is_uniform_in_the_box_range():
 
 def test_ccrop_alpha_below_1_pushes_centres_to_the_box_edges():
     u = ccrop_positions(0.6)
-    assert abs(u.var() - 1 / (4 * (2 * 0.6 + 1))) < 0.008  # Beta(a, a) variance 1/(4(2a+1)) = 0.114 vs 1/12 = 0.083
+    # Beta(a, a) variance 1/(4(2a+1)) = 0.114 vs 1/12 = 0.083
+    assert abs(u.var() - 1 / (4 * (2 * 0.6 + 1))) < 0.008
     assert np.mean(np.abs(u - 0.5) > 0.4) > 0.25  # uniform: 0.2
     assert np.mean(np.abs(ccrop_positions(0.1) - 0.5) > 0.4) > 0.6
 
@@ -134,8 +137,10 @@ def test_two_views_shapes_boxes_and_flips(tmp_path):
             assert torch.equal(v, expected.flip(-1) if flip else expected)
             assert not torch.equal(v, expected if flip else expected.flip(-1))
             pil = torch.from_numpy(np.array(ref.resize((32, 32), Image.BILINEAR, box=(left, top, left + w, top + h))))
-            pil = pil.permute(2, 0, 1).float()  # the same antialiased bilinear filter as PIL's, up to uint8 rounding
-            diff = (v.float() - (pil.flip(-1) if flip else pil)).abs()[:, 1:-1, 1:-1]  # PIL's filter reads past the box
+            # the same antialiased bilinear filter as PIL's, up to uint8 rounding
+            pil = pil.permute(2, 0, 1).float()
+            # PIL's filter reads past the box
+            diff = (v.float() - (pil.flip(-1) if flip else pil)).abs()[:, 1:-1, 1:-1]
             assert diff.mean() < 0.5, diff.mean()
             assert out[f'photo{k}'].shape == (6,)
     assert flips == {True, False}
@@ -154,7 +159,8 @@ def test_two_views_draft_decode_keeps_original_coordinates(tmp_path):
         crop = ref.resize((32, 32), Image.BILINEAR, box=(left, top, left + w, top + h))
         expected = torch.from_numpy(np.array(crop)).permute(2, 0, 1)
         expected = expected.flip(-1) if out['flip1'] else expected
-        assert (out['view1'].float() - expected.float()).abs().mean() < 3, epoch  # same content from the 1/8 decode
+        # same content from the 1/8 decode
+        assert (out['view1'].float() - expected.float()).abs().mean() < 3, epoch
     assert drafted > 0
     small = load_rgb(path, draft_size=(100, 75))
     assert small.size == (100, 75) and small.mode == 'RGB'
@@ -457,8 +463,9 @@ def test_epoch_sampler():
 
 
 def test_run_sampler_crosses_epochs_with_each_epochs_keys():
-    """RunSampler over steps 9..30 (12 batches an epoch) yields, rank by rank, the EpochSampler batches of epochs 0, 1
-    and 2 in order, each index paired with its own epoch; TwoViews draws a (epoch, i) key with that epoch's seed."""
+    """RunSampler over steps 9..30 (12 batches an epoch) yields, rank by rank, the EpochSampler batches of epochs
+    0, 1 and 2 in order, each index paired with its own epoch; TwoViews draws a (epoch, i) key with that
+    epoch's seed."""
     n, G = 103, 8
     for rank in (0, 1):
         s = data.RunSampler(n, G, rank=rank, world=2, seed=4)

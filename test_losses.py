@@ -1,6 +1,6 @@
 """
-Every loss against a naive Python-loop implementation written from the formulas of METHOD.md (float64, values and gradients),
-closed forms, argument errors, two-process (gloo) equivalence, and the ViT's timm layout.
+Every loss against a naive Python-loop implementation written from the formulas of METHOD.md (float64, values
+and gradients), closed forms, argument errors and two-process (gloo) equivalence.
 The naive versions replay the documented draw order of losses.dense_loss from a generator with the same seed.
 """
 import math
@@ -145,11 +145,13 @@ CASES = [  # negatives, M, beta, N, B, T (, score_tokens, xv_exclude)
     ("guided", 3, -0.3, 1, 3, 3),
     ("guided", 6, 0.1, 0, 3, 6, 2),  # thresholded score on 2 of the 6 anchor tokens
     ("guided", 4, 0.3, 2, 2, 5, 3),
-    ("guided", 2, 0.1, 0, 3, 6),  # M < T: the thresholded score over the M*2B set members instead of all tokens
+    # M < T: the thresholded score over the M*2B set members instead of all tokens
+    ("guided", 2, 0.1, 0, 3, 6),
     ("guided", 3, 0.6, 1, 2, 7),
     ("all", 1, None, 0, 3, 4),
     ("all", 1, None, 2, 2, 4),
-    ("random", 1, None, 2, 3, 6, None, 2),  # cross-view negatives without the 2 nearest tokens after the match
+    # cross-view negatives without the 2 nearest tokens after the match
+    ("random", 1, None, 2, 3, 6, None, 2),
     ("guided", 3, 0.2, 3, 2, 6, None, 2),  # N = T-1-xv_exclude: every remaining partner token
     ("densecl", 1, None, 1, 2, 5, None, 1),
 ]
@@ -176,7 +178,8 @@ def test_score_tokens_all_equals_exact():
 
 def test_guided_m1_equals_random():
     z1, z2, f1, f2 = inputs(4, 6, 5, 5, seed=1)
-    a = losses.dense_loss(z1, z2, f1, f2, tau=0.2, negatives="guided", M=1, N=2, generator=torch.Generator().manual_seed(3))
+    a = losses.dense_loss(z1, z2, f1, f2, tau=0.2, negatives="guided", M=1, N=2,
+                          generator=torch.Generator().manual_seed(3))
     b = losses.dense_loss(z1, z2, f1, f2, tau=0.2, negatives="random", N=2, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
 
@@ -187,10 +190,11 @@ def test_all_equals_random_with_single_token_views():
     assert torch.allclose(a, b, atol=1e-14)
 
 def test_guided_picks_the_hardest_set():
-    """Anchors: tokens e0, e0, e1 in every view. Candidate sets (set m takes token m of every other view): m=0 points
-    along the anchors' mean direction (2, 1), m=1 along (1, 1), m=2 is orthogonal to all anchors. Unthresholded, set 0
-    has the highest mean cosine (0.745 against 0.707) and wins; with beta = 0.5 its cosine 0.447 with the e1 anchor
-    counts as -1 and set 1, above the threshold for every anchor, wins. The orthogonal set never does."""
+    """Anchors: tokens e0, e0, e1 in every view. Candidate sets (set m takes token m of every other view): m=0
+    points along the anchors' mean direction (2, 1), m=1 along (1, 1), m=2 is orthogonal to all anchors.
+    Unthresholded, set 0 has the highest mean cosine (0.745 against 0.707) and wins; with beta = 0.5 its
+    cosine 0.447 with the e1 anchor counts as -1 and set 1, above the threshold for every anchor, wins. The
+    orthogonal set never does."""
     B, D = 3, 4
     e = torch.eye(D)
     anchors = torch.stack([e[0], e[0], e[1]]).expand(2, B, 3, D)  # [2, B, T=3, D]
@@ -254,8 +258,8 @@ def test_recon_loss_norm_pix():
         losses.recon_loss(x, y, norm_pix=3)
 
 def test_match_is_exact_under_bf16_autocast():
-    """Near-tied features (a shared base plus noise of 0.1): the cosines differ by ~1e-3, below bf16's step near 1
-    (~0.004), so a bf16 table ties most anchors; match must still return the float64 argmax."""
+    """Near-tied features (a shared base plus noise of 0.1): the cosines differ by ~1e-3, below bf16's step near
+    1 (~0.004), so a bf16 table ties most anchors; match must still return the float64 argmax."""
     g = torch.Generator().manual_seed(0)
     base = torch.randn(1, 1, 64, generator=g)
     f1 = (base + 0.1 * torch.randn(4, 49, 64, generator=g)).float()
@@ -265,11 +269,12 @@ def test_match_is_exact_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(losses.match(f1, f2), want)
         ties = torch.bmm(torch.nn.functional.normalize(f1, dim=-1), torch.nn.functional.normalize(f2, dim=-1).mT)
-    assert ties.dtype == torch.bfloat16 and (ties.argmax(-1) != want).float().mean() > 0.2  # what bf16 would do
+    # what bf16 would do
+    assert ties.dtype == torch.bfloat16 and (ties.argmax(-1) != want).float().mean() > 0.2
 
 def test_guided_choice_is_exact_under_bf16_autocast():
-    """The unthresholded set score runs in float32 under a bf16 autocast: with near-tied sets (members a shared base
-    plus noise of 1e-2) the choice equals the float64 one."""
+    """The unthresholded set score runs in float32 under a bf16 autocast: with near-tied sets (members a shared
+    base plus noise of 1e-2) the choice equals the float64 one."""
     g = torch.Generator().manual_seed(1)
     B, T, D, M = 4, 6, 32, 64
     base = torch.randn(D, generator=g)
@@ -360,7 +365,8 @@ def test_two_processes_equal_one():
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_worker, args=(2, free_port(), u1, u2, zs, d), nprocs=2, join=True)
         ranks = [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=True) for r in range(2)]
-    # one process: the rank losses average to the full loss; each rank's input gradient is world_size times the
+    # one process: the rank losses average to the full loss; each rank's input gradient is world_size times
+    # the
     # single-process gradient of its rows (DDP then averages parameter gradients over the ranks)
     a, b = u1.clone().requires_grad_(), u2.clone().requires_grad_()
     full = losses.nt_xent(a, b, 0.2)

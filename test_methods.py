@@ -1,7 +1,7 @@
 """
-Tests of methods.py and the two options of pretrain.py: ContrastiveCrop (--crop ccrop, METHOD.md 9) and the MCL montage
-loss (--montage, METHOD.md 8). Naive loops as references; end-to-end runs in 1 process and under torchrun with 2 (with
-resume).
+Tests of methods.py and the two options of pretrain.py: ContrastiveCrop (--crop ccrop, METHOD.md 9) and the
+MCL montage loss (--montage, METHOD.md 8). Naive loops as references; end-to-end runs in 1 process and under
+torchrun with 2 (with resume).
 """
 import json
 import math
@@ -26,14 +26,15 @@ def test_ccrop_schedule():
     def due(W, L):
         return [e for e in range(12) if methods.ccrop_due(e, W, L)]
     assert due(2, 3) == [2, 5, 8, 11] and due(1, 1) == list(range(1, 12)) and due(20, 20) == []
-    assert due(0, 4) == [4, 8]  # W = 0: ContrastiveCrop on the initial full boxes from the start, first update at L
+    # W = 0: ContrastiveCrop on the initial full boxes from the start, first update at L
+    assert due(0, 4) == [4, 8]
     with pytest.raises(ValueError, match="--ccrop-every"):
         methods.ccrop_due(3, 1, 0)
 
 
 def naive_box(heat, k, H, W):
-    """Min-max normalise, bilinear upsampling written out (align_corners=False: src = max((dst + .5) * in/out - .5, 0)),
-    then a scan for the first and last row / column holding a pixel > k."""
+    """Min-max normalise, bilinear upsampling written out (align_corners=False: src = max((dst + .5) * in/out -
+    .5, 0)), then a scan for the first and last row / column holding a pixel > k."""
     h = np.asarray(heat, np.float64)
     if h.max() == h.min():
         return (0.0, 0.0, 1.0, 1.0)
@@ -82,8 +83,9 @@ def test_heat_to_box_matches_naive_scan():
 
 
 def identity_backbone():
-    """vit_test whose blocks are identities, no position embedding, and whose patch embedding gives every channel the
-    mean normalised pixel value + 1.986 (about 0 on black): the token_norm heat map is bright-patch indicator."""
+    """vit_test whose blocks are identities, no position embedding, and whose patch embedding gives every channel
+    the mean normalised pixel value + 1.986 (about 0 on black): the token_norm heat map is bright-patch
+    indicator."""
     torch.manual_seed(0)
     b = vit.create_vit("vit_test")
     with torch.no_grad():
@@ -96,8 +98,8 @@ def identity_backbone():
 
 
 def test_localise_finds_bright_squares(tmp_path):
-    """One box per file in file order, each the heat_to_box of the bright tokens; an unreadable file keeps the full box;
-    the backbone goes back to train mode."""
+    """One box per file in file order, each the heat_to_box of the bright tokens; an unreadable file keeps the
+    full box; the backbone goes back to train mode."""
     files, expected = [], []
     for i, (t0, t1, l0, l1) in enumerate([(1, 3, 1, 3), (0, 1, 2, 4), (2, 4, 0, 1), (3, 4, 3, 4), (0, 4, 1, 2)]):
         img = np.zeros((32, 32, 3), np.uint8)
@@ -114,15 +116,16 @@ def test_localise_finds_bright_squares(tmp_path):
     boxes = methods.localise(b, files, 32, "token_norm", 0.1, 4, 0, torch.device("cpu"))
     assert boxes.shape == (6, 4) and b.training
     assert torch.allclose(boxes, torch.tensor(expected)), (boxes, expected)
-    assert expected[0] == (5 / 32, 5 / 32, 27 / 32, 27 / 32)  # the bilinear ramp reaches k = 0.1 5 px before the square
+    # the bilinear ramp reaches k = 0.1 5 px before the square
+    assert expected[0] == (5 / 32, 5 / 32, 27 / 32, 27 / 32)
     for kind in methods.HEATS:  # every heat map gives valid boxes on a real (random) model
         h = methods.heat_maps(vit.create_vit("vit_test"), torch.randn(3, 3, 32, 32), kind)
         assert h.shape == (3, 4, 4) and torch.isfinite(h).all()
 
 
 def test_ccrop_warmup_switch_reaches_persistent_workers(tmp_path):
-    """TwoViews(ccrop_warmup=W): plain RRC (the same draws as boxes=None) before epoch W, ContrastiveCrop from W on; an
-    in-place update of the shared boxes reaches persistent loader workers, as in pretrain.py."""
+    """TwoViews(ccrop_warmup=W): plain RRC (the same draws as boxes=None) before epoch W, ContrastiveCrop from W
+    on; an in-place update of the shared boxes reaches persistent loader workers, as in pretrain.py."""
     make_images(tmp_path, n=4, size=100)
     files = sorted(str(p) for p in tmp_path.iterdir())
     boxes = torch.tensor([[0.0, 0.0, 0.05, 0.05]]).repeat(4, 1).share_memory_()
@@ -149,9 +152,11 @@ def test_ccrop_warmup_switch_reaches_persistent_workers(tmp_path):
 
 
 def test_ccrop_centres_through_two_views(tmp_path):
-    """Crop centres of TwoViews with a box (0.25, 0.25, 0.75, 0.75) on a 100 x 100 image (small crops, so no clamping):
-    u = (top - ch0) / 50 ~ floor(50 Beta(a, a)) / 50. alpha = 1: uniform (KS distance < 0.065 = 1% critical value
-    0.041 at n = 1600 + the 1/50 grid); alpha = 0.3: U-shaped, P(|u - 0.5| > 0.4) ~ 0.57 (uniform: 0.18)."""
+    """Crop centres of TwoViews with a box (0.25, 0.25, 0.75, 0.75) on a 100 x 100 image (small crops, so no
+    clamping):
+    u = (top - ch0) / 50 ~ floor(50 Beta(a, a)) / 50. alpha = 1: uniform (KS distance < 0.065 = 1% critical
+    value 0.041 at n = 1600 + the 1/50 grid); alpha = 0.3: U-shaped, P(|u - 0.5| > 0.4) ~ 0.57 (uniform:
+    0.18)."""
     make_images(tmp_path, n=1, size=100)
     path = str(next(tmp_path.iterdir()))
     box = torch.tensor([[0.25, 0.25, 0.75, 0.75]])
@@ -239,8 +244,10 @@ def read_log(out):
 def test_ccrop_run_one_process(tmp_path):
     images = make_images(tmp_path / "imgs")
     out = tmp_path / "run"
-    r = run_pretrain(TINY + GUIDED + ["--data", images, "--batch-size", "8", "--max-steps", "4", "--out-dir", str(out), "--crop",
-                             "ccrop", "--ccrop-warmup", "1", "--ccrop-every", "1", "--ccrop-heat", "token_norm"])
+    r = run_pretrain(TINY + GUIDED + [
+        "--data", images, "--batch-size", "8", "--max-steps", "4", "--out-dir",
+        str(out), "--crop", "ccrop", "--ccrop-warmup", "1", "--ccrop-every", "1", "--ccrop-heat", "token_norm"
+    ])
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ccrop: new boxes at epoch 1" in r.stdout and "epoch 2" not in r.stdout  # 2 steps an epoch
     boxes = torch.load(out / "ckpt.pt", weights_only=True)["ccrop_boxes"]
@@ -261,14 +268,17 @@ def test_montage_run_one_process(tmp_path):
 
 
 def test_both_options_two_processes_and_resume(tmp_path):
-    """torchrun, 2 processes, 2 steps an epoch: run to step 2 (warm-up epoch 0, boxes untouched), resume to step 3 (the
-    boxes are computed at the start of epoch 1 from the step-2 weights, rank-sharded and gathered), resume to step 4
-    (mid-epoch: the checkpoint's boxes are restored, not recomputed). The boxes equal a one-process localisation."""
+    """torchrun, 2 processes, 2 steps an epoch: run to step 2 (warm-up epoch 0, boxes untouched), resume to step
+    3 (the boxes are computed at the start of epoch 1 from the step-2 weights, rank-sharded and gathered),
+    resume to step 4 (mid-epoch: the checkpoint's boxes are restored, not recomputed). The boxes equal a
+    one-process localisation."""
     images = make_images(tmp_path / "imgs")
     out = tmp_path / "run"
-    argv = TINY + GUIDED + ["--data", images, "--batch-size", "4", "--out-dir", str(out), "--crop", "ccrop", "--ccrop-warmup",
-                   "1", "--ccrop-every", "1", "--ccrop-k", "0.6", "--montage", "--montage-r", "2", "4",
-                   "--montage-block-attn"]
+    argv = TINY + GUIDED + [
+        "--data", images, "--batch-size", "4", "--out-dir",
+        str(out), "--crop", "ccrop", "--ccrop-warmup", "1", "--ccrop-every", "1", "--ccrop-k", "0.6",
+        "--montage", "--montage-r", "2", "4", "--montage-block-attn"
+    ]
     stdout, boxes = [], []
     for steps in (2, 3, 4):
         r = run_pretrain(argv + ["--max-steps", str(steps)] + (["--resume"] if steps > 2 else []), nproc=2)

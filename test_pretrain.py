@@ -1,7 +1,7 @@
 """
-pretrain.py end to end on a tiny ViT: configuration (presets, checkpoint flags, refused flags), the schedule, full runs
-in 1 process and under torchrun with 2, compiled == eager, kill and resume, bad images, bad checkpoints, an
-unwritable or full disk, non-finite losses.
+pretrain.py end to end on a tiny ViT: configuration (presets, checkpoint flags, refused flags), the schedule,
+full runs in 1 process and under torchrun with 2, compiled == eager, kill and resume, bad images, bad
+checkpoints, an unwritable or full disk, non-finite losses.
 """
 import importlib
 import io
@@ -96,16 +96,18 @@ def test_end_to_end_run_writes_a_usable_checkpoint(tmp_path, nproc):
     assert os.path.getmtime(out / "ckpt.pt") == mtime
 
 def test_compiled_run_equals_eager(tmp_path):
-    """--compile on (the CUDA default) through inductor's CPU backend: model and photometric ops compiled, the same
-    losses and weights as the eager run up to float reassociation."""
+    """--compile on (the CUDA default) through inductor's CPU backend: model and photometric ops compiled, the
+    same losses and weights as the eager run up to float reassociation."""
     if not inductor_works_on_cpu():
         pytest.skip("torch.compile cannot build CPU kernels here (needs g++ and the Python headers)")
     images = make_images(tmp_path / "imgs")
     runs = {}
     for mode in ("off", "on"):
         out = tmp_path / mode
-        r = run_pretrain(TINY + GUIDED + ["--data", images, "--batch-size", "8", "--max-steps", "3", "--out-dir", str(out),
-                                 "--compile", mode, "--neg", "guided", "--beta", "0.5"])
+        r = run_pretrain(TINY + GUIDED + [
+            "--data", images, "--batch-size", "8", "--max-steps", "3", "--out-dir",
+            str(out), "--compile", mode, "--neg", "guided", "--beta", "0.5"
+        ])
         assert r.returncode == 0, r.stdout + r.stderr
         runs[mode] = ([json.loads(line)["loss"] for line in open(out / "log.jsonl")],
                       torch.load(out / "ckpt.pt", weights_only=True)["model"])
@@ -115,13 +117,14 @@ def test_compiled_run_equals_eager(tmp_path):
         assert torch.allclose(w_compiled[k], w_eager[k], atol=1e-4), k
 
 def test_compiled_step_equals_eager():
-    """pretrain.compiled_parts with fullgraph=True through inductor's CPU backend: the losses and weights of three
-    steps equal the eager ones up to float reassociation (plain SGD: AdamW would turn the sign of a gradient of ~0
-    that differs in the last bits into a step of lr)."""
+    """pretrain.compiled_parts with fullgraph=True through inductor's CPU backend: the losses and weights of
+    three steps equal the eager ones up to float reassociation (plain SGD: AdamW would turn the sign of a
+    gradient of ~0 that differs in the last bits into a step of lr)."""
     if not inductor_works_on_cpu():
         pytest.skip("torch.compile cannot build CPU kernels here (needs g++ and the Python headers)")
-    args = pretrain.resolve_args(TINY + GUIDED + ["--data", "unused", "--neg", "guided", "--beta", "0.5", "--score-tokens", "4",
-                                         "--lam-warmup", "1"])
+    args = pretrain.resolve_args(
+        TINY + GUIDED +
+        ["--data", "unused", "--neg", "guided", "--beta", "0.5", "--score-tokens", "4", "--lam-warmup", "1"])
     runs = []
     for use_compile in (False, True):
         torch._dynamo.reset()
@@ -137,14 +140,17 @@ def test_compiled_step_equals_eager():
 
 def test_sigkill_and_resume_continue_exactly(tmp_path):
     images = make_images(tmp_path / "imgs", n=20)
-    common = TINY + ["--M", "4"] + OBJ + ["--data", images, "--batch-size", "4", "--max-steps", "12", "--ckpt-every", "3"]
+    common = TINY + ["--M", "4"] + OBJ + [
+        "--data", images, "--batch-size", "4", "--max-steps", "12", "--ckpt-every", "3"
+    ]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     r = run_pretrain(common + ["--out-dir", str(straight)])
     assert r.returncode == 0, r.stderr
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "pretrain.py")] + common + ["--out-dir", str(broken)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    for line in proc.stdout:  # kill in the middle of epoch 2 (5 steps an epoch), after the checkpoint of step 6
+    # kill in the middle of epoch 2 (5 steps an epoch), after the checkpoint of step 6
+    for line in proc.stdout:
         if line.startswith("step 7/"):
             proc.send_signal(signal.SIGKILL)
             break
@@ -168,7 +174,8 @@ def test_sigkill_and_resume_continue_exactly(tmp_path):
 
 def test_two_processes_equal_one_process(tmp_path):
     images = make_images(tmp_path / "imgs", n=24)
-    # N = T-1 (all partner tokens): the per-rank cross-view draw is the one draw that differs by design (losses.py)
+    # N = T-1 (all partner tokens): the per-rank cross-view draw is the one draw that differs by design
+    # (losses.py)
     common = TINY + ["--data", images, "--max-steps", "5", "--neg", "guided", "--M", "4", "--beta", "0.5", "--N", "15"]
     one, two = tmp_path / "one", tmp_path / "two"
     r1 = run_pretrain(common + ["--batch-size", "8", "--out-dir", str(one)])
@@ -225,7 +232,10 @@ class Evil:
 def test_resume_refuses_bad_checkpoints(tmp_path):
     images, out = small_run(tmp_path)
     good = torch.load(out / "ckpt.pt", weights_only=True)
-    resume = TINY + GUIDED + ["--data", images, "--batch-size", "4", "--max-steps", "4", "--out-dir", str(out), "--resume"]
+    resume = TINY + GUIDED + [
+        "--data", images, "--batch-size", "4", "--max-steps", "4", "--out-dir",
+        str(out), "--resume"
+    ]
 
     nan = {**good, "model": {k: v.clone() for k, v in good["model"].items()}}
     nan["model"]["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
@@ -242,7 +252,8 @@ def test_resume_refuses_bad_checkpoints(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
     torch.save(good, out / "ckpt.pt")
-    r = run_pretrain(resume[:-1] + ["--resume", "--model", "vit_demo", "--img-size", "32"])  # another architecture
+    # another architecture
+    r = run_pretrain(resume[:-1] + ["--resume", "--model", "vit_demo", "--img-size", "32"])
     assert r.returncode == 2 and "does not fit this model" in r.stderr and "blocks.2" in r.stderr
     assert "Traceback" not in r.stderr
 
@@ -323,8 +334,8 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_equals_uninterrupted(tmp_pat
 
 def test_torchrun_restarts_a_killed_worker_from_the_checkpoint(tmp_path):
     """torchrun --max-restarts 1 with --resume: rank 1 killed (SIGKILL) at step 7, the group restarts from the
-    checkpoint of step 5 and ends with the weights of an uninterrupted run; twice (it used to hang or fail to connect
-    in most tries: the restarted group read the killed group's addresses from torchrun's store)."""
+    checkpoint of step 5 and ends with the weights of an uninterrupted run; twice (it used to hang or fail to
+    connect in most tries: the restarted group read the killed group's addresses from torchrun's store)."""
     images = make_images(tmp_path / "imgs", n=24)
     common = TINY + ["--M", "4", "--N", "15", "--data", images, "--batch-size", "4", "--max-steps", "10",
                      "--ckpt-every", "5", "--resume"]
@@ -350,6 +361,22 @@ def test_torchrun_restarts_a_killed_worker_from_the_checkpoint(tmp_path):
         assert ca["step"] == cb["step"] == 10
         for k in wa:
             assert torch.allclose(wa[k].float(), wb[k].float(), rtol=1e-5, atol=1e-6), k
+    # SIGTERM to torchrun (what a SLURM script passes on): its agent signals the workers, which stop together at
+    # their next log step (--log-every 1 here) with a checkpoint; --resume then ends where the straight run ends
+    out = tmp_path / "terminated"
+    proc = torchrun(out, 1)
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    proc.wait(timeout=300)
+    assert "stopped by a signal" in rest, rest
+    assert 3 <= torch.load(out / "ckpt.pt", weights_only=True)["step"] < 10
+    resumed = torchrun(out, 0)
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
+    (wa, _), (wb, _) = weights(tmp_path / "straight"), weights(out)
+    assert all(torch.allclose(wa[k].float(), wb[k].float(), rtol=1e-5, atol=1e-6) for k in wa)
 
 
 def worker_pid(tag, rank):
@@ -366,8 +393,8 @@ def worker_pid(tag, rank):
 
 
 def test_online_probe_logs_its_map_and_leaves_the_training_alone(tmp_path):
-    """--probe-every 1 on a labelled COCO file: probe_mAP records in log.jsonl at every epoch end, and the weights
-    are exactly those of the same run without it."""
+    """--probe-every 1 on a labelled COCO file: probe_mAP records in log.jsonl at every epoch end, and the
+    weights are exactly those of the same run without it."""
     data_json = labelled_images(tmp_path / "coco")
     common = TINY + GUIDED + ["--data", data_json, "--batch-size", "8", "--max-steps", "4"]
     for name, extra in (("plain", []), ("probed", ["--probe-every", "1", "--probe-images", "12"])):

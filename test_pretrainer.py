@@ -42,8 +42,8 @@ def test_each_objective_trains(name):
         assert any(k.startswith("decoder") for k in changed)
 
 def test_objective_is_the_weighted_sum_of_its_terms():
-    """L = (1-lam)*global + lam*dense + gamma*recon + mu*montage, each term computed here on its own from the model's
-    outputs, with weights other than 0 and 1 and a different temperature for every term."""
+    """L = (1-lam)*global + lam*dense + gamma*recon + mu*montage, each term computed here on its own from the
+    model's outputs, with weights other than 0 and 1 and a different temperature for every term."""
     args = pretrain.resolve_args(TINY + GUIDED + ["--data", "unused", "--lam", "0.3", "--gamma", "0.7", "--mu", "0.6",
                                          "--montage", "--montage-r", "2", "4", "--tau-g", "0.1", "--tau-d", "0.3",
                                          "--tau-m", "0.45", "--neg", "guided", "--beta", "0.2", "--recon", "l1"])
@@ -84,18 +84,22 @@ def test_montage_objective_trains():
     changed = {".".join(k.split(".")[:2]) for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert {"montage_heads.0", "montage_heads.1"} <= changed
     with pytest.raises(ValueError, match="--montage-r"):
-        pretrainer.Pretrainer(pretrain.resolve_args(TINY + GUIDED + ["--montage", "--montage-r", "3", "--data", "unused"]))
+        pretrainer.Pretrainer(
+            pretrain.resolve_args(TINY + GUIDED + ["--montage", "--montage-r", "3", "--data", "unused"]))
 
 
-STEP_CONFIGS = {"SimCLR": ["--lam", "0"], "DenseCL++*": GUIDED + ["--beta", "0.5"],
-                "scored tokens": GUIDED + ["--beta", "0.5", "--score-tokens", "4", "--lam-warmup", "2"],
-                "all + recon": ["--neg", "all", "--N", "3", "--gamma", "0.3", "--decoder", "transformer"],
-                "montage": ["--neg", "random", "--N", "0", "--montage", "--montage-r", "2", "4", "--montage-block-attn"]}
+STEP_CONFIGS = {
+    "SimCLR": ["--lam", "0"],
+    "DenseCL++*": GUIDED + ["--beta", "0.5"],
+    "scored tokens": GUIDED + ["--beta", "0.5", "--score-tokens", "4", "--lam-warmup", "2"],
+    "all + recon": ["--neg", "all", "--N", "3", "--gamma", "0.3", "--decoder", "transformer"],
+    "montage": ["--neg", "random", "--N", "0", "--montage", "--montage-r", "2", "4", "--montage-block-attn"]
+}
 
 @pytest.mark.parametrize("name", sorted(STEP_CONFIGS))
 def test_step_compiles_as_one_graph(name):
-    """The forward and the objective trace without a graph break (every draw is made before them, in model.draws), so
-    fullgraph=True compiles them as one graph (under the bf16 autocast of a CUDA run)."""
+    """The forward and the objective trace without a graph break (every draw is made before them, in
+    model.draws), so fullgraph=True compiles them as one graph (under the bf16 autocast of a CUDA run)."""
     args = pretrain.resolve_args(TINY + ["--data", "unused"] + STEP_CONFIGS[name])
     model, _, _, x = tiny_trainer(args)
     canvases, labels, draws = model.draws(x, pretrain.step_generator(0, 0, torch.device("cpu")))

@@ -24,7 +24,8 @@ def test_multilabel_end_to_end(demo_dir, tmp_path, monkeypatch, capsys):
     for k in ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1"):
         assert 0 <= result[k] <= 100, k
     assert result["mAP"] > 0 and result["img_size"] == 32
-    assert probe_multilabel.main(argv[:-2] + ["--agg", "cls", "--epochs", "1"]) == 0  # features from the cache
+    # features from the cache
+    assert probe_multilabel.main(argv[:-2] + ["--agg", "cls", "--epochs", "1"]) == 0
     assert "cached features" in capsys.readouterr().out
 
 def test_pretraining_checkpoint_sets_agg_and_size(demo_dir, tmp_path, monkeypatch):
@@ -47,10 +48,10 @@ def test_plain_state_dict_gives_the_numbers_of_its_checkpoint(demo_dir, tmp_path
     save_demo_backbone(tmp_path)
     results = {}
     for name in ("ckpt", "plain"):
-        common = [str(tmp_path / f"{name}.pt"), "--epochs", "2", "--workers", "0", "--img-size", "64"]
+        common = [str(tmp_path / f"{name}.pt"), "--epochs", "1", "--workers", "0", "--img-size", "32"]
         assert probe_multilabel.main(common + ["--agg", "gap", "--cache", str(tmp_path / f"c_{name}"),
                                                "--out", str(tmp_path / f"ml_{name}.json")]) == 0
-        assert probe_segment.main(common[:-1] + ["128", "--out", str(tmp_path / f"seg_{name}.json")]) == 0
+        assert probe_segment.main(common + ["--out", str(tmp_path / f"seg_{name}.json")]) == 0
         results[name] = [json.loads((tmp_path / f"{k}_{name}.json").read_text()) for k in ("ml", "seg")]
     for k in ("mAP", "CF1", "OF1"):
         assert results["plain"][0][k] == results["ckpt"][0][k], k

@@ -1,5 +1,5 @@
-"""probe_segment.py: the confusion-matrix mIoU against brute force, COCO semantic masks and VOC palette masks, end to
-end on the demo set (VOC and COCO layouts), and its error paths."""
+"""probe_segment.py: the confusion-matrix mIoU against brute force, COCO semantic masks and VOC palette masks,
+end to end on the demo set (VOC and COCO layouts), and its error paths."""
 import json
 import os
 

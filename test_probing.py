@@ -1,5 +1,5 @@
-"""Tests of probing.py: the multi-label metrics against brute-force definitions (and sklearn when installed), COCO
-reading and multi-hot labels, the online probe of pretrain.py."""
+"""Tests of probing.py: the multi-label metrics against brute-force definitions (and sklearn when installed),
+COCO reading and multi-hot labels, the online probe of pretrain.py."""
 import numpy as np
 import pytest
 import torch
@@ -77,8 +77,8 @@ def test_coco_multi_hot(tmp_path):
 
 
 def test_online_probe_is_deterministic_and_leaves_the_callers_rng(tmp_path):
-    """The online probe's subset and head come from its own seed: two calls give the same mAP, the caller's random
-    state is the same after the call, and its mAP is that of train_linear_head on the same split."""
+    """The online probe's subset and head come from its own seed: two calls give the same mAP, the caller's
+    random state is the same after the call, and its mAP is that of train_linear_head on the same split."""
     data_json = labelled_images(tmp_path / "coco", n=12)
     probe = probing.OnlineProbe(data_json, None, 10, 32, "gap", seed=3, workers=0, steps=50)
     assert (probe.n_train, len(probe.heldout_labels)) == (5, 5)

@@ -1,5 +1,5 @@
-"""reproduce.py --quick end to end (two rows, one seed, the test ViT): results.md / .json / .png written, every run in
-its own folder, a second call skips what is done and redoes only what is missing."""
+"""reproduce.py --quick end to end (two rows, one seed, the test ViT): results.md / .json / .png written, every
+run in its own folder, a second call skips what is done and redoes only what is missing."""
 import json
 import os
 

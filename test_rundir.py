@@ -18,7 +18,8 @@ def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(OSError):
         rundir.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
-    assert os.listdir(tmp_path) == ["ckpt.pt"]  # the temp file is gone, nothing half-written stands in its place
+    # the temp file is gone, nothing half-written stands in its place
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.ones(3))
 

@@ -32,7 +32,8 @@ def test_attention_and_correspondence_pictures(tmp_path, capsys):
         attn, match = tmp_path / "vis" / f"attn_{stem}.png", tmp_path / "vis" / f"match_{stem}.png"
         assert busy(attn) and busy(match)
         with Image.open(attn) as a, Image.open(match) as m:
-            assert a.width > (2 + backbone.num_heads) * 128 and m.width > 2 * 128  # image, mean, heads; two views
+            # image, mean, heads; two views
+            assert a.width > (2 + backbone.num_heads) * 128 and m.width > 2 * 128
 
 
 def test_curves_picture(tmp_path):

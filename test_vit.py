@@ -1,5 +1,5 @@
-"""Tests of vit.py: timm's key layout and numbers, the CLS attention, position-embedding interpolation, and loading
-a backbone from our checkpoints, plain timm / DINO state dicts and back into timm."""
+"""Tests of vit.py: timm's key layout and numbers, the CLS attention, position-embedding interpolation, and
+loading a backbone from our checkpoints, plain timm / DINO state dicts and back into timm."""
 import math
 
 import pytest
@@ -37,7 +37,8 @@ def test_vit_matches_timm_when_available():
 
 
 def explicit_attention(blk, x):
-    """softmax(q k^T / sqrt(d)) of an Attention module written out from its packed [q | k | v] weights, and the output."""
+    """softmax(q k^T / sqrt(d)) of an Attention module, written out from its packed [q | k | v] weights, and its
+    output."""
     B, N, D = x.shape
     H, d = blk.num_heads, D // blk.num_heads
     W, b = blk.qkv.weight, blk.qkv.bias
@@ -47,8 +48,8 @@ def explicit_attention(blk, x):
 
 
 def test_vit_attention_matches_explicit_softmax():
-    """qkv packing [q|k|v] with contiguous heads and the SDPA output against the textbook formula (float64); the CLS
-    row of the last block's attention (last_cls_attention) against the same formula on that block's input."""
+    """qkv packing [q|k|v] with contiguous heads and the SDPA output against the textbook formula (float64); the
+    CLS row of the last block's attention (last_cls_attention) against the same formula on that block's input."""
     m = vit.create_vit("vit_test").double().eval()
     x = torch.randn(2, 5, 32, dtype=torch.float64)
     att, ref = explicit_attention(m.blocks[-1].attn, x)
@@ -66,7 +67,8 @@ def test_vit_attention_matches_explicit_softmax():
 def test_pos_embed_interpolation():
     m = vit.create_vit("vit_test").eval()
     x = torch.randn(1, 3, 32, 32)
-    assert m.pos_embed_for(4, 4) is m.pos_embed  # the training size uses the parameter itself: output unchanged
+    # the training size uses the parameter itself: output unchanged
+    assert m.pos_embed_for(4, 4) is m.pos_embed
     # an explicit identity interpolation gives the same output
     same = torch.nn.functional.interpolate(m.pos_embed[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2), size=(4, 4),
                                            mode="bicubic", align_corners=False)
@@ -88,25 +90,29 @@ def test_head_count_of_a_plain_state_dict(tmp_path, monkeypatch):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model.forward_features(x), backbone.eval().forward_features(x))
-    monkeypatch.setitem(vit.CONFIGS, "vit_demo_2h", dict(vit.CONFIGS["vit_demo"], num_heads=2))  # width now ambiguous
+    # width now ambiguous
+    monkeypatch.setitem(vit.CONFIGS, "vit_demo_2h", dict(vit.CONFIGS["vit_demo"], num_heads=2))
     with pytest.raises(ValueError, match="pass --model"):
         vit.load_backbone(str(tmp_path / "plain.pt"))
-    assert vit.load_backbone(str(tmp_path / "plain.pt"), name="vit_demo")[0].num_heads == 4  # --model honoured
+    # --model honoured
+    assert vit.load_backbone(str(tmp_path / "plain.pt"), name="vit_demo")[0].num_heads == 4
     assert vit.load_backbone(str(tmp_path / "plain.pt"), name="vit_demo_2h")[0].num_heads == 2
     with pytest.raises(ValueError, match="width 32"):
         vit.load_backbone(str(tmp_path / "plain.pt"), name="vit_test")
-    with pytest.raises(ValueError, match="heads"):  # our checkpoint carries its config: a contradicting --model
+    # our checkpoint carries its config: a contradicting --model
+    with pytest.raises(ValueError, match="heads"):
         vit.load_backbone(str(tmp_path / "ckpt.pt"), name="vit_demo_2h")
     torch.save(vit.create_vit("vit_demo", embed_dim=96, num_heads=3).state_dict(), tmp_path / "w96.pt")
     with pytest.raises(ValueError, match="width 96.*pass --model"):
         vit.load_backbone(str(tmp_path / "w96.pt"))
     torch.save(vit.create_vit("vit_demo", embed_dim=192, num_heads=3).state_dict(), tmp_path / "tiny.pt")
-    assert vit.load_backbone(str(tmp_path / "tiny.pt"))[0].num_heads == 3  # timm's ViT-Ti width: 64 channels a head
+    # timm's ViT-Ti width: 64 channels a head
+    assert vit.load_backbone(str(tmp_path / "tiny.pt"))[0].num_heads == 3
 
 
 def test_timm_loads_our_checkpoint_as_documented(tmp_path):
-    """The README's call: timm.create_model('vit_small_patch16_224', num_classes=0, checkpoint_path=ckpt) takes our
-    pretraining checkpoint as it is ('model' holds the backbone in timm's layout) and gives our features."""
+    """The README's call: timm.create_model('vit_small_patch16_224', num_classes=0, checkpoint_path=ckpt) takes
+    our pretraining checkpoint as it is ('model' holds the backbone in timm's layout) and gives our features."""
     timm = pytest.importorskip("timm", reason="timm is not installed (an optional peer, not a requirement)")
     torch.manual_seed(0)
     ours = vit.vit_small().eval()

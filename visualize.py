@@ -25,7 +25,8 @@ import losses
 import probing
 import vit
 
-HEAT = [(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)]  # dark -> bright (inferno-like)
+# dark -> bright (inferno-like)
+HEAT = [(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)]
 
 
 def get_args_parser():

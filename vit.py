@@ -1,12 +1,13 @@
 """
-A hand-written Vision Transformer (ViT-S/16 and smaller configs) whose state_dict has exactly the key layout of
-timm's `vit_small_patch16_224` (num_classes=0), and the one place that loads a backbone from a file. This file
-imports nothing of the project: copy it as it is.
+A hand-written Vision Transformer (ViT-S/16 and smaller configs) whose state_dict has exactly the key layout
+of timm's `vit_small_patch16_224` (num_classes=0), and the one place that loads a backbone from a file. This
+file imports nothing of the project: copy it as it is.
 
     cls_token [1,1,D]  pos_embed [1,1+T,D]  patch_embed.proj.{weight,bias}
     blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}.{weight,bias}  norm.{weight,bias}
 
-qkv is packed as timm does it: the 3*D outputs are [q | k | v], each split into heads of D/heads contiguous channels.
+qkv is packed as timm does it: the 3*D outputs are [q | k | v], each split into heads of D/heads contiguous
+channels.
 The architecture is ViT (Dosovitskiy et al., ICLR 2021, arXiv 2010.11929); timm's initialisation.
 """
 import math
@@ -71,9 +72,10 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """The patch projection of timm (a Conv2d of kernel = stride = patch, so the weights load as they are), computed as
-    what it is: a reshape into patches and one matmul. On an H100/H200 the cuDNN convolution took ~5 ms of a 56 ms
-    ViT-S/16 step at batch 2x256 (forward, weight gradient and two layout transposes), the matmul well under 1 ms."""
+    """The patch projection of timm (a Conv2d of kernel = stride = patch, so the weights load as they are),
+    computed as what it is: a reshape into patches and one matmul. On an H100/H200 the cuDNN convolution took
+    ~5 ms of a 56 ms ViT-S/16 step at batch 2x256 (forward, weight gradient and two layout transposes), the
+    matmul well under 1 ms."""
 
     def __init__(self, patch_size, dim):
         super().__init__()
@@ -81,7 +83,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        """[B, C, H, W] -> [B, T, D], tokens in row-major order, each the projection of its (c, y, x)-flattened patch."""
+        """[B, C, H, W] -> [B, T, D], tokens in row-major order, each the projection of its (c, y, x)-flattened
+        patch."""
         B, C, H, W = x.shape
         p, w = self.patch_size, self.proj.weight
         patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)
@@ -120,8 +123,9 @@ class VisionTransformer(nn.Module):
         nn.init.zeros_(self.patch_embed.proj.bias)
 
     def pos_embed_for(self, gh, gw):
-        """The position embedding for a gh x gw token grid: bicubic interpolation of the learned grid (the CLS slot is
-        kept as is). The stored grid size returns the parameter itself, so the training resolution is unchanged."""
+        """The position embedding for a gh x gw token grid: bicubic interpolation of the learned grid (the CLS
+        slot is kept as is). The stored grid size returns the parameter itself, so the training resolution is
+        unchanged."""
         if gh == gw == self.grid:
             return self.pos_embed
         cls, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]
@@ -130,8 +134,8 @@ class VisionTransformer(nn.Module):
         return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)], dim=1)
 
     def tokens_in(self, x):
-        """x [B, 3, H, W] (H, W multiples of the patch size) -> the input of the first block [B, 1+T, D]: CLS token
-        and patch embeddings plus the position embedding (interpolated to the H x W grid)."""
+        """x [B, 3, H, W] (H, W multiples of the patch size) -> the input of the first block [B, 1+T, D]: CLS
+        token and patch embeddings plus the position embedding (interpolated to the H x W grid)."""
         B, _, H, W = x.shape
         p = self.patch_size
         if H % p or W % p:
@@ -152,9 +156,9 @@ class VisionTransformer(nn.Module):
 
     @torch.no_grad()
     def last_cls_attention(self, x):
-        """The last block's attention of the CLS token over the patch tokens, [B, heads, T] in float32 (each row sums
-        to 1 minus the CLS token's own share), as DINO's get_last_selfattention: ContrastiveCrop's heat map and
-        visualize.py's pictures."""
+        """The last block's attention of the CLS token over the patch tokens, [B, heads, T] in float32 (each row
+        sums to 1 minus the CLS token's own share), as DINO's get_last_selfattention: ContrastiveCrop's heat
+        map and visualize.py's pictures."""
         x = self.tokens_in(x)
         for blk in self.blocks[:-1]:
             x = blk(x)
@@ -186,7 +190,8 @@ def global_feature(tokens, agg):
 
 def vit_flops(config, img_size=None):
     """Forward matmul FLOPs (2 per multiply-add) of one image: patch embedding, qkv/proj/MLP linears and the two
-    attention products; norms, softmax and GELU are ignored, as in the usual MFU accounting (training = 3x this)."""
+    attention products; norms, softmax and GELU are ignored, as in the usual MFU accounting (training = 3x
+    this)."""
     D, p, depth = config["embed_dim"], config["patch_size"], config["depth"]
     n = 1 + ((img_size or config["img_size"]) // p) ** 2
     hidden = int(D * config.get("mlp_ratio", 4.0))
@@ -195,16 +200,19 @@ def vit_flops(config, img_size=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Loading a backbone from a file: our pretraining checkpoint, a plain timm-layout state dict (timm, DINO), or a
-# DINO-style training checkpoint ('teacher'/'student' with 'module.backbone.' prefixes). Shared by both probes.
+# Loading a backbone from a file: our pretraining checkpoint, a plain timm-layout state dict (timm, DINO), or
+# a
+# DINO-style training checkpoint ('teacher'/'student' with 'module.backbone.' prefixes). Shared by both
+# probes.
 
 TIMM_WIDTHS = {192: 3, 384: 6, 768: 12, 1024: 16}  # timm's ViT-Ti/S/B/L: 64 channels a head
 
 
 def _config_from_state_dict(sd, name=None):
-    """The ViT config of a plain state dict. The head count is not in the shapes: it comes from CONFIGS[name] when a
-    name is given (--model), else from the one CONFIGS entry of that width, else from timm's standard widths;
-    any other width is refused (a wrong head count would load without an error and compute something else)."""
+    """The ViT config of a plain state dict. The head count is not in the shapes: it comes from CONFIGS[name]
+    when a name is given (--model), else from the one CONFIGS entry of that width, else from timm's standard
+    widths; any other width is refused (a wrong head count would load without an error and compute something
+    else)."""
     try:
         D = sd["cls_token"].shape[-1]
         p = sd["patch_embed.proj.weight"].shape[-1]
@@ -239,7 +247,8 @@ def load_backbone(path, device="cpu", name=None):
     """Load a ViT backbone from `path`; returns (model in eval mode, args dict of the pretraining run or {}).
     name: the CONFIGS entry of a plain state dict (its head count; see _config_from_state_dict).
     Refuses, with a message naming the file: a missing file, a pickle that is not a plain tensor checkpoint
-    (weights_only=True executes nothing), NaN/Inf weights, and a state dict of another architecture (lists the keys)."""
+    (weights_only=True executes nothing), NaN/Inf weights, and a state dict of another architecture (lists the
+    keys)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path}: no such file")
     try:
@@ -280,8 +289,9 @@ def load_backbone(path, device="cpu", name=None):
     shapes = [f"{k}: file {tuple(clean[k].shape)} vs model {tuple(want[k].shape)}"
               for k in sorted(set(want) & set(clean)) if clean[k].shape != want[k].shape]
     if missing or unexpected or shapes:
-        raise ValueError(f"checkpoint {path}: not a ViT backbone of the expected layout: "
-                         f"{len(missing)} missing keys {missing[:6]}, {len(unexpected)} unexpected keys {unexpected[:6]}, "
-                         f"{len(shapes)} shape mismatches {shapes[:4]}")
+        raise ValueError(
+            f"checkpoint {path}: not a ViT backbone of the expected layout: "
+            f"{len(missing)} missing keys {missing[:6]}, {len(unexpected)} unexpected keys {unexpected[:6]}, "
+            f"{len(shapes)} shape mismatches {shapes[:4]}")
     model.load_state_dict(clean, strict=True)
     return model.to(device).eval(), args
