@@ -34,9 +34,12 @@ import time
 
 from PIL import Image, ImageDraw
 
+import demo
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DENSECLPP = ["--neg", "random", "--N", "0"]  # the poster's DenseCL++ row: dense-dense random negatives
-STAR = ["--neg", "guided", "--M", "256", "--beta", "0.5", "--N", "64"]  # DenseCL++*
+TOKENS = {"demo": 64, "demo-large": 64, "coco": 196, "quick": 16}  # patch tokens a view at each scale
+LARGE = ("data/demo_large", 2000, 1000)  # --preset demo-large: a demo set 5x larger, 10x the validation images
 POSTER = {  # (table, row) -> (COCO mAP, F1, VOC mIoU, COCO mIoU), None where the poster gives no number
     ("main", "SimCLR cls"): (59.6, 37.8, None, None), ("main", "SimCLR gap"): (None, None, 69.3, 61.5),
     ("main", "DenseCL cls"): (59.9, 38.1, None, None), ("main", "DenseCL++ gap"): (63.4, 39.0, 70.0, 63.3),
@@ -46,9 +49,22 @@ POSTER = {  # (table, row) -> (COCO mAP, F1, VOC mIoU, COCO mIoU), None where th
     ("agg-pair", "DenseCL cls head"): (59.8, 38.1, None, None), ("agg-pair", "DenseCL gap"): (58.1, 37.3, None, None)}
 PRESETS = {  # pretraining flags of the scale (the demo's come from pretrain.py's own demo preset)
     "demo": [],
+    "demo-large": ["--data", "data/demo_large/images/train", "--model", "vit_demo", "--img-size", "64", "--batch-size",
+                   "64", "--epochs", "20", "--lr", "1e-3", "--warmup", "2", "--wd", "0.05", "--head-hidden", "512",
+                   "--workers", "2"],
     "coco": ["--model", "vit_small", "--img-size", "224", "--batch-size", "32", "--epochs", "300", "--lr", "1.5e-4"],
     "quick": ["--model", "vit_test", "--img-size", "32", "--head-hidden", "64", "--max-steps", "12",
               "--log-every", "4"]}
+
+
+def cross_view(n, tokens):
+    """The poster's N cross-view negatives (of T = 196 tokens) at another number of tokens: the same share of them
+    [ours: the poster gives N at 224 px only]."""
+    return str(min(tokens - 1, round(n * tokens / 196)))
+
+
+def star(tokens):
+    return ["--neg", "guided", "--M", "256", "--beta", "0.5", "--N", cross_view(64, tokens)]  # DenseCL++*
 
 
 def get_args_parser():
@@ -57,10 +73,12 @@ def get_args_parser():
     add = parser.add_argument
     add("--table", choices=["main", "agg-pair", "lambda", "negatives", "recon"], default="main")
     add("--seeds", type=int, nargs="+", default=[0, 1, 2], help="pretraining (and probe) seeds of every row")
+    add("--rows", nargs="+", default=None, help="only these rows of the table (names as in results.md)")
     add("--quick", action="store_true", help="a tiny two-row table (SimCLR, DenseCL++*) on the test ViT, one seed: "
         "the harness end to end in a few CPU minutes; its numbers mean nothing")
     add("--preset", choices=sorted(PRESETS), default="demo", help="scale of the pretraining: demo (the demo set, "
-        "pretrain.py's demo preset), coco (ViT-S/16, 224 px, 300 epochs, batch 32 per GPU x 8 GPUs = 256)")
+        "pretrain.py's demo preset), demo-large (a generated set of 2000 + 1000 images, 20 epochs: 2x the demo's "
+        "steps; probes on 1000 val images), coco (ViT-S/16, 224 px, 300 epochs, batch 32 per GPU x 8 GPUs = 256)")
     add("--data", default=None, help="pretraining data (pretrain.py --data; default: the demo set)")
     add("--extra", default="", help="more pretrain.py flags for every row, e.g. \"--epochs 100\"")
     add("--nproc-per-node", type=int, default=None, help="processes per node for pretraining (default: the number "
@@ -77,15 +95,15 @@ def get_args_parser():
     return parser
 
 
-def rows_of(table, quick=False):
-    """[(row name, pretrain.py flags)] of a table."""
+def rows_of(table, quick=False, tokens=196):
+    """[(row name, pretrain.py flags)] of a table, at `tokens` patch tokens a view (cross_view scales N)."""
     if quick:
         return [("SimCLR gap", ["--lam", "0", "--agg", "gap"]),  # DenseCL++* at the test ViT's 16 tokens
                 ("DenseCL++* gap", ["--neg", "guided", "--M", "8", "--beta", "0.5", "--N", "3", "--agg", "gap"])]
     if table == "main":
         methods = [("SimCLR", ["--lam", "0"]), ("DenseCL", ["--neg", "densecl", "--N", "0"]), ("DenseCL++", DENSECLPP),
                    ("DenseCL++ guided", ["--neg", "guided", "--M", "256", "--beta", "-2", "--N", "0"]),
-                   ("DenseCL++*", STAR)]
+                   ("DenseCL++*", star(tokens))]
         return [(f"{name} {agg}", flags + ["--agg", agg]) for name, flags in methods for agg in ("cls", "gap")]
     if table == "agg-pair":
         return [("SimCLR cls", ["--lam", "0", "--agg", "cls"]), ("SimCLR gap", ["--lam", "0", "--agg", "gap"]),
@@ -96,7 +114,8 @@ def rows_of(table, quick=False):
         return [(f"lam {lam} {agg}", DENSECLPP + ["--lam", str(lam), "--agg", agg])
                 for agg in ("cls", "gap") for lam in (0.1, 0.3, 0.5, 0.7, 0.9)]
     if table == "negatives":
-        return [(f"M {M} beta {beta} N {N}", ["--neg", "guided", "--M", str(M), "--beta", str(beta), "--N", str(N)])
+        return [(f"M {M} beta {beta} N {N}", ["--neg", "guided", "--M", str(M), "--beta", str(beta), "--N",
+                                              cross_view(N, tokens)])
                 for M in (64, 128, 256) for beta in (0.3, 0.5, 0.7) for N in (0, 16, 32, 64)]
     return [(f"gamma {gamma} {dec}", DENSECLPP + (["--gamma", str(gamma), "--decoder", dec] if gamma else []))
             for dec in ("conv", "transformer") for gamma in (0, 0.1, 0.5, 1.0)]
@@ -237,6 +256,13 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if args.quick:
         args.seeds = args.seeds if argv and "--seeds" in argv else [0]
+    if args.preset == "demo-large":  # its data, generated once, and the probes on it (seg: 4 epochs of 2000 images)
+        root = demo.make_demo(LARGE[0], seed=1, n_train=LARGE[1], n_val=LARGE[2])
+        for flag, path in (("train_json", "annotations/instances_train.json"), ("train_images", "images/train"),
+                           ("val_json", "annotations/instances_val.json"), ("val_images", "images/val"),
+                           ("seg_root", "voc")):
+            setattr(args, flag, getattr(args, flag) or os.path.join(root, path))
+        args.seg_flags = args.seg_flags or "--epochs 4"
     if args.nproc_per_node is None:
         try:
             import torch
@@ -247,7 +273,14 @@ def main(argv=None):
         args.commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
                                      text=True).stdout.strip() or None
     table = "quick" if args.quick else args.table
-    rows = rows_of(args.table, args.quick)
+    rows = rows_of(args.table, args.quick, TOKENS["quick" if args.quick else args.preset])
+    if args.rows:
+        unknown = sorted(set(args.rows) - {name for name, _ in rows})
+        if unknown:
+            print(f"error: --rows {unknown}: not rows of --table {args.table} ({[name for name, _ in rows]})",
+                  file=sys.stderr)
+            return 2
+        rows = [(name, flags) for name, flags in rows if name in args.rows]
     os.makedirs(args.out_dir, exist_ok=True)
     t0 = time.time()
     print(f"reproduce.py: table {table}, {len(rows)} rows x {len(args.seeds)} seeds -> {args.out_dir}", flush=True)
