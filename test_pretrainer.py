@@ -107,3 +107,21 @@ def test_step_compiles_as_one_graph(name):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         explained = torch._dynamo.explain(model)(x, canvases, labels, draws, torch.full((), args.lam))
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
+def test_global_batch_norm_equals_batch_norm_of_the_whole_batch(monkeypatch):
+    """Two ranks whose halves are equal make one batch of both halves: the output, running mean and running
+    (unbiased) variance must equal nn.BatchNorm1d's on that batch."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 5) * 3 + 1
+    ref, ours = torch.nn.BatchNorm1d(5, momentum=0.3), pretrainer.GlobalBatchNorm1d(5, momentum=0.3)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 2), ref.bias.uniform_(-1, 1)
+    ours.load_state_dict(ref.state_dict())
+    monkeypatch.setattr(losses, "world", lambda: (0, 2))
+    monkeypatch.setattr(losses, "gather", lambda t: torch.cat([t, t]))  # the other rank holds the same half
+    out = ours(x)
+    expected = ref(torch.cat([x, x]))[:6]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)

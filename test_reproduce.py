@@ -54,3 +54,15 @@ def test_an_interrupted_pretraining_is_resumed(demo_dir, tmp_path, monkeypatch):
 def test_tables_have_their_rows(table, n):
     rows = reproduce.rows_of(table)
     assert len(rows) == n and len({reproduce.slug(name) for name, _ in rows}) == n
+
+
+def test_cross_view_negatives_keep_the_posters_share_of_tokens(capsys):
+    assert reproduce.cross_view(64, 196) == "64" and reproduce.cross_view(64, 64) == "21"  # 64/196 of the tokens
+    assert reproduce.cross_view(64, 16) == "5" and reproduce.cross_view(0, 64) == "0"
+    assert reproduce.cross_view(196, 64) == "63"  # never all of the partner's tokens (the match is excluded)
+    star = dict(zip(*[iter(dict(reproduce.rows_of("main", tokens=64))["DenseCL++* gap"])] * 2))
+    assert star["--N"] == "21" and star["--M"] == "256" and star["--beta"] == "0.5"
+    Ns = {dict(zip(*[iter(f)] * 2))["--N"] for _, f in reproduce.rows_of("negatives", tokens=64)}
+    assert Ns == {"0", "5", "10", "21"}
+    assert reproduce.main(["--rows", "SimCLR gap", "no such row"]) == 2
+    assert "--rows ['no such row']" in capsys.readouterr().err
