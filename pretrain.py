@@ -382,8 +382,7 @@ def train(args, ckpt=None, changed=()):
         print(f"{len(run.files)} images from {args.data}; {world_size} process(es) on {device}; global batch "
               f"{run.global_batch}; {run.steps_per_epoch} steps/epoch, {run.total_steps} steps; backbone "
               f"{args.model} {sum(p.numel() for p in run.model.backbone.parameters()) / 1e6:.1f}M params; "
-              f"lam={args.lam} neg={args.neg} M={args.M} beta={args.beta} N={args.N} gamma={args.gamma} "
-              f"agg={args.agg} pair={args.pair} crop={args.crop} montage={run.model.montage_r or 'off'}"
+              f"{objective_summary(args)} montage={run.model.montage_r or 'off'}"
               + (f" (resumed at step {run.step})" if ckpt else ""), flush=True)
     peak_lr = args.lr * run.global_batch / 256
     run.model.train()
@@ -456,6 +455,13 @@ def cleanup(world_size):
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def objective_summary(args):
+    """The settings in force, for the first log line: the dense ones only with a dense loss."""
+    dense = (f" neg={args.neg}" + (f" M={args.M} beta={args.beta}" if args.neg == "guided" else "")
+             + f" N={args.N} pair={args.pair}") if args.lam > 0 else ""
+    return f"lam={args.lam}{dense} gamma={args.gamma} agg={args.agg} crop={args.crop}"
 
 
 def main(argv=None):

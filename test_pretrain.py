@@ -435,3 +435,11 @@ def test_keep_every_keeps_snapshots_the_probes_read(tmp_path):
     final = torch.load(out / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(last.state_dict()[k], final[k]) for k in final)
     assert torch.load(out / "ckpt_epoch0002.pt", weights_only=True)["epoch"] == 2
+
+
+def test_first_log_line_names_only_the_settings_in_force():
+    def summary(*flags):
+        return pretrain.objective_summary(pretrain.resolve_args(list(flags) + ["--data", "unused"]))
+    assert summary("--lam", "0") == "lam=0.0 gamma=0.0 agg=gap crop=rrc"  # no dense settings without a dense loss
+    assert "neg=random N=64 pair=backbone" in summary("--neg", "random") and "M=" not in summary("--neg", "random")
+    assert "neg=guided M=16 beta=0.3 N=5" in summary("--M", "16", "--beta", "0.3", "--N", "5")
