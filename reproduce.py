@@ -49,9 +49,8 @@ POSTER = {  # (table, row) -> (COCO mAP, F1, VOC mIoU, COCO mIoU), None where th
     ("agg-pair", "DenseCL cls head"): (59.8, 38.1, None, None), ("agg-pair", "DenseCL gap"): (58.1, 37.3, None, None)}
 PRESETS = {  # pretraining flags of the scale (the demo's come from pretrain.py's own demo preset)
     "demo": [],
-    "demo-large": ["--data", "data/demo_large/images/train", "--model", "vit_demo", "--img-size", "64", "--batch-size",
-                   "64", "--epochs", "20", "--lr", "1e-3", "--warmup", "2", "--wd", "0.05", "--head-hidden", "512",
-                   "--workers", "2"],
+    "demo-large": ["--model", "vit_demo", "--img-size", "64", "--batch-size", "64", "--epochs", "20", "--lr", "1e-3",
+                   "--warmup", "2", "--wd", "0.05", "--head-hidden", "512", "--workers", "2"],  # --data: its set
     "coco": ["--model", "vit_small", "--img-size", "224", "--batch-size", "32", "--epochs", "300", "--lr", "1.5e-4"],
     "quick": ["--model", "vit_test", "--img-size", "32", "--head-hidden", "64", "--max-steps", "12",
               "--log-every", "4"]}
@@ -258,6 +257,7 @@ def main(argv=None):
         args.seeds = args.seeds if argv and "--seeds" in argv else [0]
     if args.preset == "demo-large":  # its data, generated once, and the probes on it (seg: 4 epochs of 2000 images)
         root = demo.make_demo(LARGE[0], seed=1, n_train=LARGE[1], n_val=LARGE[2])
+        args.data = args.data or os.path.join(root, "images", "train")
         for flag, path in (("train_json", "annotations/instances_train.json"), ("train_images", "images/train"),
                            ("val_json", "annotations/instances_val.json"), ("val_images", "images/val"),
                            ("seg_root", "voc")):
