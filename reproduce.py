@@ -244,7 +244,7 @@ def plot(summary, path, title):
         draw.rectangle([left, y + 4, left + m * scale, y + row_h - 4], fill=(70, 120, 190))
         draw.line([left + (m - s) * scale, y + row_h // 2, left + (m + s) * scale, y + row_h // 2], fill="black",
                   width=2)
-        draw.text((left + m * scale + 6, y + 6), f"{m:.1f}", fill="black")
+        draw.text((left + 6, y + 6), f"{m:.1f} +- {s:.1f}", fill="white")  # inside the bar, clear of the marks
         if e["poster"]["mAP"]:
             x = left + e["poster"]["mAP"] * scale
             draw.line([x, y + 2, x, y + row_h - 2], fill=(220, 30, 30), width=3)
