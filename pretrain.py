@@ -458,10 +458,10 @@ def cleanup(world_size):
 
 
 def objective_summary(args):
-    """The settings in force, for the first log line: the dense ones only with a dense loss."""
-    dense = (f" neg={args.neg}" + (f" M={args.M} beta={args.beta}" if args.neg == "guided" else "")
-             + f" N={args.N} pair={args.pair}") if args.lam > 0 else ""
-    return f"lam={args.lam}{dense} gamma={args.gamma} agg={args.agg} crop={args.crop}"
+    """The settings in force, for the first log line: a flag NEEDS leaves without effect is not shown."""
+    keys = ("lam", "neg", "M", "beta", "N", "pair", "gamma", "agg", "crop")
+    return " ".join(f"{k}={getattr(args, k)}" for k in keys
+                    if all(used(args) for dests, used, _ in NEEDS if k in dests))
 
 
 def main(argv=None):
