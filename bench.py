@@ -8,6 +8,8 @@ on CPU):
     e2e    the training step fed by the JPEG DataLoader against the same step on batches already on the device
     run    pretrain.py itself for a few steps on a folder of COCO-sized JPEGs: its last log line (img/s, MFU)
     prof   torch.profiler of chosen objectives: the kernels that take the most device time
+    kernel the thresholded set score of DenseCL++* (CUDA): the fused Triton kernel against the two torch ops,
+           time and error against float64
 
     python bench.py                          # H100: vit_small, 224 px, batch 256, bf16 + torch.compile (as pretrain.py)
     python bench.py --gpu-check --out g.json # the one prepared GPU check (< 6 min on one H100, compilation included)
@@ -34,6 +36,7 @@ from torchvision.transforms import v2
 
 import data
 import demo
+import losses
 import methods
 import pretrain
 import pretrainer
@@ -46,8 +49,9 @@ def get_args_parser():
                                      allow_abbrev=False)
     add = parser.add_argument
     add("--quick", action="store_true", help="vit_demo at 64 px, batch 16, 3 timed steps, 64 JPEGs: a CPU smoke run")
-    add("--gpu-check", action="store_true", help="the prepared GPU check: SimCLR, DenseCL++* exact and scored on 16 "
-        "tokens, ours vs timm, e2e from JPEGs with every core, a pretrain.py run, profiles; no data part")
+    add("--gpu-check", action="store_true", help="the prepared GPU check: the scoring kernel, SimCLR, DenseCL++* exact "
+        "(with and without the kernel) and scored on 16 tokens, ours vs timm, e2e from JPEGs with every core, a "
+        "pretrain.py run, profiles; no data part")
     add("--model", default=None, help="backbone config of vit.py (default vit_small; --quick: vit_demo)")
     add("--img-size", type=int, default=None, help="view size (default 224; --quick: 64)")
     add("--batch-size", type=int, default=None, help="images per step, two views each (default 256; --quick: 16)")
@@ -60,11 +64,11 @@ def get_args_parser():
         "(the data rows measure CPU work)")
     add("--threads", type=int, default=None, help="torch threads of the main process (default: torch's; --quick on "
         "CPU: 1, as 2+ OpenMP threads next to loader workers or another busy process on a small CPU slow down 30x)")
-    add("--skip", default="", help="comma-separated parts to leave out: train, vit, data, e2e, run, prof (e2e and prof "
-        "run inside train)")
+    add("--skip", default="", help="comma-separated parts to leave out: kernel, train, vit, data, e2e, run, prof (e2e "
+        "and prof run inside train)")
     add("--run-steps", type=int, default=None, help="steps of the pretrain.py run (default 48, --quick: 4; 0 = no run)")
-    add("--profile", default=None, help="comma-separated train rows to profile (default: none; --gpu-check: SimCLR and "
-        "DenseCL++* scored on 16 tokens)")
+    add("--profile", default=None, help="comma-separated train rows to profile (default: none; --gpu-check: DenseCL++* "
+        "exact and scored on 16 tokens)")
     add("--out", default=None, help="also write the rows to this JSON file")
     return parser
 
@@ -76,6 +80,7 @@ OBJECTIVES = {  # row name -> pretrain.py flags (beta < -1 turns thresholding of
     "guided M=256": ["--neg", "guided", "--M", "256", "--beta", "-2", "--N", "0"],
     "guided M=256 beta=0.5": ["--neg", "guided", "--M", "256", "--beta", "0.5", "--N", "0"],
     "DenseCL++* (+N=64)": ["--neg", "guided", "--M", "256", "--beta", "0.5", "--N", "64"],
+    "DenseCL++* (+N=64) scoring unfused": ["--neg", "guided", "--M", "256", "--beta", "0.5", "--N", "64"],
     "DenseCL++* scored on 16 tokens": ["--neg", "guided", "--M", "256", "--beta", "0.5", "--N", "64",
                                        "--score-tokens", "16"],
     "DenseCL++* + montage r=2,7": ["--neg", "guided", "--M", "256", "--beta", "0.5", "--N", "64", "--montage",
@@ -84,9 +89,13 @@ OBJECTIVES = {  # row name -> pretrain.py flags (beta < -1 turns thresholding of
                            "--decoder", "conv"],
 }
 E2E = ("SimCLR", "DenseCL++* (+N=64)")
-GPU_CHECK = ("SimCLR", "DenseCL++* (+N=64)", "DenseCL++* scored on 16 tokens")  # the rows of --gpu-check
+UNFUSED = "DenseCL++* (+N=64) scoring unfused"  # the step as before the kernel (the same on CPU: no kernel there)
+GPU_CHECK = ("SimCLR", "DenseCL++* (+N=64)", UNFUSED, "DenseCL++* scored on 16 tokens")  # the rows of --gpu-check
 GPU_E2E = ("SimCLR", "DenseCL++* scored on 16 tokens")
 MEAN, STD = data.IMAGENET_MEAN, data.IMAGENET_STD
+KERNEL_CONFIGS = [(64, 128, 8, 8, 3), (32, 128, 8, 4, 3), (32, 256, 8, 8, 3), (64, 256, 8, 8, 3), (16, 256, 8, 8, 4),
+                  (64, 128, 1, 4, 3), (128, 128, 4, 8, 3), (32, 128, 16, 4, 4), (64, 256, 16, 8, 3), (64, 256, 8, 8, 4),
+                  (64, 256, 4, 8, 3), (16, 128, 8, 4, 4)]  # BLOCK_T, BLOCK_K, GROUP, warps, stages of the kernel sweep
 
 
 def sync(device):
@@ -165,9 +174,10 @@ def bench_train(cfg, device, files, rows, save):
         flags, name = objective_flags(objective, T)
         pargs = pretrain.resolve_args(["--data", "unused"] + size_flags(cfg) + flags)
         row, model, step, x = {"part": "train", "name": name, "objective": objective, "flags": flags}, None, None, None
-        t0 = time.perf_counter()
+        t0, kernel = time.perf_counter(), losses.triton
         try:
             free(device)
+            losses.triton = None if objective == UNFUSED else kernel  # the fused scoring off for this row only
             model, step, photometric = train_step(pargs, device)
             x = torch.randn(2 * B, 3, S, S, device=device)
             t = median_time(lambda: step(x), device, cfg.warmup, cfg.steps)
@@ -189,6 +199,8 @@ def bench_train(cfg, device, files, rows, save):
             row["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
             rows.append(row)
             print(f"error in train row {name}: {row['error'][:400]}", file=sys.stderr, flush=True)
+        finally:
+            losses.triton = kernel
         print(f"  [{time.perf_counter() - cfg.t_start:.0f} s] train {name}: {row.get('step_ms', float('nan')):.1f} ms",
               flush=True)
         model = step = x = None
@@ -265,6 +277,61 @@ def bench_profile(cfg, device, name, step, x, rows, n=3, top=25):
     rows.append({"part": "prof", "name": f"{name}: {n} steps", "total_ms_per_step": total / 1e3 / n,
                  "kernels": [{"name": e.key[:160], "ms_per_step": getattr(e, attr) / 1e3 / n,
                               "share": getattr(e, attr) / total, "calls_per_step": e.count / n} for e in kernels]})
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def bench_kernel(cfg, device, rows, beta=0.5, M=256, D=128):
+    """Part kernel (CUDA with triton): losses._guided_choice at the bench size, the fused Triton score against
+    the two torch ops (bf16 product, float32 sum), on clustered unit tokens (cosines spread over [-0.5, 1], as
+    trained features, not the ~0 of random ones): median times, the largest error of each score table against
+    float64 on 8 anchor views, and how often each picks the float64 choice's set."""
+    if device.type != "cuda" or losses.triton is None:
+        rows.append({"part": "kernel", "name": "no CUDA or no triton: skipped"})
+        return
+    B, T = cfg.batch_size, (cfg.img_size // vit.CONFIGS[cfg.model]["patch_size"]) ** 2
+    g = torch.Generator(device).manual_seed(0)
+    protos = torch.nn.functional.normalize(torch.randn(64, D, device=device, generator=g), dim=-1)
+    pick = torch.randint(64, (2, B, T), device=device, generator=g)
+    z = protos[pick] + 0.8 * torch.randn(2, B, T, D, device=device, generator=g) / D ** 0.5
+    z = torch.nn.functional.normalize(z, dim=-1).to(torch.bfloat16)
+    z_all, img = z.reshape(2 * B, T, D), torch.arange(B, device=device)
+    r = torch.randint(T, (M, 2 * B), device=device, generator=g)
+    own = torch.stack([img, B + img], -1)[None].expand(2, B, 2)
+    row = {"part": "kernel", "name": f"thresholded set score, B={B} T={T} M={M}", "beta": beta}
+    try:
+        with torch.no_grad():
+            want = losses._guided_choice(z.double(), z_all.double(), r, own, beta, fused=False)
+            exact = losses._threshold_sum(z_all[:8].double(), z_all.reshape(-1, D).double(), beta, False)
+            for fused in (True, False):
+                key = "fused" if fused else "unfused"
+                t = median_time(lambda: losses._guided_choice(z, z_all, r, own, beta, fused=fused), device,
+                                cfg.warmup, cfg.steps)
+                table = losses._threshold_sum(z_all[:8], z_all.reshape(-1, D), beta, fused)
+                best = losses._guided_choice(z, z_all, r, own, beta, fused=fused)
+                row.update({f"{key}_ms": 1e3 * t, f"{key}_max_err": (table.double() - exact).abs().max().item(),
+                            f"{key}_same_choice": (best == want).double().mean().item()})
+        row["ratio"] = row["fused_ms"] / row["unfused_ms"]
+        for T_ in (T, 16):  # every candidate block config: the exact score and the score on 16 tokens
+            zt = z_all[:, :T_].contiguous()
+            keys = z_all.reshape(-1, D).contiguous()
+            for c in KERNEL_CONFIGS:
+                out = torch.empty(2 * B, keys.shape[0], device=device)
+                kw = dict(zip(("BLOCK_T", "BLOCK_K", "GROUP", "num_warps", "num_stages"), c))
+                launch = lambda: losses._threshold_sum_kernel[(triton_cdiv(keys.shape[0], kw["BLOCK_K"]), triton_cdiv(2 * B, kw["GROUP"]))](
+                    zt, keys, out, 2 * B, T_, keys.shape[0], D, beta, BLOCK_D=D, PRECISION="tf32", **kw)
+                try:
+                    t = median_time(launch, device, 2, 10)
+                    row.setdefault("configs", []).append(dict(T=T_, ms=1e3 * t, **kw))
+                except Exception as e:
+                    row.setdefault("configs", []).append(dict(T=T_, error=str(e)[:300], **kw))
+    except Exception as e:  # one broken part must not cost the rest of a GPU check
+        row["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+    rows.append(row)
+    print(f"  [{time.perf_counter() - cfg.t_start:.0f} s] kernel: {row}", flush=True)
+    free(device)
 
 
 def bench_vit(cfg, device, rows):
@@ -417,7 +484,7 @@ def print_table(rows, header):
                "run": "pretrain.py in its own process: its last log line (img/s and MFU over that log window)"}
     part = None
     for r in rows:
-        if r["part"] == "prof":
+        if r["part"] in ("prof", "kernel"):
             continue
         if r["part"] != part:
             part = r["part"]
@@ -429,6 +496,9 @@ def print_table(rows, header):
               f"{fmt(r.get('steps_s'), 9, 2)}{fmt(r.get('mfu'), 7, 1)}{fmt(r.get('mem_gb'), 9, 2)}"
               f"{fmt(r.get('ratio'), 8, 2)}")
     for r in rows:
+        if r["part"] == "kernel":
+            print(f"kernel {r['name']}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                      for k, v in r.items() if k not in ("part", "name")))
         if r["part"] == "prof":
             print(f"  -- profile of {r['name']}: {r['total_ms_per_step']:.2f} ms of kernels per step; the top ones")
             for k in r["kernels"][:12]:
@@ -461,7 +531,7 @@ def presets(cfg, parser):
         cfg.objectives, cfg.e2e, skip = GPU_CHECK, GPU_E2E, skip | {"data"}
         cfg.steps, cfg.warmup = (3, 1) if cfg.quick else (10, 3)
         cfg.n_jpegs = max(cfg.n_jpegs, 64 if cfg.quick else 4096)  # 16 steps an epoch for the pretrain.py run
-        cfg.profile = "SimCLR,DenseCL++* scored on 16 tokens" if cfg.profile is None else cfg.profile
+        cfg.profile = "DenseCL++* (+N=64),DenseCL++* scored on 16 tokens" if cfg.profile is None else cfg.profile
     else:
         cfg.objectives, cfg.e2e, skip = list(OBJECTIVES), E2E, skip | {"run"}
     cfg.profile = [] if "prof" in skip else [o for o in (cfg.profile or "").split(",") if o]
@@ -505,7 +575,8 @@ def main(argv=None):
     try:
         folder = cfg.jpeg_dir or tmp
         files = demo.make_jpegs(folder, cfg.n_jpegs) if {"data", "e2e", "run"} - skip else []
-        for part, run in (("train", lambda: bench_train(cfg, device, [] if "e2e" in skip else files, rows, save)),
+        for part, run in (("kernel", lambda: bench_kernel(cfg, device, rows)),
+                          ("train", lambda: bench_train(cfg, device, [] if "e2e" in skip else files, rows, save)),
                           ("vit", lambda: bench_vit(cfg, device, rows)),
                           ("run", lambda: bench_run(cfg, device, folder, rows)),
                           ("data", lambda: bench_data(cfg, device, files, rows))):
@@ -517,7 +588,7 @@ def main(argv=None):
         torch.set_flush_denormal(False)
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    order = ["train", "vit", "data", "e2e", "run", "prof"]
+    order = ["train", "vit", "data", "e2e", "run", "kernel", "prof"]
     rows.sort(key=lambda r: order.index(r["part"]))  # stable: e2e rows are measured with the train rows
     print_table(rows, header)
     print(f"bench time {time.perf_counter() - cfg.t_start:.0f} s")

@@ -19,6 +19,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+try:  # the fused thresholded set score on CUDA (triton ships with torch's CUDA builds); else two torch ops
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 NEGATIVES = ("densecl", "random", "guided", "all")
 
 
@@ -166,7 +172,56 @@ def dense_draws(generator, *, B, T, negatives, M=1, beta=None, N=0, score_tokens
     return draws
 
 
-def _guided_choice(z, z_all, r, own, beta, chunk=None):
+if triton is not None:
+    @triton.jit
+    def _threshold_sum_kernel(z_ptr, k_ptr, out_ptr, A, T, K, D, beta, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                              BLOCK_D: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr):
+        """out[a, w] = sum_t qbar(z[a, t] . k[w]) for BLOCK_K keys (program axis 0) and GROUP anchor views (axis
+        1): the keys stay loaded, the product tiles stay in registers, thresholded and summed there."""
+        w = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        d = tl.arange(0, BLOCK_D)
+        keys = tl.load(k_ptr + w[:, None] * D + d[None, :], mask=(w[:, None] < K) & (d[None, :] < D), other=0.0)
+        n_t = tl.cdiv(T, BLOCK_T)
+        total = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for i in range(0, GROUP * n_t):
+            a, t = tl.program_id(1) * GROUP + i // n_t, (i % n_t) * BLOCK_T + tl.arange(0, BLOCK_T)
+            q = tl.load(z_ptr + (a * T + t[:, None]) * D + d[None, :], mask=(t[:, None] < T) & (d[None, :] < D) & (a < A),
+                        other=0.0)
+            s = tl.dot(keys, tl.trans(q), input_precision=PRECISION)  # float32 [BLOCK_K, BLOCK_T]
+            total += tl.sum(tl.where(t[None, :] < T, tl.where(s > beta, s, -1.0), 0.0), 1)
+            last = i % n_t == n_t - 1  # the view's last tile: write its sums, start the next view's
+            tl.store(out_ptr + a * K + w, total, mask=(w < K) & (a < A) & last)
+            total = tl.where(last, 0.0, total)
+
+    @torch.library.custom_op("losses::threshold_sum", mutates_args=())
+    def _threshold_sum_fused(z: torch.Tensor, keys: torch.Tensor, beta: float) -> torch.Tensor:
+        """_threshold_sum by _threshold_sum_kernel; a custom op, so torch.compile treats it as one opaque call."""
+        (A, T, D), K = z.shape, keys.shape[0]
+        z, keys = z.contiguous(), keys.to(z.dtype).contiguous()
+        out = torch.empty(A, K, dtype=torch.float32, device=z.device)
+        block_t, group = min(64, max(16, triton.next_power_of_2(T))), 8  # the fastest of bench.py's sweep on an H200
+        _threshold_sum_kernel[(triton.cdiv(K, 256), triton.cdiv(A, group))](
+            z, keys, out, A, T, K, D, beta, BLOCK_T=block_t, BLOCK_K=256, BLOCK_D=max(16, triton.next_power_of_2(D)),
+            GROUP=group, PRECISION="ieee" if z.dtype == torch.float32 else "tf32", num_warps=8,
+            num_stages=4 if block_t == 16 else 3)
+        return out
+
+    @_threshold_sum_fused.register_fake
+    def _(z, keys, beta):
+        return z.new_empty(z.shape[0], keys.shape[0], dtype=torch.float32)
+
+
+def _threshold_sum(z, keys, beta, fused):
+    """sum_t qbar(z[a, t] . keys[w]) for z [A, T, D] and keys [K, D] -> float32 [A, K], qbar(q) = q if q > beta
+    else -1 (METHOD.md 4.5). fused: one Triton kernel, products in float32 from the inputs' dtype; else the
+    [A, T, K] product in the inputs' dtype, summed in float32 (bf16 sums would reorder the sets)."""
+    if fused:
+        return _threshold_sum_fused(z, keys, float(beta))
+    q = z @ keys.T
+    return q.masked_fill_(q <= beta, -1.0).sum(1, dtype=_acc(q.dtype))
+
+
+def _guided_choice(z, z_all, r, own, beta, chunk=None, fused=None):
     """Guided set selection (METHOD.md 4.4-4.5), no gradient. z [2, B, T, D] normalised anchors, z_all [2Bg, T',
     D] every normalised token of every view of the global batch, r [M, 2Bg] the candidate sets (set m takes
     token r[m, u] of view u: n_u^m = z_all[u, r[m, u]]), own [2, B, 2] the global columns of each anchor
@@ -176,8 +231,9 @@ def _guided_choice(z, z_all, r, own, beta, chunk=None):
       beta:      s(v, m) = mean_t mean_{u not in img(v)} qbar(z_t^v . n_u^m),  qbar(q) = q if q > beta else -1
     Ties go to the smallest m. The thresholded score needs sum_t qbar(z_t^v . w) for every candidate token w:
     with M >= T' it is cheaper to compute it once for all 2Bg*T' tokens and pick the sets' members from that
-    table than for the M*2Bg set members (fewer columns in the product); either way one [c*T, columns] product
-    per chunk of c anchor views (c = chunk, default: 2^28 elements a chunk). z may hold a subset of each
+    table than for the M*2Bg set members (fewer columns in the product). fused (None: bf16/fp16 on CUDA with
+    triton) computes that table by a kernel that never writes the [2B*T, columns] product out, else by one
+    product per chunk; c = chunk anchor views at a time (default: by memory). z may hold a subset of each
     view's tokens (score_tokens)."""
     M, n_cols = r.shape
     _, B, T, D = z.shape
@@ -192,15 +248,16 @@ def _guided_choice(z, z_all, r, own, beta, chunk=None):
             members = cand[torch.arange(M, device=cand.device)[None, None, :, None], own_m]  # [2, B, M, 2, D]
             s_own = torch.einsum("abd,abmkd->abm", zbar, members)
             return (s_all - s_own).argmax(-1)
+    if fused is None:
+        fused = triton is not None and z.is_cuda and z.dtype in (torch.bfloat16, torch.float16)
     per_token = M >= z_all.shape[1]
     keys = z_all.reshape(-1, D) if per_token else z_all[cols, r].reshape(M * n_cols, D)
     flat, own = z.reshape(2 * B, T, D), own.reshape(2 * B, 2)
-    c = chunk or max(1, (1 << 28) // (T * keys.shape[0]))
+    # 2^28 elements a chunk: of the [c, T, columns] product, or fused, of the [c, columns] and [c, M, 2Bg] tables
+    c = chunk or max(1, (1 << 28) // (max(keys.shape[0], M * n_cols) if fused else T * keys.shape[0]))
     scores = []
     for s in range(0, 2 * B, c):
-        q = flat[s:s + c] @ keys.T  # [c, T, columns]
-        # bf16 sums would reorder the sets
-        summed = q.masked_fill_(q <= beta, -1.0).sum(1, dtype=_acc(q.dtype))
+        summed = _threshold_sum(flat[s:s + c], keys, beta, fused)  # [c, columns]
         per_col = summed.view(-1, n_cols, z_all.shape[1])[:, cols, r] if per_token else summed.view(-1, M, n_cols)
         per_col = per_col.scatter(-1, own[s:s + c][:, None, :].expand(-1, M, 2), 0.0)  # [c, M, 2Bg]
         scores.append(per_col.sum(-1))  # own-image columns zeroed, not subtracted: exact ties stay exact

@@ -5,6 +5,8 @@ The naive versions replay the documented draw order of losses.dense_loss from a 
 """
 import math
 import os
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -388,3 +390,37 @@ def test_two_processes_equal_one():
             sl = slice(r * B // 2, (r + 1) * B // 2)
             assert torch.allclose(ranks[r][key][1], 2 * c.grad[sl], atol=1e-12), key
             assert torch.allclose(ranks[r][key][2], 2 * e.grad[sl], atol=1e-12), key
+
+FUSED_CHECK = """
+import torch, torch.nn.functional as F, losses
+torch.manual_seed(0)
+for A, T, D, K in ((9, 13, 24, 300), (3, 70, 32, 129), (8, 16, 128, 256)):
+    z, keys = F.normalize(torch.randn(A, T, D), dim=-1), F.normalize(torch.randn(K, D), dim=-1)
+    got = losses._threshold_sum(z, keys, 0.1, True)
+    want = losses._threshold_sum(z.double(), keys.double(), 0.1, False)
+    assert got.dtype == torch.float32 and (got.double() - want).abs().max() < 1e-4, (A, T, D, K)
+B, T, D = 5, 9, 16
+z = F.normalize(torch.randn(2, B, T, D) + 0.5 * torch.randn(D), dim=-1)
+img = torch.arange(B)
+own = torch.stack([img, B + img], -1)[None].expand(2, B, 2)
+for M in (4, 12):  # sets scored member by member (M < T) and through the per-token table (M >= T)
+    r = torch.randint(T, (M, 2 * B))
+    for beta in (0.0, 0.4):
+        want = losses._guided_choice(z.double(), z.double().reshape(2 * B, T, D), r, own, beta, fused=False)
+        choice = lambda z: losses._guided_choice(z, z.reshape(2 * B, T, D), r, own, beta, fused=True)
+        assert torch.equal(choice(z), want), (M, beta)
+        assert torch.equal(torch.compile(choice, backend="aot_eager", fullgraph=True)(z), want), (M, beta)
+print("fused ok")
+"""
+
+
+@pytest.mark.skipif(losses.triton is None, reason="triton not installed (it ships with torch's CUDA builds)")
+def test_fused_threshold_sum_equals_float64_in_the_triton_interpreter():
+    """The Triton kernel of the thresholded set score, run by Triton's CPU interpreter (TRITON_INTERPRET=1, in a
+    subprocess: it is read at import), on sizes that are no multiple of its blocks (T, D, keys, anchor views):
+    the table equals float64, and _guided_choice with it picks the float64 sets in both layouts, also compiled
+    in one graph (the custom op)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", FUSED_CHECK], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.returncode == 0 and "fused ok" in out.stdout, out.stderr[-3000:]
