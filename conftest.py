@@ -1,5 +1,5 @@
-"""Helpers and fixtures shared by the test files: tiny images, datasets and runs of pretrain.py, the demo set, a
-free port, the one-line error check of the stage scripts."""
+"""Helpers and fixtures shared by the test files: tiny images, datasets and runs of pretrain.py, the demo set,
+a free port, the one-line error check of the stage scripts."""
 import json
 import os
 import shutil
@@ -17,8 +17,9 @@ import pretrainer
 import vit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = ["--model", "vit_test", "--img-size", "32", "--head-hidden", "32", "--head-out", "16", "--workers", "0",
-        "--log-every", "1", "--lr", "1e-3", "--warmup", "0"]  # the 32 px test ViT (4x4 tokens), no objective flags
+# the 32 px test ViT (4x4 tokens), no objective flags
+TINY = ["--model", "vit_test", "--img-size", "32", "--head-hidden", "32", "--head-out", "16",
+        "--workers", "0", "--log-every", "1", "--lr", "1e-3", "--warmup", "0"]
 # guided sampling at a size for 16 tokens (the default --N 64 needs 65 tokens)
 GUIDED = ["--M", "4", "--N", "3"]
 
@@ -33,11 +34,13 @@ def make_images(folder, n=16, size=40, seed=0):
 
 
 def tiny_trainer(args):
-    """A Pretrainer seeded with 0, a copy of its initial state, an AdamW and a batch of 2 x 6 random 32 px views."""
+    """A Pretrainer seeded with 0, a copy of its initial state, an AdamW and a batch of 2 x 6 random 32 px
+    views."""
     torch.manual_seed(0)
     model = pretrainer.Pretrainer(args)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    return model, before, torch.optim.AdamW(pretrain.param_groups(model, 0.05), lr=1e-3), torch.randn(12, 3, 32, 32)
+    return model, before, torch.optim.AdamW(pretrain.param_groups(model, 0.05),
+                                            lr=1e-3), torch.randn(12, 3, 32, 32)
 
 
 def run_pretrain(argv, nproc=1, timeout=300):
@@ -48,7 +51,8 @@ def run_pretrain(argv, nproc=1, timeout=300):
 
 
 def losses_by_step(out_dir):
-    """The logged loss of every step; for a step logged twice (before a kill and after the resume) the last one."""
+    """The logged loss of every step; for a step logged twice (before a kill and after the resume) the last
+    one."""
     return {rec["step"]: rec["loss"] for rec in map(json.loads, open(os.path.join(out_dir, "log.jsonl")))}
 
 
@@ -95,12 +99,12 @@ def tiny_coco(folder, n_images=3, size=20):
         images.append(dict(id=i, file_name=f"{i}.jpg", width=size, height=size))
     anns = [dict(id=1, image_id=1, category_id=7, segmentation=square(5, 5, 9, 9), area=16, bbox=[5, 5, 4, 4],
                  iscrowd=0),
-            dict(id=2, image_id=1, category_id=3, segmentation=square(2, 2, 12, 12), area=100, bbox=[2, 2, 10, 10],
-                 iscrowd=0),
+            dict(id=2, image_id=1, category_id=3, segmentation=square(2, 2, 12, 12), area=100,
+                 bbox=[2, 2, 10, 10], iscrowd=0),
             dict(id=3, image_id=1, category_id=12, segmentation=square(14, 14, 19, 19), area=25,
                  bbox=[14, 14, 5, 5], iscrowd=1),
-            dict(id=4, image_id=2, category_id=12, segmentation=square(0, 0, 10, 10), area=100, bbox=[0, 0, 10, 10],
-                 iscrowd=1)]  # image 3: no annotations
+            dict(id=4, image_id=2, category_id=12, segmentation=square(0, 0, 10, 10), area=100,
+                 bbox=[0, 0, 10, 10], iscrowd=1)]  # image 3: no annotations
     cats = [dict(id=c, name=n) for c, n in [(12, "cup"), (3, "cat"), (7, "dog")]]
     path = folder / "instances.json"
     path.write_text(json.dumps(dict(images=images, annotations=anns, categories=cats)))
@@ -111,7 +115,8 @@ def save_demo_backbone(tmp_path):
     """A seeded vit_demo (width 128, 4 heads) saved as our checkpoint and as a plain state dict."""
     torch.manual_seed(3)
     backbone = vit.create_vit("vit_demo")
-    torch.save({"model": backbone.state_dict(), "vit_config": backbone.config, "args": {"agg": "gap", "img_size": 64}},
+    torch.save({"model": backbone.state_dict(), "vit_config": backbone.config,
+                "args": {"agg": "gap", "img_size": 64}},
                tmp_path / "ckpt.pt")
     torch.save(backbone.state_dict(), tmp_path / "plain.pt")
     return backbone
@@ -120,7 +125,8 @@ def save_demo_backbone(tmp_path):
 def small_run(tmp_path, name="run", extra=()):
     images = make_images(tmp_path / "imgs")
     out = tmp_path / name
-    r = run_pretrain(TINY + GUIDED + ["--data", images, "--batch-size", "4", "--max-steps", "2", "--out-dir", str(out)]
+    r = run_pretrain(TINY + GUIDED + ["--data", images, "--batch-size", "4", "--max-steps", "2",
+                                      "--out-dir", str(out)]
                      + list(extra))
     assert r.returncode == 0, r.stderr
     return images, out
@@ -148,7 +154,8 @@ def labelled_images(root, n=16, size=40):
     images = [dict(id=i + 1, file_name=f, width=size, height=size) for i, f in enumerate(files)]
     anns = [dict(id=k + 1, image_id=img["id"], category_id=c, bbox=[0, 0, 8, 8], area=64, iscrowd=0,
                  segmentation=square(0, 0, 8, 8))
-            for k, (img, c) in enumerate((img, c) for img in images for c in (1, 2, 5) if (img["id"] + c) % 3)]
+            for k, (img, c) in enumerate((img, c) for img in images for c in (1, 2, 5)
+                                         if (img["id"] + c) % 3)]
     os.makedirs(root / "annotations", exist_ok=True)
     path = root / "annotations" / "instances_train.json"
     path.write_text(json.dumps(dict(images=images, annotations=anns,

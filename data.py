@@ -1,12 +1,13 @@
 """
 Data for two-view contrastive pretraining, top to bottom:
 
-    load_rgb / list_images           any image file -> RGB PIL image; a folder or a COCO json -> sorted file list
-    rrc_params / ccrop_params        RandomResizedCrop / ContrastiveCrop boxes (METHOD.md 10, 9), draws from a Generator
-    TwoViews                         loader-worker side: decode + 2 geometric crops + flips + photometric parameters
-    photometric                      training-device side: batched colour jitter, grayscale, blur, normalisation
-    two_view_batch / device_batches  collate; the views on the training device (side-stream upload, photometric)
-    EpochSampler / RunSampler        deterministic, resumable, rank-aware samplers (one epoch / a span of steps)
+    load_rgb / list_images      any image file -> RGB PIL image; a folder or a COCO json -> sorted file list
+    rrc_params / ccrop_params   RandomResizedCrop / ContrastiveCrop boxes (METHOD.md 10, 9) from a Generator
+    TwoViews / two_view_batch   loader-worker side: decode + 2 geometric crops + flips + photometric
+                                parameters; collate
+    EpochSampler / RunSampler   deterministic, resumable, rank-aware samplers (one epoch / a span of steps)
+
+The training-device side (the photometric ops, batched, and the upload) is augment.py.
 
 Randomness: every draw comes from a torch.Generator. A sample's generator is seeded from (seed, epoch, index)
 only, so the views do not depend on the number of workers, their order, the number of processes, or on
@@ -21,10 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-# libjpeg-turbo through torchvision: ~1.5x faster than PIL's decode. Deprecated since torchvision 0.29 in
-# favour
+# libjpeg-turbo through torchvision: ~1.5x faster than PIL's decode (deprecated since torchvision 0.29 in
+# favour of TorchCodec; PIL takes over once it is gone)
 try:
-    # of TorchCodec; PIL takes over once it is gone
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
 except ImportError:
     decode_jpeg = None
@@ -35,25 +35,26 @@ IMG_EXTS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
 BACKGROUND = (128, 128, 128)  # transparent pixels are composited onto mid-grey
 MAX_TRIES = 50  # a sample gives up after this many unreadable files in a row
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # image files
 
 
 def _open(path):
-    """Image.open that turns PIL's decompression-bomb warning (more than Image.MAX_IMAGE_PIXELS pixels) into an
-    error, so a huge image is skipped like a corrupt one instead of being decoded into all of memory."""
+    """Image.open that turns PIL's decompression-bomb warning (more than Image.MAX_IMAGE_PIXELS pixels) into
+    an error, so a huge image is skipped like a corrupt one instead of being decoded into all of memory."""
     with warnings.catch_warnings():
         warnings.simplefilter('error', Image.DecompressionBombWarning)
         try:
             return Image.open(path)
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-            raise ValueError(f"{path}: larger than Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS} ({e})") from None
+            raise ValueError(f"{path}: larger than Image.MAX_IMAGE_PIXELS="
+                             f"{Image.MAX_IMAGE_PIXELS} ({e})") from None
 
 
 def _to_rgb(im):
-    """Decode an opened image to 8-bit RGB. 16/32-bit integer modes (I;16*, I) are read as 0..65535 and scaled by
-    255/65535; images with alpha (RGBA, LA, PA, or a 'transparency' entry as in P/L/RGB PNGs) are composited
-    onto BACKGROUND (mid-grey)."""
+    """Decode an opened image to 8-bit RGB. 16/32-bit integer modes (I;16*, I) are read as 0..65535 and scaled
+    by 255/65535; images with alpha (RGBA, LA, PA, or a 'transparency' entry as in P/L/RGB PNGs) are
+    composited onto BACKGROUND (mid-grey)."""
     if im.mode.startswith('I'):
         a = np.asarray(im).astype(np.float64) * (255 / 65535)
         return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert('RGB')
@@ -64,8 +65,8 @@ def _to_rgb(im):
 
 
 def load_rgb(path, draft_size=None):
-    """Open an image file of any PIL mode (1, L, P, RGB, RGBA, LA, CMYK, I;16, ...) and return an 8-bit RGB PIL
-    image (see _to_rgb: alpha is composited on mid-grey (128,128,128), 16-bit is scaled by 255/65535).
+    """Open an image file of any PIL mode (1, L, P, RGB, RGBA, LA, CMYK, I;16, ...) and return an 8-bit RGB
+    PIL image (see _to_rgb: alpha is composited on mid-grey (128,128,128), 16-bit is scaled by 255/65535).
     draft_size=(w, h): a JPEG is decoded at 1/2, 1/4 or 1/8 scale (DCT scaling, PIL's Image.draft) as long as
     the result stays >= (w, h). Raises on unreadable, truncated or non-image files and on images above
     Image.MAX_IMAGE_PIXELS."""
@@ -84,23 +85,28 @@ def coco_image_root(json_path):
     tried = [os.path.join(parent, split), os.path.join(parent, 'images', split)]
     found = next((d for d in tried if os.path.isdir(d)), None)
     if found is None:
-        raise FileNotFoundError(f"{json_path}: no image folder found at {' or '.join(tried)}; pass its image root")
+        raise FileNotFoundError(f"{json_path}: no image folder found at {' or '.join(tried)}; "
+                                f"pass its image root")
     return found
 
 
 def list_images(data, image_root=None):
     """Image paths from `data`:
     - a folder: every file below it (recursively) whose extension is in IMG_EXTS (any case), sorted;
-    - a COCO instances .json: the `file_name` of each entry of `images` (json order), joined to image_root. By default
-      image_root is <json folder>/../<split> (annotations/instances_train2017.json -> train2017/), else
-      <json folder>/../images/<split> (the demo layout); split = the file name's last '_' part without '.json'."""
+    - a COCO instances .json: the `file_name` of each entry of `images` (json order), joined to image_root. By
+      default image_root is <json folder>/../<split> (annotations/instances_train2017.json -> train2017/),
+      else <json folder>/../images/<split> (the demo layout); split = the file name's last '_' part without
+      '.json'."""
     data = os.fspath(data)
     if not os.path.exists(data):
-        raise FileNotFoundError(f"data={data!r} does not exist (expected an image folder or a COCO instances .json)")
+        raise FileNotFoundError(f"data={data!r} does not exist (expected an image folder or a COCO "
+                                f"instances .json)")
     if os.path.isdir(data):
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(data) for f in fs if f.lower().endswith(IMG_EXTS))
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(data) for f in fs
+                       if f.lower().endswith(IMG_EXTS))
         if not files:
-            raise ValueError(f"data={data!r}: no image files ({', '.join(IMG_EXTS)}) found in this folder or below")
+            raise ValueError(f"data={data!r}: no image files ({', '.join(IMG_EXTS)}) found in this "
+                             f"folder or below")
         return files
     try:
         with open(data) as f:
@@ -115,13 +121,13 @@ def list_images(data, image_root=None):
         raise ValueError(f"data={data!r}: the 'images' list is empty")
     return files
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # crop boxes: (top, left, h, w) in pixels of an H x W image
 
 
 def _rrc_size(H, W, scale, ratio, g):
-    """The crop size of torchvision's RandomResizedCrop.get_params, same float32 draws from g: up to 10 tries of
-    area = U(scale)*H*W, aspect = w/h = exp(U(log ratio)), w = round(sqrt(area*aspect)), h =
+    """The crop size of torchvision's RandomResizedCrop.get_params, same float32 draws from g: up to 10 tries
+    of area = U(scale)*H*W, aspect = w/h = exp(U(log ratio)), w = round(sqrt(area*aspect)), h =
     round(sqrt(area/aspect)), accepted if 0 < h <= H and 0 < w <= W. Returns (h, w, True), or after 10 misses
     (h, w, False) of the central fallback: the whole image with its aspect clamped into `ratio`."""
     log_r = torch.log(torch.tensor(ratio)).tolist()
@@ -141,9 +147,9 @@ def _rrc_size(H, W, scale, ratio, g):
 
 
 def rrc_params(H, W, scale, ratio, g):
-    """RandomResizedCrop box (top, left, h, w), exactly torchvision's algorithm (same draws in the same order, so
-    with g = torch.default_generator it reproduces T.RandomResizedCrop.get_params): size from _rrc_size, then
-    top ~ randint(0, H-h+1), left ~ randint(0, W-w+1); the fallback crop is centred."""
+    """RandomResizedCrop box (top, left, h, w), exactly torchvision's algorithm (same draws in the same order,
+    so with g = torch.default_generator it reproduces T.RandomResizedCrop.get_params): size from _rrc_size,
+    then top ~ randint(0, H-h+1), left ~ randint(0, W-w+1); the fallback crop is centred."""
     h, w, ok = _rrc_size(H, W, scale, ratio, g)
     if not ok:
         return (H - h) // 2, (W - w) // 2, h, w
@@ -153,16 +159,18 @@ def rrc_params(H, W, scale, ratio, g):
 
 
 def _beta(alpha, g):
-    """One Beta(alpha, alpha) draw from g: X/(X+Y), X, Y ~ Gamma(alpha) (float64, so X+Y cannot underflow to 0)."""
+    """One Beta(alpha, alpha) draw from g: X/(X+Y), X, Y ~ Gamma(alpha) (float64, so X+Y cannot underflow to
+    0)."""
     x, y = torch._standard_gamma(torch.full((2,), float(alpha), dtype=torch.float64), generator=g).tolist()
     return x / (x + y)
 
 
 def ccrop_params(H, W, box, scale, ratio, alpha, g):
-    """ContrastiveCrop box (top, left, h, w), METHOD.md 9 / the official code: h, w drawn as RRC (same fallback);
-    then with the normalised box (h0, w0, h1, w1)
-        ch0 = clip(int(H*h0) - h//2, 0, H-h),  ch1 = clip(int(H*h1) - h//2, 0, H-h),  top = ch0 + floor((ch1-ch0)*b1)
-        cw0 = clip(int(W*w0) - w//2, 0, W-w),  cw1 = clip(int(W*w1) - w//2, 0, W-w),  left = cw0 + floor((cw1-cw0)*b2)
+    """ContrastiveCrop box (top, left, h, w), METHOD.md 9 / the official code: h, w drawn as RRC (same
+    fallback); then with the normalised box (h0, w0, h1, w1)
+        ch0 = clip(int(H*h0) - h//2, 0, H-h), ch1 = clip(int(H*h1) - h//2, 0, H-h)
+        cw0 = clip(int(W*w0) - w//2, 0, W-w), cw1 = clip(int(W*w1) - w//2, 0, W-w)
+        top = ch0 + floor((ch1-ch0)*b1), left = cw0 + floor((cw1-cw0)*b2)
     b1, b2 ~ Beta(alpha, alpha) independent: the crop centre lies in the box, alpha < 1 pushes it towards the
     box edges. (The official code clips ch0 only from below and ch1 only from above; clipping both keeps crops
     in the image.)"""
@@ -176,7 +184,7 @@ def ccrop_params(H, W, box, scale, ratio, alpha, g):
     left = cw0 + math.floor((cw1 - cw0) * _beta(alpha, g))
     return top, left, h, w
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the two-view dataset (runs in loader workers)
 
 # layout of a 'photo' vector, P = 6
@@ -184,9 +192,9 @@ PHOTO_KEYS = ('brightness', 'contrast', 'saturation', 'hue', 'gray', 'blur_sigma
 
 
 def draw_photo(g):
-    """Photometric parameters of one view (METHOD.md 10), always 8 draws from g. ColorJitter(0.4, 0.4, 0.4, 0.1)
-    with p=0.8: brightness, contrast, saturation ~ U(0.6, 1.4), hue ~ U(-0.1, 0.1), or the identity (1, 1, 1,
-    0) when not applied;
+    """Photometric parameters of one view (METHOD.md 10), always 8 draws from g. ColorJitter(0.4, 0.4, 0.4,
+    0.1) with p=0.8: brightness, contrast, saturation ~ U(0.6, 1.4), hue ~ U(-0.1, 0.1), or the identity (1,
+    1, 1, 0) when not applied;
     gray = 1 with p=0.2 else 0; blur_sigma ~ U(0.1, 2) with p=0.5 else 0 (= no blur)."""
     u = torch.rand(8, generator=g, dtype=torch.float64).tolist()
     jitter = u[0] < 0.8
@@ -215,15 +223,15 @@ class TwoViews(torch.utils.data.Dataset):
     seed, the failed paths are returned in 'skipped', and RuntimeError is raised after MAX_TRIES failures in a
     row."""
 
-    def __init__(self, files, img_size=224, scale=(0.2, 1.0), ratio=(3/4, 4/3), seed=0, boxes=None, ccrop_alpha=0.6,
-                 ccrop_warmup=0):
+    def __init__(self, files, img_size=224, scale=(0.2, 1.0), ratio=(3/4, 4/3), seed=0, boxes=None,
+                 ccrop_alpha=0.6, ccrop_warmup=0):
         if len(files) == 0:
             raise ValueError("TwoViews: files is empty (expected a list of image paths, see list_images)")
         if not (isinstance(img_size, int) and img_size >= 1):
             raise ValueError(f"TwoViews: img_size={img_size!r}, expected a positive int")
         if not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
-            raise ValueError(f"TwoViews: scale={scale}, ratio={ratio}; expected 0 < scale[0] <= scale[1] <= 1 and "
-                             "0 < ratio[0] <= ratio[1]")
+            raise ValueError(f"TwoViews: scale={scale}, ratio={ratio}; expected 0 < scale[0] <= scale[1] <= "
+                             f"1 and " "0 < ratio[0] <= ratio[1]")
         if boxes is not None and tuple(boxes.shape) != (len(files), 4):
             raise ValueError(f"TwoViews: boxes has shape {tuple(boxes.shape)}, expected ({len(files)}, 4)")
         if ccrop_alpha <= 0:
@@ -269,7 +277,8 @@ class TwoViews(torch.utils.data.Dataset):
                 if self.boxes is None or epoch < self.ccrop_warmup:
                     box = rrc_params(H, W, self.scale, self.ratio, g)
                 else:
-                    box = ccrop_params(H, W, self.boxes[j].tolist(), self.scale, self.ratio, self.ccrop_alpha, g)
+                    box = ccrop_params(H, W, self.boxes[j].tolist(), self.scale, self.ratio,
+                                       self.ccrop_alpha, g)
                 flip = torch.rand((), generator=g).item() < 0.5
                 views.append((box, flip, draw_photo(g)))
             # largest downscale keeping both crops >= S px
@@ -299,137 +308,13 @@ def two_view_batch(batch_list):
     out['skipped'] = [p for b in batch_list for p in b['skipped']]
     return out
 
-# ----------------------------------------------------------------------------------------------------------------------
-# photometric augmentation (runs batched on the training device)
-
-
-def _gray(x):
-    """ITU-R 601 luma as torchvision: 0.2989 R + 0.587 G + 0.114 B, [N, 1, H, W]."""
-    red, green, blue = x.unbind(1)
-    return red.mul(0.2989).add_(green, alpha=0.587).add_(blue, alpha=0.114).unsqueeze(1)
-
-
-def _shift_hue(x, shift):
-    """torchvision's adjust_hue for [N, 3, H, W] in [0, 1] with a per-sample shift [N]: RGB -> HSV, hue = (hue +
-    shift) mod 1, HSV -> RGB via channel_n = V - V*S*clip(min(k, 4-k), 0, 1), k = (n + 6*hue) mod 6, n = 5, 3,
-    1 for R, G, B."""
-    red, green, blue = x.unbind(1)
-    v, minc = x.amax(1), x.amin(1)
-    d = v - minc
-    s = d / v.clamp_min(1e-12)  # 0 where v = 0 (then d = 0)
-    dd = d.clamp_min(1e-12)  # where d = 0 the hue is irrelevant (s = 0)
-    h = torch.where(v == red, ((green - blue) / dd) % 6,
-                    torch.where(v == green, (blue - red) / dd + 2, (red - green) / dd + 4)) / 6
-    h = (h + shift.view(-1, 1, 1)) % 1
-    # 5, 3, 1 without a host copy
-    n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    k = (n + 6 * h.unsqueeze(1)) % 6
-    return v.unsqueeze(1) - (v * s).unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
-
-
-def _blur(x, sigma):
-    """Separable Gaussian blur with one sigma per sample [N] (> 0): kernel size K = 2*floor(0.05*S) + 1 (~10% of
-    the side, odd; 23 at 224 px, 7 at 64 px), weights exp(-t^2 / (2 sigma^2)) normalised, t = -K//2..K//2,
-    reflect padding, as torchvision's gaussian_blur. One grouped conv over all N*3 channels per direction."""
-    N, C, S, _ = x.shape
-    r = int(0.05 * S)
-    x = x.float()
-    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-t ** 2 / (2 * sigma.view(-1, 1) ** 2))
-    k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)  # [N*C, K]
-    y = F.pad(x.reshape(1, N * C, S, S), (r, r, r, r), mode='reflect')
-    y = F.conv2d(y, k.view(N * C, 1, 1, 2 * r + 1), groups=N * C)
-    y = F.conv2d(y, k.view(N * C, 1, 2 * r + 1, 1), groups=N * C)
-    return y.view(N, C, S, S)
-
-
-def _where(mask, fn, x):
-    """fn applied where mask [N] is set, x elsewhere; fn takes an index into the batch. Eager on CPU only the
-    selected samples are computed; on an accelerator or under torch.compile one dense torch.where keeps the op
-    free of host syncs and of data-dependent shapes."""
-    if x.device.type == 'cpu' and not torch.compiler.is_compiling():
-        idx = mask.nonzero().squeeze(1)
-        return x.index_copy(0, idx, fn(idx)) if len(idx) else x
-    return torch.where(mask.view(-1, 1, 1, 1), fn(slice(None)), x)
-
-
-def photometric(views_uint8, params, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Batched photometric augmentation on the training device (GPU in practice), METHOD.md 10.
-    views_uint8: [N, 3, S, S] uint8; params: [N, 6] float (stacked 'photo' tensors, layout PHOTO_KEYS).
-    Returns [N, 3, S, S] float32. With x = views/255, in this fixed order (torchvision's ColorJitter permutes
-    b, c, s, h per call; a fixed order keeps the op vectorised and the parameters meaningful), clamping to [0,
-    1] after each jitter op:
-        brightness  x <- clip(b x)
-        contrast    x <- clip(c x + (1 - c) mean(gray(x)))      mean over the whole image
-        saturation  x <- clip(s x + (1 - s) gray(x))            gray = 0.2989 R + 0.587 G + 0.114 B
-        hue         x <- rotate hue by h in HSV                 only where h != 0
-        grayscale   x <- gray(x) on all 3 channels              where gray = 1
-        blur        x <- Gaussian blur with blur_sigma          where blur_sigma > 0 (see _blur)
-        normalise   (x - mean) / std
-    Identity parameters (1, 1, 1, 0, 0, 0) reproduce (views/255 - mean)/std exactly."""
-    if views_uint8.dtype != torch.uint8 or views_uint8.ndim != 4 or views_uint8.shape[1] != 3:
-        raise ValueError(f"photometric: views_uint8 must be uint8 [N, 3, S, S], got {views_uint8.dtype} "
-                         f"{tuple(views_uint8.shape)}")
-    if tuple(params.shape) != (views_uint8.shape[0], len(PHOTO_KEYS)):
-        raise ValueError(f"photometric: params must be [N={views_uint8.shape[0]}, {len(PHOTO_KEYS)}] "
-                         f"({', '.join(PHOTO_KEYS)}), got {tuple(params.shape)}")
-    x = views_uint8.float() / 255
-    p = params.to(x.device, torch.float32)
-    b, c, s = (p[:, k].view(-1, 1, 1, 1) for k in (0, 1, 2))
-    x = (b * x).clamp(0, 1)
-    x = (c * x + (1 - c) * _gray(x).mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 1)
-    x = (s * x + (1 - s) * _gray(x)).clamp(0, 1)
-    x = _where(p[:, 3] != 0, lambda i: _shift_hue(x[i], p[i, 3]), x)
-    x = _where(p[:, 4] > 0, lambda i: _gray(x[i]).expand(-1, 3, -1, -1), x)
-    with torch.autocast(x.device.type, enabled=False):  # keep the blur in float32 under a bf16 autocast
-        x = _where(p[:, 5] > 0, lambda i: _blur(x[i], p[i, 5].clamp_min(1e-3)), x)
-    m, sd = x.new_empty(1, 3, 1, 1), x.new_empty(1, 3, 1, 1)
-    # filled on the device: a torch.tensor(..., device=cuda) copy would stall the GPU queue
-    for c in range(3):
-        m[:, c].fill_(mean[c])
-        sd[:, c].fill_(std[c])
-    return (x - m) / sd
-
-def device_views(batch, device, photometric=photometric):
-    """The [2B, 3, S, S] float input of a TwoViews batch (view 1 of every image, then view 2): the uint8 views
-    are copied to `device` and the photometric ops run there."""
-    return torch.cat([photometric(batch[f"view{i}"].to(device, non_blocking=True),
-                                  batch[f"photo{i}"].to(device, non_blocking=True)) for i in (1, 2)])
-
-
-def device_batches(loader, device, photometric=photometric):
-    """(device_views of each batch, its 'skipped' list) for the batches of `loader`. On CUDA the next batch's
-    host->device copy (pinned memory, ~77 MB at 224 px and batch 256) runs on a side stream while the current
-    step computes, instead of in front of it on the compute stream."""
-    if device.type != "cuda":
-        for batch in loader:
-            yield device_views(batch, device, photometric), batch["skipped"]
-        return
-    side, keys = torch.cuda.Stream(device), ("view1", "photo1", "view2", "photo2")
-
-    def upload(batch):
-        if batch is None:
-            return None
-        with torch.cuda.stream(side):
-            return {k: batch[k].to(device, non_blocking=True) for k in keys}, batch["skipped"]
-    batches = iter(loader)
-    pending = upload(next(batches, None))
-    while pending is not None:
-        compute = torch.cuda.current_stream(device)
-        compute.wait_stream(side)  # this batch's copy is done before the step reads it
-        on_device, batch_skipped = pending
-        for t in on_device.values():
-            t.record_stream(compute)  # its memory is not reused before the compute stream is done with it
-        pending = upload(next(batches, None))  # overlaps with the step below
-        yield device_views(on_device, device, photometric), batch_skipped
-
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # sampler
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Deterministic, resumable, rank-aware. Each epoch: perm = randperm(n) from a Generator seeded with seed +
-    epoch;
+    """Deterministic, resumable, rank-aware. Each epoch: perm = randperm(n) from a Generator seeded with
+    seed + epoch;
     n_batches = n // G (the tail is dropped); global batch b = perm[b*G:(b+1)*G], of which this rank yields
     the slice perm[b*G + rank*G/world : b*G + (rank+1)*G/world] for b = start_batch .. n_batches-1. So `world`
     ranks together see exactly the global batches of one process, and a run resumed at start_batch skips the
@@ -437,7 +322,8 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __init__(self, n, global_batch, rank=0, world=1, seed=0, epoch=0, start_batch=0):
         if global_batch < 1 or global_batch % world:
-            raise ValueError(f"EpochSampler: global_batch={global_batch} must be a positive multiple of world={world}")
+            raise ValueError(f"EpochSampler: global_batch={global_batch} must be a positive multiple "
+                             f"of world={world}")
         if n < global_batch:
             raise ValueError(f"EpochSampler: n={n} images is fewer than one global batch of {global_batch}")
         if not 0 <= rank < world:
@@ -448,11 +334,13 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def set_epoch(self, epoch, start_batch=0):
         if not 0 <= start_batch <= self.n_batches:
-            raise ValueError(f"EpochSampler: start_batch={start_batch} not in [0, n_batches={self.n_batches}]")
+            raise ValueError(f"EpochSampler: start_batch={start_batch} not in [0, "
+                             f"n_batches={self.n_batches}]")
         self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self):
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        perm = torch.randperm(self.n,
+                              generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         G, B = self.global_batch, self.global_batch // self.world
         for b in range(self.start_batch, self.n_batches):
             yield from perm[b * G + self.rank * B: b * G + (self.rank + 1) * B]
@@ -462,10 +350,10 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 class RunSampler(EpochSampler):
-    """EpochSampler's batches over a span of global steps [start, stop) that crosses epoch boundaries (step s is
-    batch s % n_batches of epoch s // n_batches), as (epoch, index) keys for TwoViews. One loader then serves
-    a whole run: its workers run ahead into the next epoch, where a loader restarted at every epoch would
-    drain (with 16 workers and 16 batches an epoch, half the time of an H200 run went there)."""
+    """EpochSampler's batches over a span of global steps [start, stop) that crosses epoch boundaries (step s
+    is batch s % n_batches of epoch s // n_batches), as (epoch, index) keys for TwoViews. One loader then
+    serves a whole run: its workers run ahead into the next epoch, where a loader restarted at every epoch
+    would drain (with 16 workers and 16 batches an epoch, half the time of an H200 run went there)."""
 
     def __init__(self, n, global_batch, rank=0, world=1, seed=0):
         super().__init__(n, global_batch, rank, world, seed)
@@ -482,7 +370,8 @@ class RunSampler(EpochSampler):
         for s in range(self.start, self.stop):
             if s // self.n_batches != epoch:
                 epoch = s // self.n_batches
-                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+                perm = torch.randperm(self.n,
+                                      generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
             b = s % self.n_batches
             yield from ((epoch, i) for i in perm[b * G + self.rank * B: b * G + (self.rank + 1) * B])
 

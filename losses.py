@@ -5,8 +5,8 @@ The contrastive objectives, as pure functions (tensors in, tensor out; no global
     match        dense correspondence: argmax cosine token of the other view   METHOD.md 3
     dense_loss   dense InfoNCE with every negative formulation                 METHOD.md 4
     recon_loss   auxiliary pixel reconstruction                                METHOD.md 7
-    montage_loss MCL montage cells vs global embeddings of the other view      METHOD.md 8
-    mcl_loss     MCL's levels and both directions of montage_loss             METHOD.md 8
+
+(MCL's montage loss is in methods.py, with its canvases.)
 
 Views are laid out as [view 1 of images 0..B-1, view 2 of images 0..B-1]. Under torch.distributed the
 negatives come from every rank through a differentiable all-gather; global image g = rank * B + i, so the
@@ -43,7 +43,7 @@ class _Gather(torch.autograd.Function):
         rank, size = world()
         ctx.rank, ctx.n = rank, x.shape[0]
         out = torch.empty((size * x.shape[0],) + x.shape[1:], dtype=x.dtype, device=x.device)
-        # all_gather_single from torch 2.14 on (all_gather_into_tensor, its former name, then warns at every call)
+        # all_gather_single from torch 2.14 on (all_gather_into_tensor, its old name, warns at every call)
         (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x.contiguous())
         return out
 
@@ -55,12 +55,14 @@ class _Gather(torch.autograd.Function):
 
 
 def gather(x):
-    """Differentiable concatenation of x [n, ...] from every rank -> [world * n, ...] (identity in one process)."""
+    """Differentiable concatenation of x [n, ...] from every rank -> [world * n, ...] (identity in one
+    process)."""
     return _Gather.apply(x) if world()[1] > 1 else x
 
 
 def gather_images(x, dim=1):
-    """Gather along the image dimension `dim`: [.., B, ..] per rank -> [.., world * B, ..] in global image order."""
+    """Gather along the image dimension `dim`: [.., B, ..] per rank -> [.., world * B, ..] in global image
+    order."""
     return gather(x.movedim(dim, 0)).movedim(0, dim) if world()[1] > 1 else x
 
 
@@ -75,7 +77,8 @@ def nt_xent(u1, u2, tau):
     The sum runs over the 2·B_global - 1 other views of the globally gathered batch (the positive included).
     Returns the mean over this rank's 2B anchors (see the module docstring for DDP)."""
     if u1.ndim != 2 or u1.shape != u2.shape:
-        raise ValueError(f"nt_xent: u1 and u2 must both be [B, D]; got {tuple(u1.shape)} and {tuple(u2.shape)}")
+        raise ValueError(f"nt_xent: u1 and u2 must both be [B, D]; got {tuple(u1.shape)} and "
+                         f"{tuple(u2.shape)}")
     rank, _ = world()
     B = u1.shape[0]
     u = F.normalize(torch.stack([u1, u2]).to(_acc(u1.dtype)), dim=-1)  # [2, B, D]
@@ -96,8 +99,8 @@ def nt_xent(u1, u2, tau):
 
 @torch.no_grad()
 def match(f1, f2):
-    """Dense correspondence (METHOD.md 3): for each token t of view 1, j*(t) = argmax_j cos(f1_t, f2_j). [B, T]
-    (int64).
+    """Dense correspondence (METHOD.md 3): for each token t of view 1, j*(t) = argmax_j cos(f1_t, f2_j):
+    [B, T] (int64).
     The cosine table is computed in float32 (float64 stays float64) with autocast off: in bf16 (steps of
     ~0.004 near 1) many anchors tie and argmax would break the ties towards the lowest token index. It is [B,
     T, T], tiny next to the backbone."""
@@ -112,8 +115,9 @@ def match(f1, f2):
 
 @torch.no_grad()
 def near_tokens(f1, f2, j, k):
-    """The k tokens of view 2 most similar to each token t of view 1 by cos(f1_t, f2_j), not counting its match
-    j[t] (METHOD.md 4.6, xv_exclude): [B, T, k] (int64), most similar first. Same float32 table as match."""
+    """The k tokens of view 2 most similar to each token t of view 1 by cos(f1_t, f2_j), not counting its
+    match j[t] (METHOD.md 4.6, xv_exclude): [B, T, k] (int64), most similar first. Same float32 table as
+    match."""
     acc = _acc(f1.dtype)
     with torch.autocast(f1.device.type, enabled=False):
         cos = torch.bmm(F.normalize(f1.to(acc), dim=-1), F.normalize(f2.to(acc), dim=-1).transpose(1, 2))
@@ -122,10 +126,11 @@ def near_tokens(f1, f2, j, k):
 
 def _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator, score_tokens, draws, xv_exclude):
     if z1.ndim != 3 or z1.shape != z2.shape:
-        raise ValueError(f"dense_loss: z1 and z2 must both be [B, T, Dz]; got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        raise ValueError(f"dense_loss: z1 and z2 must both be [B, T, Dz]; got {tuple(z1.shape)} and "
+                         f"{tuple(z2.shape)}")
     if f1.ndim != 3 or f1.shape != f2.shape or f1.shape[:2] != z1.shape[:2]:
-        raise ValueError(f"dense_loss: f1 and f2 must both be [B, T, Df] with the B, T of z ({tuple(z1.shape[:2])}); "
-                         f"got {tuple(f1.shape)} and {tuple(f2.shape)}")
+        raise ValueError(f"dense_loss: f1 and f2 must both be [B, T, Df] with the B, T of z "
+                         f"({tuple(z1.shape[:2])}); got {tuple(f1.shape)} and {tuple(f2.shape)}")
     if negatives not in NEGATIVES:
         raise ValueError(f"dense_loss: negatives={negatives!r}; expected one of {NEGATIVES}")
     if not isinstance(M, int) or M < 1:
@@ -133,38 +138,43 @@ def _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator, score_tokens,
     if beta is not None and not (-1.0 <= beta <= 1.0):
         raise ValueError(f"dense_loss: beta={beta!r}; expected a cosine threshold in [-1, 1] or None")
     if beta is not None and negatives != "guided":
-        raise ValueError(f"dense_loss: beta={beta} thresholds the guided set score; it needs negatives='guided', "
-                         f"not {negatives!r}")
+        raise ValueError(f"dense_loss: beta={beta} thresholds the guided set score; it needs "
+                         f"negatives='guided', not {negatives!r}")
     T = z1.shape[1]
     if score_tokens is not None and (not isinstance(score_tokens, int) or score_tokens < 1):
         raise ValueError(f"dense_loss: score_tokens={score_tokens!r}; expected None or an integer >= 1")
     if not isinstance(xv_exclude, int) or xv_exclude < 0 or (xv_exclude and not N):
-        raise ValueError(f"dense_loss: xv_exclude={xv_exclude!r}; expected an integer >= 0, and > 0 only with N > 0")
+        raise ValueError(f"dense_loss: xv_exclude={xv_exclude!r}; expected an integer >= 0, and > 0 "
+                         f"only with N > 0")
     if not isinstance(N, int) or not 0 <= N < T - xv_exclude:
-        raise ValueError(f"dense_loss: N={N!r}; expected an integer in [0, T-1-xv_exclude] = [0, {T - 1 - xv_exclude}] "
-                         f"(cross-view negatives)")
-    if generator is None and draws is None and (negatives in ("random", "guided") or 0 < N < T - 1 - xv_exclude):
-        raise ValueError(f"dense_loss: negatives={negatives!r}, N={N} samples indices; pass generator=torch.Generator "
-                         f"(or the draws of dense_draws)")
+        raise ValueError(f"dense_loss: N={N!r}; expected an integer in [0, T-1-xv_exclude] = [0, "
+                         f"{T - 1 - xv_exclude}] (cross-view negatives)")
+    if generator is None and draws is None and (negatives in ("random", "guided")
+                                                or 0 < N < T - 1 - xv_exclude):
+        raise ValueError(f"dense_loss: negatives={negatives!r}, N={N} samples indices; pass "
+                         f"generator=torch.Generator (or the draws of dense_draws)")
 
 
-def dense_draws(generator, *, B, T, negatives, M=1, beta=None, N=0, score_tokens=None, xv_exclude=0, device=None):
-    """Every random draw of one dense_loss call, made up front (so the loss itself has no generator and compiles
-    as one graph), in this fixed order from `generator` (on its own device), returned on `device` (default:
-    its own):
+def dense_draws(generator, *, B, T, negatives, M=1, beta=None, N=0, score_tokens=None,
+                xv_exclude=0, device=None):
+    """Every random draw of one dense_loss call, made up front (so the loss itself has no generator and
+    compiles as one graph), in this fixed order from `generator` (on its own device), returned on `device`
+    (default: its own):
         'sets'       'random': token indices (2, Bg); 'guided': M candidate sets (M, 2*Bg), set m takes token
                      sets[m, u] of view u (drawn as (M, 2, Bg))
-        'score_keys' guided with beta and score_tokens < T: uniform keys (2, Bg, T); the score_tokens largest of
-                     each view's keys pick the tokens its set score averages over
+        'score_keys' guided with beta and score_tokens < T: uniform keys (2, Bg, T); the score_tokens largest
+                     of each view's keys pick the tokens its set score averages over
         'xv_keys'    0 < N < T-1-xv_exclude: uniform keys (2, B, T, T) for this rank's anchors; the N largest
                      keys off the excluded tokens pick the cross-view negatives
-    B is this rank's batch, Bg = B * world size: every draw but 'xv_keys' is global, identical on every rank."""
+    B is this rank's batch, Bg = B * world size: every draw but 'xv_keys' is global, identical on every
+    rank."""
     gdev = generator.device if generator is not None else None
     Bg, dev, draws = B * world()[1], device if device is not None else gdev, {}
     if negatives == "random":
         draws["sets"] = torch.randint(T, (2, Bg), generator=generator, device=gdev).to(dev)
     elif negatives == "guided":
-        draws["sets"] = torch.randint(T, (M, 2, Bg), generator=generator, device=gdev).reshape(M, 2 * Bg).to(dev)
+        draws["sets"] = torch.randint(T, (M, 2, Bg), generator=generator,
+                                      device=gdev).reshape(M, 2 * Bg).to(dev)
         if beta is not None and score_tokens is not None and score_tokens < T:
             draws["score_keys"] = torch.rand((2, Bg, T), generator=generator, device=gdev).to(dev)
     if 0 < N < T - 1 - xv_exclude:
@@ -174,19 +184,21 @@ def dense_draws(generator, *, B, T, negatives, M=1, beta=None, N=0, score_tokens
 
 if triton is not None:
     @triton.jit
-    def _threshold_sum_kernel(z_ptr, k_ptr, out_ptr, A, T, K, D, beta, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    def _threshold_sum_kernel(z_ptr, k_ptr, out_ptr, A, T, K, D, beta, BLOCK_T: tl.constexpr,
+                              BLOCK_K: tl.constexpr,
                               BLOCK_D: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr):
-        """out[a, w] = sum_t qbar(z[a, t] . k[w]) for BLOCK_K keys (program axis 0) and GROUP anchor views (axis
-        1): the keys stay loaded, the product tiles stay in registers, thresholded and summed there."""
+        """out[a, w] = sum_t qbar(z[a, t] . k[w]) for BLOCK_K keys (program axis 0) and GROUP anchor views
+        (axis 1): the keys stay loaded, the product tiles stay in registers, thresholded and summed there."""
         w = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
         d = tl.arange(0, BLOCK_D)
-        keys = tl.load(k_ptr + w[:, None] * D + d[None, :], mask=(w[:, None] < K) & (d[None, :] < D), other=0.0)
+        keys = tl.load(k_ptr + w[:, None] * D + d[None, :], mask=(w[:, None] < K) & (d[None, :] < D),
+                       other=0.0)
         n_t = tl.cdiv(T, BLOCK_T)
         total = tl.zeros([BLOCK_K], dtype=tl.float32)
         for i in range(0, GROUP * n_t):
             a, t = tl.program_id(1) * GROUP + i // n_t, (i % n_t) * BLOCK_T + tl.arange(0, BLOCK_T)
-            q = tl.load(z_ptr + (a * T + t[:, None]) * D + d[None, :], mask=(t[:, None] < T) & (d[None, :] < D) & (a < A),
-                        other=0.0)
+            q = tl.load(z_ptr + (a * T + t[:, None]) * D + d[None, :],
+                        mask=(t[:, None] < T) & (d[None, :] < D) & (a < A), other=0.0)
             s = tl.dot(keys, tl.trans(q), input_precision=PRECISION)  # float32 [BLOCK_K, BLOCK_T]
             total += tl.sum(tl.where(t[None, :] < T, tl.where(s > beta, s, -1.0), 0.0), 1)
             last = i % n_t == n_t - 1  # the view's last tile: write its sums, start the next view's
@@ -195,13 +207,16 @@ if triton is not None:
 
     @torch.library.custom_op("losses::threshold_sum", mutates_args=())
     def _threshold_sum_fused(z: torch.Tensor, keys: torch.Tensor, beta: float) -> torch.Tensor:
-        """_threshold_sum by _threshold_sum_kernel; a custom op, so torch.compile treats it as one opaque call."""
+        """_threshold_sum by _threshold_sum_kernel; a custom op, so torch.compile treats it as one opaque
+        call."""
         (A, T, D), K = z.shape, keys.shape[0]
         z, keys = z.contiguous(), keys.to(z.dtype).contiguous()
         out = torch.empty(A, K, dtype=torch.float32, device=z.device)
-        block_t, group = min(64, max(16, triton.next_power_of_2(T))), 8  # the fastest of bench.py's sweep on an H200
+        # the fastest of bench.py's sweep on an H200
+        block_t, group = min(64, max(16, triton.next_power_of_2(T))), 8
         _threshold_sum_kernel[(triton.cdiv(K, 256), triton.cdiv(A, group))](
-            z, keys, out, A, T, K, D, beta, BLOCK_T=block_t, BLOCK_K=256, BLOCK_D=max(16, triton.next_power_of_2(D)),
+            z, keys, out, A, T, K, D, beta, BLOCK_T=block_t, BLOCK_K=256,
+            BLOCK_D=max(16, triton.next_power_of_2(D)),
             GROUP=group, PRECISION="ieee" if z.dtype == torch.float32 else "tf32", num_warps=8,
             num_stages=4 if block_t == 16 else 3)
         return out
@@ -212,9 +227,9 @@ if triton is not None:
 
 
 def _threshold_sum(z, keys, beta, fused):
-    """sum_t qbar(z[a, t] . keys[w]) for z [A, T, D] and keys [K, D] -> float32 [A, K], qbar(q) = q if q > beta
-    else -1 (METHOD.md 4.5). fused: one Triton kernel, products in float32 from the inputs' dtype; else the
-    [A, T, K] product in the inputs' dtype, summed in float32 (bf16 sums would reorder the sets)."""
+    """sum_t qbar(z[a, t] . keys[w]) for z [A, T, D] and keys [K, D] -> float32 [A, K], qbar(q) = q if q >
+    beta else -1 (METHOD.md 4.5). fused: one Triton kernel, products in float32 from the inputs' dtype; else
+    the [A, T, K] product in the inputs' dtype, summed in float32 (bf16 sums would reorder the sets)."""
     if fused:
         return _threshold_sum_fused(z, keys, float(beta))
     q = z @ keys.T
@@ -222,9 +237,9 @@ def _threshold_sum(z, keys, beta, fused):
 
 
 def _guided_choice(z, z_all, r, own, beta, chunk=None, fused=None):
-    """Guided set selection (METHOD.md 4.4-4.5), no gradient. z [2, B, T, D] normalised anchors, z_all [2Bg, T',
-    D] every normalised token of every view of the global batch, r [M, 2Bg] the candidate sets (set m takes
-    token r[m, u] of view u: n_u^m = z_all[u, r[m, u]]), own [2, B, 2] the global columns of each anchor
+    """Guided set selection (METHOD.md 4.4-4.5), no gradient. z [2, B, T, D] normalised anchors, z_all [2Bg,
+    T', D] every normalised token of every view of the global batch, r [M, 2Bg] the candidate sets (set m
+    takes token r[m, u] of view u: n_u^m = z_all[u, r[m, u]]), own [2, B, 2] the global columns of each anchor
     view's own image.
     Returns m* [2, B].
       beta None: s(v, m) = zbar_v . (sum_u n_u^m - own-image members) / (2Bg-2)      (exact, by linearity)
@@ -253,12 +268,14 @@ def _guided_choice(z, z_all, r, own, beta, chunk=None, fused=None):
     per_token = M >= z_all.shape[1]
     keys = z_all.reshape(-1, D) if per_token else z_all[cols, r].reshape(M * n_cols, D)
     flat, own = z.reshape(2 * B, T, D), own.reshape(2 * B, 2)
-    # 2^28 elements a chunk: of the [c, T, columns] product, or fused, of the [c, columns] and [c, M, 2Bg] tables
+    # 2^28 elements a chunk: of the [c, T, columns] product, or fused, of the [c, columns] and [c, M, 2Bg]
+    # tables
     c = chunk or max(1, (1 << 28) // (max(keys.shape[0], M * n_cols) if fused else T * keys.shape[0]))
     scores = []
     for s in range(0, 2 * B, c):
         summed = _threshold_sum(flat[s:s + c], keys, beta, fused)  # [c, columns]
-        per_col = summed.view(-1, n_cols, z_all.shape[1])[:, cols, r] if per_token else summed.view(-1, M, n_cols)
+        per_col = summed.view(-1, n_cols, z_all.shape[1])[:, cols,
+                                                          r] if per_token else summed.view(-1, M, n_cols)
         per_col = per_col.scatter(-1, own[s:s + c][:, None, :].expand(-1, M, 2), 0.0)  # [c, M, 2Bg]
         scores.append(per_col.sum(-1))  # own-image columns zeroed, not subtracted: exact ties stay exact
     return torch.cat(scores).view(2, B, M).argmax(-1)
@@ -294,11 +311,11 @@ def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator
         l_{v,t} = -log e^{p_t/tau} / (e^{p_t/tau} + sum_{n in NegImg(v)} e^{z^v_t.n/tau}
                                                    + sum_{k in NegXV(v,t)} e^{z^v_t.z^v'_k/tau})
     NegImg(v), over the views u of the other images of the (gathered) batch (2Bg-2 of them):
-        'densecl': norm(mean_t' Z^u_t')                         the pooled dense vector of each view   (4.2)
-        'random' : z^u_{r_u},  r ~ U{0..T-1}^{2Bg}, shared by all anchors                              (4.3)
+        'densecl': norm(mean_t' Z^u_t')                  the pooled dense vector of each view   (4.2)
+        'random' : z^u_{r_u},  r ~ U{0..T-1}^{2Bg}, shared by all anchors                       (4.3)
         'guided' : z^u_{r^m*(v)_u}, M index vectors r^m, m*(v) the highest-scoring set (see
-                   _guided_choice; beta thresholds inside the score)                                  (4.4-4.5)
-        'all'    : every token of every such view                                                      (4.7, exact)
+                   _guided_choice; beta thresholds inside the score)                           (4.4-4.5)
+        'all'    : every token of every such view                                               (4.7, exact)
     NegXV(v, t): N tokens of the partner view drawn uniformly without replacement from {0..T-1} minus {j*(t)}
     minus the xv_exclude tokens most similar to t after j*(t) by the pairing feature (near_tokens; fewer false
     negatives), per anchor token; N = T-1-xv_exclude takes all of them deterministically (4.6). Gradients flow
@@ -316,8 +333,8 @@ def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator
     rank, _ = world()
     B, T, Dz = z1.shape
     if draws is None:
-        draws = dense_draws(generator, B=B, T=T, negatives=negatives, M=M, beta=beta, N=N, score_tokens=score_tokens,
-                            xv_exclude=xv_exclude, device=z1.device)
+        draws = dense_draws(generator, B=B, T=T, negatives=negatives, M=M, beta=beta, N=N,
+                            score_tokens=score_tokens, xv_exclude=xv_exclude, device=z1.device)
     acc = _acc(z1.dtype)
     z = F.normalize(torch.stack([z1, z2]).to(acc), dim=-1).to(z1.dtype)  # [2, B, T, Dz]
     j = torch.stack([match(f1, f2), match(f2, f1)])  # [2, B, T] index into the partner view
@@ -330,7 +347,8 @@ def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator
     pos = pos.to(acc) / tau
     Bg = B * world()[1]
     if Bg < 2:
-        raise ValueError("dense_loss: needs at least 2 images in the (global) batch to have other-image negatives")
+        raise ValueError("dense_loss: needs at least 2 images in the (global) batch to have "
+                         "other-image negatives")
     dev = z.device
     img = rank * B + torch.arange(B, device=dev)
     own = torch.stack([img, Bg + img], -1)[None].expand(2, B, 2)  # global columns of each view's own image
@@ -388,7 +406,8 @@ def recon_loss(x, x_hat, kind="l2", norm_pix=None):
         x_patch <- (x_patch - mean) / sqrt(var + 1e-6)      (var: the biased variance, as MAE)
     and compared with x_hat in the same pixel layout."""
     if x.shape != x_hat.shape:
-        raise ValueError(f"recon_loss: x {tuple(x.shape)} and x_hat {tuple(x_hat.shape)} must have the same shape")
+        raise ValueError(f"recon_loss: x {tuple(x.shape)} and x_hat {tuple(x_hat.shape)} must "
+                         f"have the same shape")
     if norm_pix:
         N, C, H, W = x.shape
         p = norm_pix
@@ -403,50 +422,3 @@ def recon_loss(x, x_hat, kind="l2", norm_pix=None):
     if kind == "l1":
         return F.l1_loss(x_hat, x)
     raise ValueError(f"recon_loss: kind={kind!r}; expected 'l2' or 'l1'")
-
-
-def montage_loss(cells, targets, labels, tau):
-    """MCL's montage loss for one level and one direction, ViT port (METHOD.md 8). cells: unnormalised
-    projections [Nc, D] of the montage cells; targets: unnormalised global projections [B, D] of this rank's
-    images (the other view); labels [Nc] (int64): the global index rank*B + i of each cell's source image.
-    With p = norm(cells), y = norm(targets) gathered over ranks (Bg rows, differentiable: the targets carry
-    gradient, SimCLR style):
-        l_c = -log exp(p_c.y_label(c)/tau) / sum_{j < Bg} exp(p_c.y_j/tau),     L = mean_c l_c
-    i.e. the positive is the source image, the negatives all other images of the global batch. Returns the
-    mean over this rank's cells (see the module docstring for DDP)."""
-    if cells.ndim != 2 or targets.ndim != 2 or cells.shape[1] != targets.shape[1]:
-        raise ValueError(f"montage_loss: cells [Nc, D] and targets [B, D] need the same D; got {tuple(cells.shape)} "
-                         f"and {tuple(targets.shape)}")
-    if labels.shape != cells.shape[:1] or labels.dtype != torch.int64:
-        raise ValueError(f"montage_loss: labels must be int64 [Nc={cells.shape[0]}], got {labels.dtype} "
-                         f"{tuple(labels.shape)}")
-    y = gather(F.normalize(targets.to(_acc(targets.dtype)), dim=-1))
-    if labels.numel() and not torch.compiler.is_compiling() and not (  # (a host sync: eager only)
-            0 <= int(labels.min()) and int(labels.max()) < y.shape[0]):
-        raise ValueError(f"montage_loss: labels must index the {y.shape[0]} gathered targets, got "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
-    p = F.normalize(cells.to(y.dtype), dim=-1)
-    with torch.autocast(p.device.type, enabled=False):  # [Nc, Bg] logits in float32, as nt_xent
-        return F.cross_entropy(p @ y.T / tau, labels)
-
-
-def mcl_loss(cells, u, labels, tau):
-    """MCL's multi-level montage loss (METHOD.md 8), both directions and all levels. For level r (in the order
-    given) cells[r]: unnormalised cell projections [2n*r*r, D], the cells of the view-1 canvases then of the
-    view-2 canvases (methods.build_montages); labels[r]: [2n, r*r] (int64) source image 0..B-1 of each cell on
-    this rank;
-    u: global projections [2B, D] of this rank's views (view 1 of every image, then view 2). With w_r =
-    2^-(r+1) normalised to sum 1 over the levels:
-        L = sum_r w_r * (montage_loss(view-1 cells, view-2 globals) + montage_loss(view-2 cells, view-1 globals)) / 2
-    each cell's positive being the other view of its source image (global index rank*B + label)."""
-    if len(cells) != len(labels) or not cells:
-        raise ValueError(f"mcl_loss: one labels tensor per level; got {len(cells)} levels of cells, {len(labels)} of "
-                         f"labels")
-    B, offset = u.shape[0] // 2, world()[0] * (u.shape[0] // 2)
-    w = [0.5 ** (i + 1) for i in range(len(cells))]
-    total = 0
-    for w_r, c, lab in zip(w, cells, labels):
-        lab, h = lab.reshape(-1) + offset, c.shape[0] // 2
-        both = montage_loss(c[:h], u[B:], lab[:h], tau) + montage_loss(c[h:], u[:B], lab[h:], tau)
-        total = total + w_r / sum(w) * both / 2
-    return total

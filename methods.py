@@ -1,9 +1,9 @@
 """
-The two optional pretraining methods on top of pretrain.py, as plain functions (their loss is
-losses.montage_loss):
+The two optional pretraining methods on top of pretrain.py, as plain functions:
 
-    ContrastiveCrop (--crop ccrop, METHOD.md 9)    ccrop_due, heat_maps, heat_to_boxes / heat_to_box, localise
-    MCL montage (--montage, METHOD.md 8)           assemble_montage, build_montages, block_attn_mask, cell_means
+    ContrastiveCrop (--crop ccrop, METHOD.md 9)  ccrop_due, heat_maps, heat_to_boxes / heat_to_box, localise
+    MCL montage (--montage, METHOD.md 8)         assemble_montage, build_montages, block_attn_mask,
+                                                 cell_means, montage_loss, mcl_loss
 
 Every random draw comes from the torch.Generator passed in, in the order the docstrings give, so tests replay
 them.
@@ -15,22 +15,23 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import augment
 import data
 import losses
 
 HEATS = ("cls_attn", "token_norm", "channel_sum")
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # ContrastiveCrop: semantic-aware localisation (METHOD.md 9); the centre-suppressed sampling is
 # data.ccrop_params
 
 
 def ccrop_due(epoch, warmup, every):
-    """Whether the boxes are recomputed at the start of 0-based `epoch`. METHOD.md 9 in 0-based epochs: plain RRC
-    before epoch W = warmup (data.TwoViews(ccrop_warmup=W)); the boxes are recomputed at the start of epochs e
-    > 0 with e >= W and (e - W) % L == 0 (L = every), i.e. after e finished epochs, and used from epoch W on
-    (W = 0: the initial (0, 0, 1, 1) boxes until epoch L)."""
+    """Whether the boxes are recomputed at the start of 0-based `epoch`. METHOD.md 9 in 0-based epochs: plain
+    RRC before epoch W = warmup (data.TwoViews(ccrop_warmup=W)); the boxes are recomputed at the start of
+    epochs e > 0 with e >= W and (e - W) % L == 0 (L = every), i.e. after e finished epochs, and used from
+    epoch W on (W = 0: the initial (0, 0, 1, 1) boxes until epoch L)."""
     if warmup < 0 or every < 1:
         raise ValueError(f"--ccrop-warmup {warmup} must be >= 0 and --ccrop-every {every} >= 1")
     return epoch > 0 and epoch >= warmup and (epoch - warmup) % every == 0
@@ -79,8 +80,8 @@ def heat_to_box(heat, k, out_hw):
 def heat_maps(backbone, x, kind):
     """Token heat maps [N, gh, gw] (float32) of normalised images x [N, 3, H, W], METHOD.md 9 ViT adaptation:
     'cls_attn'    last-block CLS -> patch attention, averaged over heads
-    'token_norm'  L2 norm of the last block's tokens before the final LayerNorm (read by a hook on backbone.norm)
-    'channel_sum' sum over channels of the final (LayerNorm'ed) tokens: the literal port of the ResNet recipe"""
+    'token_norm'  L2 norm of the last block's tokens before the final LayerNorm (a hook on backbone.norm)
+    'channel_sum' sum over channels of the final (LayerNorm'ed) tokens: the ResNet recipe ported literally"""
     N, _, H, W = x.shape
     gh, gw = H // backbone.patch_size, W // backbone.patch_size
     if kind == "cls_attn":
@@ -122,11 +123,11 @@ class ResizedImages(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def localise(backbone, files, img_size, kind, k, batch_size, workers, device, amp_dtype=None):
-    """Semantic-aware localisation (METHOD.md 9): one box per file, [len(files), 4] float32 on the CPU, computed
-    with the backbone in eval mode (restored afterwards) over the un-augmented images resized to img_size x
-    img_size and normalised as the training views (data.photometric with identity parameters). Under
-    torch.distributed rank r does files[r::world] and the boxes are all-gathered, so every rank returns all of
-    them."""
+    """Semantic-aware localisation (METHOD.md 9): one box per file, [len(files), 4] float32 on the CPU,
+    computed with the backbone in eval mode (restored afterwards) over the un-augmented images resized to
+    img_size x img_size and normalised as the training views (augment.photometric with identity parameters).
+    Under torch.distributed rank r does files[r::world] and the boxes are all-gathered, so every rank returns
+    all of them."""
     rank, world = losses.world()
     mine = ResizedImages(files[rank::world], img_size)
     # equal-sized shards for the gather (the last rows of some ranks are padding)
@@ -138,7 +139,7 @@ def localise(backbone, files, img_size, kind, k, batch_size, workers, device, am
     backbone.eval()
     try:
         for imgs, ok in loader:
-            x = data.photometric(imgs.to(device, non_blocking=True), identity.expand(len(imgs), -1))
+            x = augment.photometric(imgs.to(device, non_blocking=True), identity.expand(len(imgs), -1))
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 heat = heat_maps(backbone, x, kind)
             boxes = heat_to_boxes(heat, k, (img_size, img_size))
@@ -152,13 +153,13 @@ def localise(backbone, files, img_size, kind, k, batch_size, workers, device, am
         boxes[r::world] = shards[r, :len(range(r, len(files), world))]
     return boxes
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # MCL montages at token granularity (METHOD.md 8, ViT adaptation)
 
 
 def assemble_montage(views, r, generator):
-    """Level-r montages of a batch of views [B, 3, S, S] (METHOD.md 8): n = max(1, ceil(B / r^2)) canvases [n, 3,
-    S, S], each an r x r row-major grid of cells of c = S/r pixels, and labels [n, r*r] (int64): the source
+    """Level-r montages of a batch of views [B, 3, S, S] (METHOD.md 8): n = max(1, ceil(B / r^2)) canvases [n,
+    3, S, S], each an r x r row-major grid of cells of c = S/r pixels, and labels [n, r*r] (int64): the source
     image (0..B-1) of each cell. Draws from `generator`, in this order:
         idx = randperm(r*r*n) mod B                  sources, so every image is used about equally (MCL)
         u = rand(4, r*r*n) (float64)                 per cell: crop side, top, left, flip
@@ -234,10 +235,59 @@ def block_attn_mask(grid, r):
 
 def cell_means(tokens, grid, r):
     """Cell embeddings (METHOD.md 8): the mean of each cell's patch tokens. tokens [n, T, D] (T = grid^2,
-    row-major) -> [n * r * r, D], canvas-major then row-major cells (the layout of assemble_montage's labels)."""
+    row-major) -> [n * r * r, D], canvas-major then row-major cells (the layout of assemble_montage's
+    labels)."""
     n, T, D = tokens.shape
     if T != grid * grid:
         raise ValueError(f"cell_means: {T} tokens is not a {grid} x {grid} grid")
     _check_level(grid, r)
     k = grid // r
     return tokens.reshape(n, r, k, r, k, D).mean((2, 4)).reshape(n * r * r, D)
+
+
+def montage_loss(cells, targets, labels, tau):
+    """MCL's montage loss for one level and one direction, ViT port (METHOD.md 8). cells: unnormalised
+    projections [Nc, D] of the montage cells; targets: unnormalised global projections [B, D] of this rank's
+    images (the other view); labels [Nc] (int64): the global index rank*B + i of each cell's source image.
+    With p = norm(cells), y = norm(targets) gathered over ranks (Bg rows, differentiable: the targets carry
+    gradient, SimCLR style):
+        l_c = -log exp(p_c.y_label(c)/tau) / sum_{j < Bg} exp(p_c.y_j/tau),     L = mean_c l_c
+    i.e. the positive is the source image, the negatives all other images of the global batch. Returns the
+    mean over this rank's cells (the DDP convention of losses.py's docstring)."""
+    if cells.ndim != 2 or targets.ndim != 2 or cells.shape[1] != targets.shape[1]:
+        raise ValueError(f"montage_loss: cells [Nc, D] and targets [B, D] need the same D; got "
+                         f"{tuple(cells.shape)} and {tuple(targets.shape)}")
+    if labels.shape != cells.shape[:1] or labels.dtype != torch.int64:
+        raise ValueError(f"montage_loss: labels must be int64 [Nc={cells.shape[0]}], got {labels.dtype} "
+                         f"{tuple(labels.shape)}")
+    y = losses.gather(F.normalize(targets.to(torch.promote_types(targets.dtype, torch.float32)), dim=-1))
+    if labels.numel() and not torch.compiler.is_compiling() and not (  # (a host sync: eager only)
+            0 <= int(labels.min()) and int(labels.max()) < y.shape[0]):
+        raise ValueError(f"montage_loss: labels must index the {y.shape[0]} gathered targets, got "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    p = F.normalize(cells.to(y.dtype), dim=-1)
+    with torch.autocast(p.device.type, enabled=False):  # [Nc, Bg] logits in float32, as nt_xent
+        return F.cross_entropy(p @ y.T / tau, labels)
+
+
+def mcl_loss(cells, u, labels, tau):
+    """MCL's multi-level montage loss (METHOD.md 8), both directions and all levels. For level r (in the order
+    given) cells[r]: unnormalised cell projections [2n*r*r, D], the cells of the view-1 canvases then of the
+    view-2 canvases (methods.build_montages); labels[r]: [2n, r*r] (int64) source image 0..B-1 of each cell on
+    this rank;
+    u: global projections [2B, D] of this rank's views (view 1 of every image, then view 2). With w_r =
+    2^-(r+1) normalised to sum 1 over the levels:
+        L = sum_r w_r * (montage_loss(view-1 cells, view-2 globals) + montage_loss(view-2 cells, view-1
+        globals)) / 2
+    each cell's positive being the other view of its source image (global index rank*B + label)."""
+    if len(cells) != len(labels) or not cells:
+        raise ValueError(f"mcl_loss: one labels tensor per level; got {len(cells)} levels of cells, "
+                         f"{len(labels)} of labels")
+    B, offset = u.shape[0] // 2, losses.world()[0] * (u.shape[0] // 2)
+    w = [0.5 ** (i + 1) for i in range(len(cells))]
+    total = 0
+    for w_r, c, lab in zip(w, cells, labels):
+        lab, h = lab.reshape(-1) + offset, c.shape[0] // 2
+        both = montage_loss(c[:h], u[B:], lab[:h], tau) + montage_loss(c[h:], u[:B], lab[h:], tau)
+        total = total + w_r / sum(w) * both / 2
+    return total

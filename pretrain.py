@@ -2,17 +2,18 @@
 Pretrain a ViT with SimCLR, DenseCL or DenseCL++ (METHOD.md):
     L = (1-lam)*global + lam*dense + gamma*recon + mu*montage
 
-    python pretrain.py                                   # the built-in demo: tiny ViT, demo set, a few CPU minutes
-    torchrun --nproc_per_node=8 pretrain.py --data /coco/annotations/instances_train2017.json --lam 0.5 --M 256
-    python pretrain.py --lam 0                           # plain SimCLR;   --neg densecl --N 0: the DenseCL baseline
+    python pretrain.py                              # the built-in demo: tiny ViT, demo set, a few CPU minutes
+    torchrun --nproc_per_node=8 pretrain.py --data /coco/annotations/instances_train2017.json --lam 0.5 --M
+    256
+    python pretrain.py --lam 0                      # plain SimCLR; --neg densecl --N 0: the DenseCL baseline
 
 One process per GPU under torchrun (NCCL on CUDA, gloo on CPU) or a plain single process. Every random draw is
 a function of (--seed, epoch, image index) or (--seed, step), so a resumed run continues exactly and 1 process
 equals N processes with the same global batch. Exit codes: 0 done; 2 bad input (one line on stderr); 3
 non-finite loss (the last good checkpoint is left as it was); 75 stopped by SIGTERM or SIGUSR1 after writing a
-checkpoint (run the same command with --resume to continue; see the README for SLURM).
+checkpoint (run the same command with --resume to continue; see the README for SLURM). The flags, the demo
+preset and what a checkpoint restores on --resume: config.py.
 """
-import argparse
 import math
 import os
 import sys
@@ -24,9 +25,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import rundir
+import augment
+import config
 import data
-import demo
-import losses
 import methods
 import pretrainer
 import probing
@@ -35,164 +36,7 @@ import vit
 EXIT_NONFINITE, EXIT_STOPPED = 3, 75  # 75: EX_TEMPFAIL, "try again" (a scheduler's requeue)
 
 
-def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
-    group = parser.add_argument_group("data")
-    add = group.add_argument
-    add("--data", default=None, help="image folder (recursive) or COCO instances .json; default: the demo set, which "
-        "also switches every flag you do not give to the small demo preset")
-    add("--image-root", default=None, help="images folder of a COCO .json (default: guessed from the json path)")
-    add("--img-size", type=int, default=224, help="crop size of each view")
-    add("--workers", type=int, default=None, help="data-loader processes per GPU (decode + crop); default: the CPU "
-        "cores divided by the processes on this node")
-    group = parser.add_argument_group("model")
-    add = group.add_argument
-    add("--model", default="vit_small", choices=sorted(vit.CONFIGS), help="backbone config (vit.py)")
-    add("--head-hidden", type=int, default=2048, help="hidden width of the projection heads")
-    add("--head-out", type=int, default=128, help="output width of the projection heads")
-    add("--agg", choices=["cls", "gap"], default="gap", help="global feature: CLS token or mean of the patch tokens")
-    add("--pair", choices=["backbone", "head"], default="backbone", help="features of the dense matching (METHOD 3)")
-    add("--decoder", choices=["conv", "transformer"], default="conv", help="reconstruction decoder (METHOD 7)")
-    group = parser.add_argument_group("objective (METHOD.md 2-7)")
-    add = group.add_argument
-    add("--lam", type=float, default=0.5, help="weight of the dense loss (0 = SimCLR)")
-    add("--lam-warmup", type=int, default=0, help="steps with dense weight 0 (the global loss alone) before --lam "
-        "applies (DenseCL's warm-up)")
-    add("--neg", choices=list(losses.NEGATIVES), default="guided", help="dense negatives from the other images")
-    add("--M", type=int, default=256, help="candidate sets of guided sampling")
-    add("--beta", type=float, default=0.5, help="threshold inside the guided set score; < -1 turns it off")
-    add("--score-tokens", type=int, default=0, help="score the thresholded guided sets on this many random anchor "
-        "tokens per view instead of all (0 = all, exact; the loss always uses every token)")
-    add("--N", type=int, default=64, help="cross-view negatives per anchor token (0 = none)")
-    add("--xv-exclude", type=int, default=0, help="also keep the K partner tokens most similar to the anchor after "
-        "its match (by the pairing feature) out of the cross-view negatives")
-    add("--gamma", type=float, default=0.0, help="weight of the auxiliary reconstruction loss")
-    add("--recon", choices=["l2", "l1"], default="l2", help="reconstruction loss")
-    add("--norm-pix", action="store_true", help="reconstruction target normalised per patch (mean/variance, as MAE)")
-    add("--tau-g", type=float, default=0.2, help="temperature of the global NT-Xent")
-    add("--tau-d", type=float, default=0.2, help="temperature of the dense loss")
-    group = parser.add_argument_group("ContrastiveCrop (METHOD.md 9)")
-    add = group.add_argument
-    add("--crop", choices=["rrc", "ccrop"], default="rrc", help="crop of both views: RandomResizedCrop, or "
-        "ContrastiveCrop (boxes from the model's heat maps, centre-suppressed sampling)")
-    add("--ccrop-alpha", type=float, default=0.6, help="Beta(alpha, alpha) of the crop centre in the box (< 1 pushes "
-        "centres to the box edges, 1 = uniform)")
-    add("--ccrop-k", type=float, default=0.1, help="threshold on the min-max normalised heat map")
-    add("--ccrop-warmup", type=int, default=20, help="epochs of plain RRC before the first localisation")
-    add("--ccrop-every", type=int, default=20, help="epochs between localisation passes over the train set")
-    add("--ccrop-heat", choices=list(methods.HEATS), default="cls_attn", help="heat map: last-block CLS attention, "
-        "norm of the last block's tokens before the final LN, or channel sum of the final tokens")
-    group = parser.add_argument_group("MCL montage (METHOD.md 8)")
-    add = group.add_argument
-    add("--montage", action="store_true", help="add the multi-level montage loss: cells of r x r montages of "
-        "re-cropped views vs the global embedding of their source image's other view")
-    add("--montage-r", type=int, nargs="+", default=[2, 7], help="montage levels: cells per side, each dividing the "
-        "token grid (img-size / patch); weights 1/2, 1/4, ... normalised to sum 1")
-    add("--montage-block-attn", action="store_true", help="on the canvases, patch tokens attend only to their own "
-        "cell (CLS attends everywhere)")
-    add("--mu", type=float, default=1.0, help="weight of the montage loss")
-    add("--tau-m", type=float, default=0.2, help="temperature of the montage loss")
-    group = parser.add_argument_group("optimisation")
-    add = group.add_argument
-    add("--batch-size", type=int, default=256, help="images per GPU (each gives two views)")
-    add("--epochs", type=int, default=300)
-    add("--max-steps", type=int, default=0, help="stop after this many steps (0 = run --epochs)")
-    add("--lr", type=float, default=1.5e-4, help="peak AdamW learning rate per 256 images (scaled linearly)")
-    add("--wd", type=float, default=0.1, help="weight decay (not on norms, biases, CLS token, pos-embed)")
-    add("--warmup", type=float, default=40, help="linear warm-up epochs, then cosine decay to 0")
-    add("--clip-grad", type=float, default=0.0, help="clip the global gradient norm to this (0 = off; DINO uses "
-        "3.0); the norm before clipping is logged as grad_norm")
-    add("--seed", type=int, default=0)
-    group = parser.add_argument_group("run")
-    add = group.add_argument
-    add("--out-dir", default="out", help="checkpoint and log folder; an existing run is resumed or refused")
-    add("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt (start fresh if there is none)")
-    add("--ckpt-every", type=int, default=1000, help="steps between checkpoints (and one at the end)")
-    add("--keep-every", type=int, default=0, help="also keep the backbone of every K-th epoch as "
-        "<out-dir>/ckpt_epoch<E>.pt, for probing a run at several points (0 = off)")
-    add("--log-every", type=int, default=20, help="steps between log lines")
-    add("--probe-every", type=int, default=0, help="every K epochs, an online multi-label linear probe on frozen "
-        "features (probe_mAP in the log; 0 = off); needs labels: --data a COCO json, the demo set, or --probe-json")
-    add("--probe-json", default=None, help="COCO instances file of the online probe (default: --data's json)")
-    add("--probe-images", type=int, default=1000, help="images of the online probe: half train its head, half are "
-        "held out for its mAP")
-    add("--device", default="auto", help="auto (cuda if available), cuda or cpu")
-    add("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="autocast dtype (auto: bf16 on CUDA)")
-    add("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: on on CUDA)")
-    return parser
-
-
-# The demo preset: what `python pretrain.py` without --data runs. Flags given on the command line still win.
-DEMO = dict(model="vit_demo", img_size=64, batch_size=64, epochs=50, lr=1e-3, warmup=5, wd=0.05, head_hidden=512,
-            M=16, N=8, workers=2, ckpt_every=100, log_every=10, ccrop_warmup=10, ccrop_every=10, montage_r=[2, 4])
-# Flags that act only in some configurations: given explicitly where they do nothing, they are an error
-NEEDS = [(("neg", "M", "beta", "N", "score_tokens", "xv_exclude", "tau_d", "pair", "lam_warmup"),
-          lambda a: a.lam > 0, "a dense loss (--lam > 0)"),
-         (("M", "beta", "score_tokens"), lambda a: a.neg == "guided", "--neg guided"),
-         (("score_tokens",), lambda a: a.beta is not None and a.beta >= -1, "the thresholded set score (--beta >= -1)"),
-         (("xv_exclude",), lambda a: a.N > 0, "cross-view negatives (--N > 0)"),
-         (("decoder", "recon", "norm_pix"), lambda a: a.gamma > 0, "the reconstruction loss (--gamma > 0)"),
-         (("montage_r", "montage_block_attn", "mu", "tau_m"), lambda a: a.montage, "--montage"),
-         (("ccrop_alpha", "ccrop_k", "ccrop_warmup", "ccrop_every", "ccrop_heat"), lambda a: a.crop == "ccrop",
-          "--crop ccrop"),
-         (("probe_json", "probe_images"), lambda a: a.probe_every > 0, "--probe-every")]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# configuration: flags, the demo preset, the checkpoint's flags on --resume
-
-def explicit_flags(parser, argv):
-    """The dests of the flags on the command line (presets and checkpoints do not override them)."""
-    return {a.dest for a in parser._actions for s in a.option_strings for arg in argv
-            if arg == s or arg.startswith(s + "=")}
-
-
-def configure(argv):
-    """Parsed flags -> (args, checkpoint or None, [(source, flag, old, new)] of every value a preset or the
-    checkpoint changed). Applied in this order: the command line, the demo preset (no --data), the
-    checkpoint's flags (--resume); then flags that do nothing in the configuration are refused, and the
-    dense-loss flags translated once: beta < -1 -> None (no thresholding), M -> 1 unless guided, score_tokens
-    0 -> None (exact scoring)."""
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    args.explicit, changed = explicit_flags(parser, argv), []
-
-    def override(source, values):
-        for k, v in values.items():
-            if k not in args.explicit and k not in ("resume", "explicit") and getattr(args, k, None) != v:
-                changed.append((source, k, getattr(args, k, None), v))
-                setattr(args, k, v)
-    if args.data is None:  # the demo: generate the set once, switch to the small preset
-        args.data = os.path.join(demo.make_demo(), "images", "train")
-        args.probe_json = args.probe_json or probing.DEMO[0]
-        override("demo preset", DEMO)
-    path = os.path.join(args.out_dir, "ckpt.pt")
-    ckpt = rundir.load_checkpoint(path) if args.resume and os.path.exists(path) else None
-    if ckpt is not None:
-        override("checkpoint", ckpt["args"])
-    for dests, used, what in NEEDS:
-        for d in dests:
-            if d in args.explicit and not used(args):
-                raise ValueError(f"--{d.replace('_', '-')} {getattr(args, d)} has no effect without {what}: drop it "
-                                 f"or change the configuration")
-    T = (args.img_size // vit.CONFIGS[args.model]["patch_size"]) ** 2
-    if args.lam > 0 and not 0 <= args.N <= T - 1 - args.xv_exclude:
-        raise ValueError(f"--N {args.N}: at most T-1-xv_exclude = {T - 1 - args.xv_exclude} cross-view negatives with "
-                         f"T = {T} tokens a view (--model {args.model} at --img-size {args.img_size})")
-    guided = args.neg == "guided"
-    args.beta = args.beta if guided and args.beta is not None and args.beta >= -1 else None
-    args.M = args.M if guided else 1
-    args.score_tokens = (args.score_tokens or None) if guided and args.beta is not None else None
-    return args, ckpt, changed
-
-
-def resolve_args(argv):
-    """The flags of a pretrain.py command line as the run would use them (bench.py and the tests build models)."""
-    return configure(argv)[0]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # one training step (shared with bench.py)
 
 def step_generator(seed, step, device):
@@ -201,15 +45,15 @@ def step_generator(seed, step, device):
 
 
 def compiled_parts(model, use_compile, world_size=1):
-    """What runs every step: the Pretrainer's forward (the views and draws -> the loss; under DDP when world_size
-    > 1) and the batched photometric ops, both through torch.compile when use_compile (one graph in one
-    process: fullgraph turns any graph break into an error)."""
+    """What runs every step: the Pretrainer's forward (the views and draws -> the loss; under DDP when
+    world_size > 1) and the batched photometric ops, both through torch.compile when use_compile (one graph in
+    one process: fullgraph turns any graph break into an error)."""
     device = next(model.parameters()).device
     fwd = model if world_size == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     if use_compile:
-        return torch.compile(fwd, fullgraph=world_size == 1), torch.compile(data.photometric)
-    return fwd, data.photometric
+        return torch.compile(fwd, fullgraph=world_size == 1), torch.compile(augment.photometric)
+    return fwd, augment.photometric
 
 
 def train_step(model, fwd, opt, x, args, step, amp_dtype):
@@ -234,12 +78,13 @@ def train_step(model, fwd, opt, x, args, step, amp_dtype):
 
 
 def param_groups(model, wd):
-    """AdamW groups: no weight decay on norms, biases (all 1-d tensors), the CLS token and the position embeddings."""
+    """AdamW groups: no weight decay on norms, biases (all 1-d tensors), the CLS token and the position
+    embeddings."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 or "cls_token" in name or "pos_embed" in name or name.endswith(".pos") else
-             decay).append(p)
+            (no_decay if p.ndim <= 1 or "cls_token" in name or "pos_embed" in name or name.endswith(".pos")
+             else decay).append(p)
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -251,7 +96,7 @@ def lr_at(step, peak, warmup_steps, total_steps):
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the run
 
 def setup_distributed(args):
@@ -259,27 +104,31 @@ def setup_distributed(args):
         device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                               ("cpu" if args.device == "auto" else args.device))
         return 0, 1, device
-    rank, world_size, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ["LOCAL_RANK"])
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(local)
     backend, store = "nccl" if use_cuda else "gloo", None
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun's agent keeps one store for every restart of the group, and init_process_group would read
-        # the
-        # addresses the killed group left there (its ranks hang or get "Connection refused"): a key prefix per
-        # attempt
-        run_id, restart = os.environ.get("TORCHELASTIC_RUN_ID", ""), os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)
+        # the addresses the killed group left there (its ranks hang or get "Connection refused"): a key prefix
+        # per attempt
+        run_id, restart = os.environ.get("TORCHELASTIC_RUN_ID",
+                                         ""), os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)
         attempt = f"pretrain/{run_id}/{restart}"
-        store = dist.PrefixStore(attempt, dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+        store = dist.PrefixStore(attempt, dist.TCPStore(os.environ["MASTER_ADDR"],
+                                                        int(os.environ["MASTER_PORT"]),
                                                         world_size, is_master=False))
-    dist.init_process_group(backend, store=store, rank=rank if store else -1, world_size=world_size if store else -1)
+    dist.init_process_group(backend, store=store, rank=rank if store else -1, world_size=world_size
+                            if store else -1)
     return rank, world_size, torch.device(f"cuda:{local}" if use_cuda else "cpu")
 
 
 def setup(args, ckpt, rank, world_size, device):
-    """Everything a run holds, built once: the files, the model (restored from ckpt), AdamW, the compiled step, the
-    ContrastiveCrop boxes, the loader over the run, the log window, the online probe. Returns a namespace."""
+    """Everything a run holds, built once: the files, the model (restored from ckpt), AdamW, the compiled
+    step, the ContrastiveCrop boxes, the loader over the run, the log window, the online probe. Returns a
+    namespace."""
     run = types.SimpleNamespace(step=0, skipped=set(), boxes=None, probe=None, cuda=device.type == "cuda")
     if args.workers is None:
         args.workers = max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
@@ -292,7 +141,8 @@ def setup(args, ckpt, rank, world_size, device):
         json_path = args.probe_json or (args.data if args.data.endswith(".json") else None)
         if json_path is None:
             raise ValueError("--probe-every needs labels: --data a COCO .json, the demo set, or --probe-json")
-        run.probe = probing.OnlineProbe(json_path, None if args.probe_json else args.image_root, args.probe_images,
+        run.probe = probing.OnlineProbe(json_path, None if args.probe_json else args.image_root,
+                                        args.probe_images,
                                         args.img_size, args.agg, args.seed, min(args.workers, 4))
     run.steps_per_epoch = len(run.files) // run.global_batch
     run.total_steps = args.max_steps or args.epochs * run.steps_per_epoch
@@ -301,7 +151,8 @@ def setup(args, ckpt, rank, world_size, device):
     if run.cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:
-        torch.set_flush_denormal(True)  # tiny weights/gradients turn into denormals: up to 17x slower CPU steps
+        # tiny weights/gradients turn into denormals: up to 17x slower CPU steps
+        torch.set_flush_denormal(True)
     torch.manual_seed(args.seed)
     run.model = pretrainer.Pretrainer(args).to(device)
     if rank == 0:
@@ -310,11 +161,14 @@ def setup(args, ckpt, rank, world_size, device):
                                 fused=run.cuda or None)
     if ckpt is not None:
         try:
-            run.model.load_state_dict({**{"backbone." + k: v for k, v in ckpt["model"].items()}, **ckpt["heads"]})
+            run.model.load_state_dict({**{"backbone." + k: v for k, v in ckpt["model"].items()},
+                                       **ckpt["heads"]})
             run.opt.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:  # another architecture / flags than this run's
-            raise ValueError(f"--resume: {args.out_dir}/ckpt.pt does not fit this model: {str(e)[:600]}") from None
-        run.step, run.skipped = ckpt["step"], set(ckpt["skipped"])  # skipped: unreadable files met on this rank
+            raise ValueError(f"--resume: {args.out_dir}/ckpt.pt does not fit this model: "
+                             f"{str(e)[:600]}") from None
+        # skipped: unreadable files met on this rank
+        run.step, run.skipped = ckpt["step"], set(ckpt["skipped"])
         torch.set_rng_state(ckpt["rng"]["torch"])
     use_compile = args.compile == "on" or (args.compile == "auto" and run.cuda)
     run.fwd, run.photometric = compiled_parts(run.model, use_compile, world_size)
@@ -324,8 +178,8 @@ def setup(args, ckpt, rank, world_size, device):
         run.boxes = torch.tensor(methods.FULL_BOX).repeat(len(run.files), 1)
         if ckpt is not None and "ccrop_boxes" in ckpt:
             if ckpt["ccrop_boxes"].shape != run.boxes.shape:
-                raise ValueError(f"--resume: the checkpoint holds {ckpt['ccrop_boxes'].shape[0]} ContrastiveCrop "
-                                 f"boxes, --data {args.data} has {len(run.files)} images")
+                raise ValueError(f"--resume: the checkpoint holds {ckpt['ccrop_boxes'].shape[0]} "
+                                 f"ContrastiveCrop boxes, --data {args.data} has {len(run.files)} images")
             run.boxes.copy_(ckpt["ccrop_boxes"])
         run.boxes.share_memory_()
     dataset = data.TwoViews(run.files, args.img_size, seed=args.seed, boxes=run.boxes,
@@ -335,7 +189,8 @@ def setup(args, ckpt, rank, world_size, device):
                                              num_workers=args.workers, collate_fn=data.two_view_batch,
                                              pin_memory=run.cuda, prefetch_factor=4 if args.workers else None,
                                              persistent_workers=args.workers > 0)
-    n_canvases = sum(2 * max(1, math.ceil(args.batch_size / r ** 2)) for r in run.model.montage_r) * world_size
+    n_canvases = sum(2 * max(1, math.ceil(args.batch_size / r ** 2))
+                     for r in run.model.montage_r) * world_size
     flops = 3 * vit.vit_flops(run.model.backbone.config, args.img_size) * (2 * run.global_batch + n_canvases)
     run.window = rundir.LogWindow(os.path.join(args.out_dir, "log.jsonl"), rank, world_size, device,
                                   run.total_steps, run.global_batch, flops)
@@ -343,29 +198,33 @@ def setup(args, ckpt, rank, world_size, device):
 
 
 def state(run, args):
-    """The checkpoint of a run: the backbone in timm's layout, its config, the heads, AdamW, the flags, the step."""
+    """The checkpoint of a run: the backbone in timm's layout, its config, the heads, AdamW, the flags, the
+    step."""
     heads = {k: v for k, v in run.model.state_dict().items() if not k.startswith("backbone.")}
     return {"model": run.model.backbone.state_dict(), "vit_config": run.model.backbone.config, "heads": heads,
-            "optimizer": run.opt.state_dict(), "args": {k: v for k, v in vars(args).items() if k != "explicit"},
-            "step": int(run.step), "epoch": int(run.step // run.steps_per_epoch), "skipped": sorted(run.skipped),
-            "rng": {"torch": torch.get_rng_state()},
+            "optimizer": run.opt.state_dict(), "args": {k: v for k, v in vars(args).items()
+                                                        if k != "explicit"},
+            "step": int(run.step), "epoch": int(run.step // run.steps_per_epoch),
+            "skipped": sorted(run.skipped), "rng": {"torch": torch.get_rng_state()},
             **({"ccrop_boxes": run.boxes.clone()} if run.boxes is not None else {})}
 
 
 def loader_pass(run, args, rank, device):
-    """Where the next pass of the loader stops: the end of the run, or with ContrastiveCrop the next epoch whose
-    boxes are due (so no sample is drawn with stale boxes); the boxes of this epoch are computed first if due."""
+    """Where the next pass of the loader stops: the end of the run, or with ContrastiveCrop the next epoch
+    whose boxes are due (so no sample is drawn with stale boxes); the boxes of this epoch are computed first
+    if due."""
     epoch, spe = run.step // run.steps_per_epoch, run.steps_per_epoch
     if run.boxes is None:
         return run.total_steps
     if run.step % spe == 0 and methods.ccrop_due(epoch, args.ccrop_warmup, args.ccrop_every):
         t0 = time.time()
-        run.boxes.copy_(methods.localise(run.model.backbone, run.files, args.img_size, args.ccrop_heat, args.ccrop_k,
-                                         args.batch_size, args.workers, device, run.amp_dtype))
+        run.boxes.copy_(methods.localise(run.model.backbone, run.files, args.img_size, args.ccrop_heat,
+                                         args.ccrop_k, args.batch_size, args.workers, device, run.amp_dtype))
         run.window.t0 += time.time() - t0  # not counted in the img/s of the log
         if rank == 0:
             area = ((run.boxes[:, 2] - run.boxes[:, 0]) * (run.boxes[:, 3] - run.boxes[:, 1])).mean().item()
-            print(f"ccrop: new boxes at epoch {epoch}, mean area {area:.3f} ({time.time() - t0:.1f} s)", flush=True)
+            print(f"ccrop: new boxes at epoch {epoch}, mean area {area:.3f} ({time.time() - t0:.1f} s)",
+                  flush=True)
     due = next((e for e in range(epoch + 1, run.total_steps // spe + 1)
                 if methods.ccrop_due(e, args.ccrop_warmup, args.ccrop_every)), None)
     return min(run.total_steps, due * spe) if due is not None else run.total_steps
@@ -374,7 +233,8 @@ def loader_pass(run, args, rank, device):
 def train(args, ckpt=None, changed=()):
     rank, world_size, device = setup_distributed(args)
     ckpt_path, _ = rundir.prepare_out_dir(args, rank)
-    for source, k, old, new in changed if rank == 0 else ():  # as nanoGPT's configurator: what the flags did not set
+    # as nanoGPT's configurator: what the flags did not set
+    for source, k, old, new in changed if rank == 0 else ():
         default = "default" if source == "demo preset" else "command-line default"
         print(f"{source}: --{k.replace('_', '-')} {new} ({default} {old})", flush=True)
     run = setup(args, ckpt, rank, world_size, device)
@@ -382,7 +242,7 @@ def train(args, ckpt=None, changed=()):
         print(f"{len(run.files)} images from {args.data}; {world_size} process(es) on {device}; global batch "
               f"{run.global_batch}; {run.steps_per_epoch} steps/epoch, {run.total_steps} steps; backbone "
               f"{args.model} {sum(p.numel() for p in run.model.backbone.parameters()) / 1e6:.1f}M params; "
-              f"{objective_summary(args)} montage={run.model.montage_r or 'off'}"
+              f"{config.objective_summary(args)} montage={run.model.montage_r or 'off'}"
               + (f" (resumed at step {run.step})" if ckpt else ""), flush=True)
     peak_lr = args.lr * run.global_batch / 256
     run.model.train()
@@ -390,7 +250,7 @@ def train(args, ckpt=None, changed=()):
     with rundir.StopSignals() as signals:
         while run.step < run.total_steps:  # one pass of the loader; with ContrastiveCrop one per localisation
             run.sampler.set_steps(run.step, loader_pass(run, args, rank, device))
-            for x, batch_skipped in data.device_batches(run.loader, device, run.photometric):
+            for x, batch_skipped in augment.device_batches(run.loader, device, run.photometric):
                 lr = lr_at(run.step, peak_lr, run.warmup_steps, run.total_steps)
                 for group in run.opt.param_groups:
                     group["lr"] = lr
@@ -404,12 +264,13 @@ def train(args, ckpt=None, changed=()):
                 last, epoch_end = step == run.total_steps, step % run.steps_per_epoch == 0
                 log_now = step % args.log_every == 0 or last or (signals.requested and world_size == 1)
                 ckpt_now = step % args.ckpt_every == 0 or last
-                # a non-finite loss stops the run before anything is saved from it (on CUDA checked at the syncs)
+                # a non-finite loss stops the run before anything is saved from it (on CUDA checked at the
+                # syncs)
                 if (not run.cuda or log_now or ckpt_now) and not run.window.finite():
                     if rank == 0:
                         where = f"step {step - 1}" if not run.cuda else f"steps {run.window.first}-{step - 1}"
-                        print(f"error: non-finite loss at {where}; stopping. The last good checkpoint {ckpt_path} "
-                              f"is left as it was.", file=sys.stderr, flush=True)
+                        print(f"error: non-finite loss at {where}; stopping. The last good checkpoint "
+                              f"{ckpt_path} is left as it was.", file=sys.stderr, flush=True)
                     cleanup(world_size)
                     return EXIT_NONFINITE
                 stopping = log_now and run.window.flush(step, epoch, lr, len(run.skipped), signals.requested)
@@ -424,15 +285,15 @@ def train(args, ckpt=None, changed=()):
                     run_probe(run.probe, run.model, step, epoch, rank, world_size, device, run.window)
                 if stopping:
                     if rank == 0:
-                        print(f"stopped by a signal at step {step}: checkpoint {ckpt_path}; run the same command "
-                              f"with --resume to continue (exit code {EXIT_STOPPED})", flush=True)
+                        print(f"stopped by a signal at step {step}: checkpoint {ckpt_path}; run the same "
+                              f"command with --resume to continue (exit code {EXIT_STOPPED})", flush=True)
                     cleanup(world_size)
                     return EXIT_STOPPED
                 if last:
                     break
     if rank == 0:
-        print(f"done: {run.step} steps; checkpoint {ckpt_path}; skipped {len(run.skipped)} unreadable files on rank 0"
-              + (": " + ", ".join(sorted(run.skipped)) if run.skipped else ""), flush=True)
+        print(f"done: {run.step} steps; checkpoint {ckpt_path}; skipped {len(run.skipped)} unreadable files "
+              f"on rank 0" + (": " + ", ".join(sorted(run.skipped)) if run.skipped else ""), flush=True)
     cleanup(world_size)
     return 0
 
@@ -443,8 +304,8 @@ def run_probe(probe, model, step, epoch, rank, world_size, device, window):
     t0 = time.time()
     if rank == 0:
         result = probe(model.backbone, device)
-        print(f"probe: step {step} ep {epoch} | probe_mAP {result['probe_mAP']:.2f} on {result['n_heldout']} held-out "
-              f"images, head on {result['n_train']} ({result['probe_s']:.1f} s)", flush=True)
+        print(f"probe: step {step} ep {epoch} | probe_mAP {result['probe_mAP']:.2f} on {result['n_heldout']} "
+              f"held-out images, head on {result['n_train']} ({result['probe_s']:.1f} s)", flush=True)
         window.write({"step": step, "epoch": epoch, **result})
     if world_size > 1:
         dist.barrier()
@@ -457,16 +318,9 @@ def cleanup(world_size):
         dist.destroy_process_group()
 
 
-def objective_summary(args):
-    """The settings in force, for the first log line: a flag NEEDS leaves without effect is not shown."""
-    keys = ("lam", "neg", "M", "beta", "N", "pair", "gamma", "agg", "crop")
-    return " ".join(f"{k}={getattr(args, k)}" for k in keys
-                    if all(used(args) for dests, used, _ in NEEDS if k in dests))
-
-
 def main(argv=None):
     try:
-        args, ckpt, changed = configure(sys.argv[1:] if argv is None else argv)
+        args, ckpt, changed = config.configure(sys.argv[1:] if argv is None else argv, __doc__)
         return train(args, ckpt, changed)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

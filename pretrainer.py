@@ -37,7 +37,8 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 
 
 def mlp(d_in, hidden, d_out, bn):
-    """Linear -> (BN) -> ReLU -> Linear. Global head: with BN (SimCLR); dense head: token-wise, no BN (DenseCL)."""
+    """Linear -> (BN) -> ReLU -> Linear. Global head: with BN (SimCLR); dense head: token-wise, no BN
+    (DenseCL)."""
     return nn.Sequential(nn.Linear(d_in, hidden, bias=not bn),  # a bias before BN is cancelled by it
                          GlobalBatchNorm1d(hidden) if bn else nn.Identity(),
                          nn.ReLU(inplace=True), nn.Linear(hidden, d_out))
@@ -63,7 +64,8 @@ class ConvDecoder(nn.Module):
 
 
 class TransformerDecoder(nn.Module):
-    """MAE-lite: Linear(D, 256) + its own pos-embed + 2 ViT blocks (width 256, 8 heads) + LN + Linear(256, p*p*3)."""
+    """MAE-lite: Linear(D, 256) + its own pos-embed + 2 ViT blocks (width 256, 8 heads) + LN + Linear(256,
+    p*p*3)."""
 
     def __init__(self, dim, patch, n_tokens, width=256):
         super().__init__()
@@ -102,38 +104,41 @@ class Pretrainer(nn.Module):
         self.decoder = None
         if args.gamma > 0:
             p, grid = self.backbone.patch_size, self.backbone.grid
-            self.decoder = (ConvDecoder(D, p) if args.decoder == "conv" else TransformerDecoder(D, p, grid * grid))
+            self.decoder = (ConvDecoder(D, p) if args.decoder == "conv"
+                            else TransformerDecoder(D, p, grid * grid))
         self.montage_r = list(args.montage_r) if args.montage else []
         # the level-r canvas is an r x r grid of cells of (grid/r)^2 tokens
         for i, r in enumerate(self.montage_r):
             # ValueError naming --montage-r unless r divides
             mask = methods.block_attn_mask(self.backbone.grid, r)
             self.register_buffer(f"block_mask{i}", mask, persistent=False)  # built once, moves with the model
-        self.montage_heads = nn.ModuleList([mlp(D, args.head_hidden, args.head_out, bn=True) for _ in self.montage_r])
+        self.montage_heads = nn.ModuleList([mlp(D, args.head_hidden, args.head_out, bn=True)
+                                            for _ in self.montage_r])
         self.block_attn = args.montage_block_attn
         # the objective's constants
         self.lam, self.gamma, self.mu = args.lam, args.gamma, args.mu
         self.tau_g, self.tau_d, self.tau_m = args.tau_g, args.tau_d, args.tau_m
-        self.dense = dict(negatives=args.neg, M=args.M, beta=args.beta, N=args.N, score_tokens=args.score_tokens,
-                          xv_exclude=args.xv_exclude)
+        self.dense = dict(negatives=args.neg, M=args.M, beta=args.beta, N=args.N,
+                          score_tokens=args.score_tokens, xv_exclude=args.xv_exclude)
         self.recon, self.norm_pix = args.recon, self.backbone.patch_size if args.norm_pix else None
-        self.terms = ["global"] + ["dense"] * (self.dense_head is not None) + ["recon"] * (self.decoder is not None) \
-            + ["montage"] * bool(self.montage_r)
+        self.terms = (["global"] + ["dense"] * (self.dense_head is not None)
+                      + ["recon"] * (self.decoder is not None) + ["montage"] * bool(self.montage_r))
 
     def draws(self, x, generator):
-        """Every random draw of one step, made before the forward (which then holds no generator and compiles as
-        one graph), in this order from `generator`: the montages (methods.build_montages), then the dense
+        """Every random draw of one step, made before the forward (which then holds no generator and compiles
+        as one graph), in this order from `generator`: the montages (methods.build_montages), then the dense
         loss's draws (losses.dense_draws). Returns (canvases, cell_labels, draws), each None where unused."""
-        canvases, cell_labels = methods.build_montages(x, self.montage_r, generator) if self.montage_r else (None, None)
+        canvases, cell_labels = methods.build_montages(x, self.montage_r,
+                                                       generator) if self.montage_r else (None, None)
         draws = None
         if self.dense_head is not None:
-            draws = losses.dense_draws(generator, B=x.shape[0] // 2, T=self.backbone.grid ** 2, device=x.device,
-                                       **self.dense)
+            draws = losses.dense_draws(generator, B=x.shape[0] // 2, T=self.backbone.grid ** 2,
+                                       device=x.device, **self.dense)
         return canvases, cell_labels, draws
 
     def outputs(self, x, canvases=None):
-        """x: [2B, 3, S, S], view 1 of every image then view 2. Returns the global projections u [2B, Dout], the
-        dense projections z [2B, T, Dout], the pairing features f [2B, T, K], the reconstruction (or None)
+        """x: [2B, 3, S, S], view 1 of every image then view 2. Returns the global projections u [2B, Dout],
+        the dense projections z [2B, T, Dout], the pairing features f [2B, T, K], the reconstruction (or None)
         and, given the montage canvases of each level (methods.build_montages), the cell projections of each
         level [2n*r*r, Dout] (METHOD.md 8: mean of the cell's final-LN tokens -> the level's projector), else
         None."""
@@ -162,11 +167,12 @@ class Pretrainer(nn.Module):
         lam = self.lam if lam is None else lam
         terms = {"global": losses.nt_xent(u[:B], u[B:], self.tau_g)}
         if self.dense_head is not None:
-            terms["dense"] = losses.dense_loss(z[:B], z[B:], f[:B], f[B:], tau=self.tau_d, draws=draws, **self.dense)
+            terms["dense"] = losses.dense_loss(z[:B], z[B:], f[:B], f[B:], tau=self.tau_d, draws=draws,
+                                               **self.dense)
         if self.decoder is not None:
             terms["recon"] = losses.recon_loss(x.float(), x_hat.float(), self.recon, self.norm_pix)
         if self.montage_r:
-            terms["montage"] = losses.mcl_loss(cells, u, cell_labels, self.tau_m)
+            terms["montage"] = methods.mcl_loss(cells, u, cell_labels, self.tau_m)
         weight = {"global": 1 - lam, "dense": lam, "recon": self.gamma, "montage": self.mu}
         return sum(weight[k] * v for k, v in terms.items()), {k: v.detach() for k, v in terms.items()}
 

@@ -1,9 +1,10 @@
 """
 COCO multi-label classification probe (METHOD.md 6.1): a linear head on the frozen global feature of a ViT.
 
-    python probe_multilabel.py ckpt.pt                      # the built-in demo set (data/demo, made if missing)
-    python probe_multilabel.py ckpt.pt --train-json annotations/instances_train2017.json --train-images train2017 \\
-        --val-json annotations/instances_val2017.json --val-images val2017 --out ml.json
+    python probe_multilabel.py ckpt.pt                      # the demo set (data/demo, made if absent)
+    python probe_multilabel.py ckpt.pt --train-json annotations/instances_train2017.json \\
+        --train-images train2017 --val-json annotations/instances_val2017.json --val-images val2017 \\
+        --out ml.json
     python probe_multilabel.py --random-init                # the no-pretraining baseline
 
 The backbone features are extracted once (eval resize to img_size x img_size, no crop, so all objects stay in
@@ -26,8 +27,8 @@ import vit
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     probing.add_probe_args(parser)
     add = parser.add_argument
     add("--train-json", help="COCO instances file of the training split (default: the demo set)")
@@ -36,7 +37,8 @@ def get_args_parser():
     add("--val-images", help="folder of the evaluation images")
     add("--drop-empty", action="store_true",
         help="drop images without annotations (default: keep them as all-negative examples)")
-    add("--agg", choices=["cls", "gap", "cls+gap"], default=None, help="global feature: CLS token, mean of the "
+    add("--agg", choices=["cls", "gap", "cls+gap"], default=None,
+        help="global feature: CLS token, mean of the "
         "patch tokens, or both concatenated (default: the checkpoint's pretraining --agg, else gap)")
     add("--img-size", type=int, default=None, help="input size (default: the pretraining img_size)")
     add("--epochs", type=int, default=1000,
@@ -50,7 +52,7 @@ def get_args_parser():
     return parser
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # cached features of the frozen backbone
 
 def file_id(path):
@@ -89,12 +91,13 @@ def main(argv=None):
     try:
         demo = not any([args.train_json, args.train_images, args.val_json, args.val_images])
         if not demo and not all([args.train_json, args.train_images, args.val_json, args.val_images]):
-            raise ValueError("give all four of --train-json --train-images --val-json --val-images, or none for the "
-                             "demo set")
+            raise ValueError("give all four of --train-json --train-images --val-json --val-images, or none "
+                             "for the demo set")
         probing.check_flags(args)
         if args.random_init and not args.model:
             args.model = "vit_demo" if demo else "vit_small"
-        model, ckpt_args = probing.probe_backbone(args.ckpt, args.random_init, args.model, args.seed, args.device)
+        model, ckpt_args = probing.probe_backbone(args.ckpt, args.random_init, args.model,
+                                                  args.seed, args.device)
         size = args.img_size or ckpt_args.get("img_size") or model.config["img_size"]
         if size < model.patch_size or size % model.patch_size:
             raise ValueError(f"--img-size {size}: expected a multiple of the patch size {model.patch_size}")
@@ -113,7 +116,8 @@ def main(argv=None):
     names = [train.cats[c]["name"] for c in cat_ids]
     args.cache = args.cache or os.path.join(os.path.dirname(os.path.abspath(args.out)) if args.out
                                             else tempfile.gettempdir(), "probe_cache")
-    backbone_id = (["random-init", args.model, args.seed] if args.random_init else file_id(args.ckpt) + [args.model])
+    backbone_id = (["random-init", args.model, args.seed] if args.random_init
+                   else file_id(args.ckpt) + [args.model])
     print(f"backbone {args.ckpt or 'random-init ' + args.model}, feature {agg}, {size}x{size} px, "
           f"{len(train.imgs)} train / {len(val.imgs)} val images, {len(cat_ids)} classes")
     x_train = select(features(model, backbone_id, "train", train, train_dir, train_json, size, args), agg)
@@ -132,12 +136,13 @@ def main(argv=None):
     result = {"mAP": probing.mean_average_precision(scores, y_val), **probing.f1_scores(scores, y_val)}
     print("\n" + " ".join(f"{k:>6}" for k in result) + "\n" + " ".join(f"{v:6.2f}" for v in result.values()))
     if args.out:
-        per_class = {n: probing.mean_average_precision(scores[:, [c]], y_val[:, [c]]) if y_val[:, c].any() else None
-                     for c, n in enumerate(names)}
-        context = dict(backbone=args.ckpt or f"random-init {args.model} seed {args.seed}", agg=agg, img_size=size,
+        per_class = {n: probing.mean_average_precision(scores[:, [c]], y_val[:, [c]]) if y_val[:, c].any()
+                     else None for c, n in enumerate(names)}
+        context = dict(backbone=args.ckpt or f"random-init {args.model} seed {args.seed}",
+                       agg=agg, img_size=size,
                        train=[train_json, train_dir], val=[val_json, val_dir], n_train=len(x_train),
-                       n_val=len(x_val), epochs=args.epochs, lr=args.lr, wd=args.wd, batch_size=args.batch_size,
-                       AP_per_class=per_class)
+                       n_val=len(x_val), epochs=args.epochs, lr=args.lr, wd=args.wd,
+                       batch_size=args.batch_size, AP_per_class=per_class)
         with open(args.out, "w") as f:
             json.dump({**result, **context}, f, indent=1)
         print(f"wrote {args.out}")

@@ -2,11 +2,11 @@
 Semantic-segmentation probe (METHOD.md 6.2): BatchNorm2d + 1x1 conv on the frozen ViT's patch-token map,
 scored by mIoU.
 
-    python probe_segment.py ckpt.pt                                     # demo set (data/demo/voc, made if missing)
+    python probe_segment.py ckpt.pt                                   # the demo set (made if absent)
     python probe_segment.py ckpt.pt --dataset voc --root VOCdevkit/VOC2012 --out seg.json --vis vis/
     python probe_segment.py ckpt.pt --dataset coco --train-json annotations/instances_train2017.json \\
         --train-images train2017 --val-json annotations/instances_val2017.json --val-images val2017
-    python probe_segment.py --random-init                               # the no-pretraining baseline
+    python probe_segment.py --random-init                             # the no-pretraining baseline
 
 VOC: JPEGImages/<id>.jpg, SegmentationClass/<id>.png (palette indices, 255 = ignored boundary),
 ImageSets/Segmentation/{train,val}.txt; classes = 0 .. the largest index in the masks. COCO: semantic masks
@@ -33,8 +33,8 @@ import probing
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     probing.add_probe_args(parser)
     add = parser.add_argument
     add("--dataset", choices=["voc", "coco"], default="voc", help="layout of the data")
@@ -59,17 +59,19 @@ def get_args_parser():
     return parser
 
 
-VOC_NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+VOC_NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
+             "cat", "chair", "cow",
              "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
              "tvmonitor"]
 N_VIS = 8
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Data: VOC palette masks, COCO semantic masks, training augmentation and evaluation resize
 
 def voc_split(root, split, mask_dir):
-    """[(image path, mask path)] of ImageSets/Segmentation/<split>.txt, after checking that all files exist."""
+    """[(image path, mask path)] of ImageSets/Segmentation/<split>.txt, after checking that all files
+    exist."""
     list_file = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
     if not os.path.isfile(list_file):
         raise FileNotFoundError(f"VOC split list {list_file}: no such file (is --root {root} a VOC folder?)")
@@ -77,23 +79,27 @@ def voc_split(root, split, mask_dir):
         ids = [line.split()[0] for line in f if line.strip()]
     if not ids:
         raise ValueError(f"VOC split list {list_file}: no image ids")
-    items = [(os.path.join(root, "JPEGImages", i + ".jpg"), os.path.join(root, mask_dir, i + ".png")) for i in ids]
+    items = [(os.path.join(root, "JPEGImages", i + ".jpg"),
+              os.path.join(root, mask_dir, i + ".png")) for i in ids]
     probing.require_files([p for p, _ in items], f"images of {list_file}")
     probing.require_files([m for _, m in items], f"masks of {list_file}")
     return items
 
 
 def voc_mask(path):
-    """[H, W] uint8 class indices of a VOC mask: the palette indices of a P-mode PNG (or the values of an L PNG)."""
+    """[H, W] uint8 class indices of a VOC mask: the palette indices of a P-mode PNG (or the values of an L
+    PNG)."""
     with Image.open(path) as img:
         if img.mode not in ("P", "L"):
-            raise ValueError(f"mask {path}: mode {img.mode}, expected a palette (P) or grey (L) PNG of class indices")
+            raise ValueError(f"mask {path}: mode {img.mode}, expected a palette (P) or grey (L) PNG "
+                             f"of class indices")
         return np.array(img)
 
 
 def voc_n_classes(items):
-    """1 + the largest class index (255 excluded) in the masks of `items`, checking on the way that every mask is
-    readable and has the size of its image (a header read), so that nothing fails in the middle of training."""
+    """1 + the largest class index (255 excluded) in the masks of `items`, checking on the way that every mask
+    is readable and has the size of its image (a header read), so that nothing fails in the middle of
+    training."""
     top, bar = 0, probing.Progress("scanning masks", len(items))
     for img_path, mask_path in items:
         mask = voc_mask(mask_path)
@@ -107,8 +113,8 @@ def voc_n_classes(items):
 
 
 def coco_mask(coco, img_id, cat_index):
-    """[H, W] uint8 semantic mask of one COCO image: 0 background, cat_index[category_id] for each instance, 255
-    for crowd regions; instances are drawn in descending area so smaller objects are painted last and stay
+    """[H, W] uint8 semantic mask of one COCO image: 0 background, cat_index[category_id] for each instance,
+    255 for crowd regions; instances are drawn in descending area so smaller objects are painted last and stay
     visible."""
     info = coco.imgs[img_id]
     mask = np.zeros((info["height"], info["width"]), dtype=np.uint8)
@@ -142,9 +148,9 @@ def normalize(img):
 
 
 class SegData(Dataset):
-    """Image/label pairs. Training: augment() -> ([3, size, size], [size, size]). Evaluation: the image with its
-    short side resized to `size` and padded (bottom/right) to a multiple of the patch size, the label at its
-    original size, and the resized (h, w) before padding."""
+    """Image/label pairs. Training: augment() -> ([3, size, size], [size, size]). Evaluation: the image with
+    its short side resized to `size` and padded (bottom/right) to a multiple of the patch size, the label at
+    its original size, and the resized (h, w) before padding."""
 
     def __init__(self, items, size, patch, train, coco=None, cat_index=None):
         self.items, self.size, self.patch, self.train = items, size, patch, train
@@ -171,12 +177,12 @@ class SegData(Dataset):
         return x, torch.from_numpy(label).long(), (nh, nw)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Metrics (METHOD.md 6.2)
 
 def confusion_matrix(pred, target, n_classes, ignore_index=255):
-    """[C, C] int64 counts, rows = truth, cols = prediction: conf[t, p] = #pixels with target t and prediction p,
-    pixels whose target is ignore_index excluded. Arrays or tensors of the same shape."""
+    """[C, C] int64 counts, rows = truth, cols = prediction: conf[t, p] = #pixels with target t and prediction
+    p, pixels whose target is ignore_index excluded. Arrays or tensors of the same shape."""
     pred, target = torch.as_tensor(pred).long().cpu(), torch.as_tensor(target).long().cpu()
     if pred.shape != target.shape:
         raise ValueError(f"prediction of shape {tuple(pred.shape)} vs target of shape {tuple(target.shape)}")
@@ -185,7 +191,8 @@ def confusion_matrix(pred, target, n_classes, ignore_index=255):
     pred, target = pred[keep], target[keep]
     bad = target[(target < 0) | (target >= n_classes)]
     if len(bad):
-        raise ValueError(f"label {bad[0].item()} outside 0..{n_classes - 1} (and not the ignore index {ignore_index})")
+        raise ValueError(f"label {bad[0].item()} outside 0..{n_classes - 1} (and not the ignore index "
+                         f"{ignore_index})")
     if len(pred) and (pred.min() < 0 or pred.max() >= n_classes):
         raise ValueError(f"prediction outside 0..{n_classes - 1}")
     counts = torch.bincount(target * n_classes + pred, minlength=n_classes * n_classes)
@@ -194,7 +201,8 @@ def confusion_matrix(pred, target, n_classes, ignore_index=255):
 
 def miou(conf):
     """(mIoU in percent, per-class IoU in percent) from a confusion matrix accumulated over the whole set:
-        IoU_c = TP_c / (TP_c + FP_c + FN_c),   TP_c = conf[c, c], FP_c = column sum - TP_c, FN_c = row sum - TP_c;
+        IoU_c = TP_c / (TP_c + FP_c + FN_c), TP_c = conf[c, c], FP_c = column sum - TP_c,
+        FN_c = row sum - TP_c;
     a class absent from both truth and prediction (TP+FP+FN = 0) gets None and is left out of the mean."""
     conf = np.asarray(conf, dtype=np.float64)
     tp = np.diag(conf)
@@ -204,7 +212,7 @@ def miou(conf):
     return (float(np.mean(seen)) if seen else float("nan")), ious
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Head, training, evaluation, pictures
 
 def token_map(tokens, h, w):
@@ -213,8 +221,8 @@ def token_map(tokens, h, w):
 
 
 def train_head(model, head, loader, args):
-    """CE of the head logits, bilinearly upsampled to the label crops, averaged over the pixels that are not 255
-    (a crop of ignored pixels only gives 0); AdamW, lr cosine-decayed to 0."""
+    """CE of the head logits, bilinearly upsampled to the label crops, averaged over the pixels that are not
+    255 (a crop of ignored pixels only gives 0); AdamW, lr cosine-decayed to 0."""
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.wd)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * len(loader))
     bar, p = probing.Progress("training head", args.epochs * len(loader.dataset)), model.patch_size
@@ -224,7 +232,8 @@ def train_head(model, head, loader, args):
             y = y.to(args.device)
             logits = head(token_map(probing.frozen_tokens(model, x), x.shape[2] // p, x.shape[3] // p))
             logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(logits, y, ignore_index=255, reduction="sum") / (y != 255).sum().clamp(min=1)
+            loss = F.cross_entropy(logits, y, ignore_index=255,
+                                   reduction="sum") / (y != 255).sum().clamp(min=1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -233,9 +242,10 @@ def train_head(model, head, loader, args):
 
 
 def save_vis(path, img, truth, pred, names):
-    """image | truth | prediction side by side (each at least 160 px high) in the VOC colours (ignored = cream),
-    with a legend of the classes shown."""
-    colours, k = np.array(demo_set.voc_palette(), dtype=np.uint8).reshape(256, 3), max(1, -(-160 // img.size[1]))
+    """image | truth | prediction side by side (each at least 160 px high) in the VOC colours (ignored =
+    cream), with a legend of the classes shown."""
+    colours, k = np.array(demo_set.voc_palette(),
+                          dtype=np.uint8).reshape(256, 3), max(1, -(-160 // img.size[1]))
     w, h = img.size[0] * k, img.size[1] * k
     panels = [img.resize((w, h), Image.BICUBIC)] + [Image.fromarray(colours[m]).resize((w, h), Image.NEAREST)
                                                     for m in (truth, pred)]
@@ -254,8 +264,8 @@ def save_vis(path, img, truth, pred, names):
 
 
 def evaluate(model, head, dataset, names, args):
-    """One confusion matrix over the whole set: logits upsampled to the resized input, the padding cropped off,
-    then upsampled to the original label size and argmaxed. Writes the first N_VIS pictures to --vis."""
+    """One confusion matrix over the whole set: logits upsampled to the resized input, the padding cropped
+    off, then upsampled to the original label size and argmaxed. Writes the first N_VIS pictures to --vis."""
     loader = DataLoader(dataset, batch_size=1, num_workers=args.workers)
     n, p = len(names), model.patch_size
     conf, bar = np.zeros((n, n), dtype=np.int64), probing.Progress("evaluating", len(dataset))
@@ -263,8 +273,10 @@ def evaluate(model, head, dataset, names, args):
     with torch.no_grad():
         for i, (x, y, (nh, nw)) in enumerate(loader):
             logits = head(token_map(probing.frozen_tokens(model, x), x.shape[2] // p, x.shape[3] // p))
-            logits = F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)[..., :nh, :nw]
-            pred = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False).argmax(1).cpu()
+            logits = F.interpolate(logits, size=x.shape[2:], mode="bilinear",
+                                   align_corners=False)[..., :nh, :nw]
+            pred = F.interpolate(logits, size=y.shape[-2:], mode="bilinear",
+                                 align_corners=False).argmax(1).cpu()
             conf += confusion_matrix(pred, y, n)
             if args.vis and i < N_VIS:
                 save_vis(os.path.join(args.vis, f"vis_{i:03d}.png"), data.load_rgb(dataset.items[i][0]),
@@ -274,12 +286,14 @@ def evaluate(model, head, dataset, names, args):
 
 
 def datasets(args, demo, size, patch):
-    """(training SegData, evaluation SegData, class names) of --dataset, every file checked before any work."""
+    """(training SegData, evaluation SegData, class names) of --dataset, every file checked before any
+    work."""
     if args.dataset == "voc":
         root = args.root or "data/demo/voc"
         if not os.path.isdir(root):
             raise FileNotFoundError(f"--root {root}: no such folder")
-        train_items, val_items = voc_split(root, args.train_split, args.mask_dir), voc_split(root, "val", args.mask_dir)
+        train_items, val_items = voc_split(root, args.train_split,
+                                           args.mask_dir), voc_split(root, "val", args.mask_dir)
         n_classes = voc_n_classes(train_items + val_items)
         names = ["background"] + [f"class {c}" for c in range(1, n_classes)]
         if demo and n_classes == 1 + len(demo_set.DEMO_CATEGORIES):
@@ -287,7 +301,8 @@ def datasets(args, demo, size, patch):
         elif n_classes == len(VOC_NAMES):
             names = VOC_NAMES
         return SegData(train_items, size, patch, True), SegData(val_items, size, patch, False), names
-    tj, ti, vj, vi = probing.DEMO if demo else (args.train_json, args.train_images, args.val_json, args.val_images)
+    tj, ti, vj, vi = probing.DEMO if demo else (args.train_json, args.train_images, args.val_json,
+                                                args.val_images)
     train, val = probing.load_coco(tj, ti), probing.load_coco(vj, vi)
     cat_ids = probing.same_categories(train, val, tj, vj)
     if len(cat_ids) > 254:
@@ -307,18 +322,21 @@ def main(argv=None):
         if args.dataset == "voc" and any(coco_flags):
             raise ValueError("--train-json/--train-images/--val-json/--val-images need --dataset coco")
         if args.dataset == "coco" and args.root:
-            raise ValueError("--root is the VOC folder; with --dataset coco give --train-json ... --val-images")
+            raise ValueError("--root is the VOC folder; with --dataset coco give --train-json "
+                             "... --val-images")
         if any(coco_flags) and not all(coco_flags):
-            raise ValueError("give all four of --train-json --train-images --val-json --val-images, or none for the "
-                             "demo set")
+            raise ValueError("give all four of --train-json --train-images --val-json --val-images, or none "
+                             "for the demo set")
         probing.check_flags(args)
         if args.vis and (os.path.exists(args.vis) and not os.path.isdir(args.vis)
                          or not os.path.isdir(os.path.dirname(os.path.abspath(args.vis)))):
-            raise ValueError(f"--vis {args.vis}: expected a folder (made if missing) inside an existing folder")
+            raise ValueError(f"--vis {args.vis}: expected a folder (made if missing) inside an "
+                             f"existing folder")
         demo = not (args.root or any(coco_flags))
         if args.random_init and not args.model:
             args.model = "vit_demo" if demo else "vit_small"
-        model, ckpt_args = probing.probe_backbone(args.ckpt, args.random_init, args.model, args.seed, args.device)
+        model, ckpt_args = probing.probe_backbone(args.ckpt, args.random_init, args.model,
+                                                  args.seed, args.device)
         size = args.img_size or 2 * (ckpt_args.get("img_size") or model.config["img_size"])
         if size < model.patch_size or size % model.patch_size:
             raise ValueError(f"--img-size {size}: expected a multiple of the patch size {model.patch_size}")
@@ -334,15 +352,18 @@ def main(argv=None):
         os.makedirs(args.vis, exist_ok=True)
 
     torch.manual_seed(args.seed)
-    head = nn.Sequential(nn.BatchNorm2d(model.embed_dim), nn.Conv2d(model.embed_dim, len(names), 1)).to(args.device)
+    head = nn.Sequential(nn.BatchNorm2d(model.embed_dim), nn.Conv2d(model.embed_dim, len(names),
+                                                                    1)).to(args.device)
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                         pin_memory=args.device.startswith("cuda"), persistent_workers=args.workers > 0)
     train_head(model, head, loader, args)
     score, ious = miou(evaluate(model, head, val_set, names, args))
-    print(f"\nmIoU {score:.2f}  (" + ", ".join(f"{n} {v:.1f}" for n, v in zip(names, ious) if v is not None) + ")")
+    print(f"\nmIoU {score:.2f}  (" + ", ".join(f"{n} {v:.1f}" for n, v in zip(names, ious)
+                                               if v is not None) + ")")
     if args.out:
         result = dict(mIoU=score, IoU=dict(zip(names, ious)),
-                      backbone=args.ckpt or f"random-init {args.model} seed {args.seed}", dataset=args.dataset,
+                      backbone=args.ckpt or f"random-init {args.model} seed {args.seed}",
+                      dataset=args.dataset,
                       img_size=size, epochs=args.epochs, lr=args.lr, wd=args.wd, batch_size=args.batch_size,
                       n_train=len(train_set), n_val=len(val_set))
         with open(args.out, "w") as f:

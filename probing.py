@@ -18,26 +18,30 @@ from torch.utils.data import Dataset
 import data
 import vit
 
+# the demo set's COCO files (demo.py)
 DEMO = ("data/demo/annotations/instances_train.json", "data/demo/images/train",
-        "data/demo/annotations/instances_val.json", "data/demo/images/val")  # the demo set's COCO files (demo.py)
+        "data/demo/annotations/instances_val.json", "data/demo/images/val")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the frozen backbone and its features
 
 def add_probe_args(parser):
-    """The flags both probes share: CKPT, --random-init, --model, --seed (for probe_backbone), --workers, --device."""
+    """The flags both probes share: CKPT, --random-init, --model, --seed (for probe_backbone), --workers,
+    --device."""
     parser.add_argument("ckpt", nargs="?", metavar="CKPT",
-                        help="our pretraining checkpoint, or a timm-layout ViT state dict (timm / DINO weights)")
+                        help="our pretraining checkpoint, or a timm-layout ViT state dict (timm "
+                        "/ DINO weights)")
     parser.add_argument("--random-init", action="store_true",
                         help="evaluate a randomly initialised ViT instead of CKPT")
     parser.add_argument(
         "--model", default=None, choices=sorted(vit.CONFIGS),
         help="config of --random-init (default vit_demo on the demo set, else vit_small), or of a plain "
         "state dict whose width does not tell its head count")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --random-init, of the head and (segmentation) "
-                        "of the augmentations")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-decoding processes")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of --random-init, of the head and (segmentation) of the augmentations")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="image-decoding processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (bf16 autocast of the backbone on CUDA)")
 
@@ -57,8 +61,8 @@ def probe_backbone(ckpt, random_init, name, seed, device):
 
 
 def frozen_tokens(model, images):
-    """Final-LN tokens [B, 1+T, D] in float32 of the frozen backbone for a batch of normalised images [B, 3, H,
-    W]: no grad, bf16 autocast on CUDA."""
+    """Final-LN tokens [B, 1+T, D] in float32 of the frozen backbone for a batch of normalised images [B, 3,
+    H, W]: no grad, bf16 autocast on CUDA."""
     device = next(model.parameters()).device
     images = images.to(device, non_blocking=True)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -77,9 +81,9 @@ def extract_features(model, loader, fn, what="features", quiet=False):
 
 
 class Progress:
-    """One status line on stderr for a long loop: `what done/total unit, rate/s, ETA m:ss [info]`. On a terminal
-    it rewrites itself with \\r; in a log (not a TTY) it prints a line at each further 10% of the total (at
-    most one in 5 s) or after 30 s without one, and always at the end."""
+    """One status line on stderr for a long loop: `what done/total unit, rate/s, ETA m:ss [info]`. On a
+    terminal it rewrites itself with \\r; in a log (not a TTY) it prints a line at each further 10% of the
+    total (at most one in 5 s) or after 30 s without one, and always at the end."""
 
     def __init__(self, what, total, unit="img"):
         self.what, self.total, self.unit = what, max(1, total), unit
@@ -105,7 +109,7 @@ class Progress:
         print(("\r" if self.tty else "") + line.rstrip(), end=end, file=sys.stderr, flush=True)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # COCO files, multi-hot labels, images
 
 def check_flags(args):
@@ -121,7 +125,8 @@ def check_flags(args):
         raise ValueError(f"--device {args.device}: this torch has no CUDA device")
     if args.workers < 0:
         raise ValueError(f"--workers {args.workers}: expected 0 (load in the main process) or more")
-    if args.out and (os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(os.path.abspath(args.out)))):
+    if args.out and (os.path.isdir(args.out)
+                     or not os.path.isdir(os.path.dirname(os.path.abspath(args.out)))):
         raise ValueError(f"--out {args.out}: expected a file path in an existing folder")
 
 
@@ -133,8 +138,8 @@ def require_files(paths, what):
 
 
 def load_coco(json_path, images_dir):
-    """A pycocotools COCO index of `json_path` after checking that it is COCO instances JSON and that every image
-    it names is in `images_dir`; images sorted by id (a fixed order for features and labels)."""
+    """A pycocotools COCO index of `json_path` after checking that it is COCO instances JSON and that every
+    image it names is in `images_dir`; images sorted by id (a fixed order for features and labels)."""
     from pycocotools.coco import COCO
     if not os.path.isfile(json_path):
         raise FileNotFoundError(f"annotation file {json_path}: no such file")
@@ -153,28 +158,33 @@ def load_coco(json_path, images_dir):
     try:
         with open(os.devnull, "w") as null, redirect_stdout(null):  # pycocotools prints "creating index..."
             coco.createIndex()
-        bad = [a["id"] for a in d["annotations"] if a["category_id"] not in coco.cats or a["image_id"] not in coco.imgs]
+        bad = [a["id"] for a in d["annotations"] if a["category_id"] not in coco.cats
+               or a["image_id"] not in coco.imgs]
         paths = [os.path.join(images_dir, coco.imgs[i]["file_name"]) for i in sorted(coco.imgs)]
     except (KeyError, TypeError) as e:
-        raise ValueError(f"annotation file {json_path}: not COCO instances format (an entry without {e})") from None
+        raise ValueError(f"annotation file {json_path}: not COCO instances format (an entry "
+                         f"without {e})") from None
     if bad:
-        raise ValueError(f"annotation file {json_path}: {len(bad)} annotations name an unknown image or category, "
-                         f"e.g. ids {bad[:3]}")
+        raise ValueError(f"annotation file {json_path}: {len(bad)} annotations name an unknown image or "
+                         f"category, e.g. ids {bad[:3]}")
     require_files(paths, f"images of {json_path} in {images_dir}")
     return coco
 
 
 def same_categories(train, val, train_json, val_json):
-    """The sorted category ids shared by both files (a head trained on one set of classes is scored on the same)."""
+    """The sorted category ids shared by both files (a head trained on one set of classes is scored on the
+    same)."""
     ids = sorted(train.cats)
     if ids != sorted(val.cats):
-        raise ValueError(f"{val_json} has category ids {sorted(val.cats)[:10]}..., {train_json} has {ids[:10]}...")
+        raise ValueError(f"{val_json} has category ids {sorted(val.cats)[:10]}..., {train_json} "
+                         f"has {ids[:10]}...")
     return ids
 
 
 def multi_hot(coco, cat_ids):
-    """[n_images, n_classes] float multi-hot labels, images in sorted-id order, class c = cat_ids[c] (the sorted
-    non-contiguous COCO ids -> 0..C-1); crowd annotations count, images without annotations are all-negative."""
+    """[n_images, n_classes] float multi-hot labels, images in sorted-id order, class c = cat_ids[c] (the
+    sorted non-contiguous COCO ids -> 0..C-1); crowd annotations count, images without annotations are
+    all-negative."""
     index = {c: i for i, c in enumerate(cat_ids)}
     img_ids = sorted(coco.imgs)
     labels = np.zeros((len(img_ids), len(cat_ids)), dtype=np.float32)
@@ -199,7 +209,7 @@ class Images(Dataset):
         return (self.tf(data.load_rgb(self.paths[i])),)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # multi-label metrics (METHOD.md 6.1) and the linear head
 
 def mean_average_precision(scores, targets):
@@ -223,8 +233,8 @@ def mean_average_precision(scores, targets):
 
 
 def f1_scores(scores, targets, threshold=0.5):
-    """The ML-GCN F1 metrics in percent from probabilities [n_images, n_classes] (sigmoid applied by the caller),
-    predicted positive = score >= threshold; per class TP_c, FP_c, FN_c over the whole set, 0/0 := 0:
+    """The ML-GCN F1 metrics in percent from probabilities [n_images, n_classes] (sigmoid applied by the
+    caller), predicted positive = score >= threshold; per class TP_c, FP_c, FN_c over the whole set, 0/0 := 0:
         CP = mean_c TP_c/(TP_c+FP_c)   CR = mean_c TP_c/(TP_c+FN_c)   CF1 = 2 CP CR / (CP+CR)     (per class)
         OP = sum TP / sum(TP+FP)       OR = sum TP / sum(TP+FN)       OF1 = 2 OP OR / (OP+OR)     (overall)"""
     pred, t = np.asarray(scores) >= threshold, np.asarray(targets) > 0
@@ -274,7 +284,8 @@ class OnlineProbe:
         ids = sorted(coco.imgs)
         pick = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))[:n_images].tolist()
         if len(pick) < 4:
-            raise ValueError(f"--probe-json {json_path}: {len(ids)} images, the online probe needs at least 4")
+            raise ValueError(f"--probe-json {json_path}: {len(ids)} images, the online probe "
+                             f"needs at least 4")
         labels = torch.from_numpy(multi_hot(coco, sorted(coco.cats)))[pick]
         self.n_train = len(pick) // 2
         self.train_labels, self.heldout_labels = labels[:self.n_train], labels[self.n_train:].numpy()
@@ -288,9 +299,11 @@ class OnlineProbe:
             loader = torch.utils.data.DataLoader(self.images, batch_size=64, num_workers=self.workers)
             feats = extract_features(backbone, loader, lambda t: vit.global_feature(t, self.agg), quiet=True)
             torch.manual_seed(self.seed)
-            mean, std, head = train_linear_head(feats[:self.n_train], self.train_labels, self.steps, 1e-2, 1e-4,
-                                                device, quiet=True)
+            mean, std, head = train_linear_head(feats[:self.n_train], self.train_labels, self.steps, 1e-2,
+                                                1e-4, device, quiet=True)
         with torch.no_grad():
-            scores = torch.sigmoid(head(((feats[self.n_train:] - mean) / std).to(device))).float().cpu().numpy()
-        return {"probe_mAP": round(mean_average_precision(scores, self.heldout_labels), 4), "n_train": self.n_train,
+            logits = head(((feats[self.n_train:] - mean) / std).to(device))
+            scores = torch.sigmoid(logits).float().cpu().numpy()
+        return {"probe_mAP": round(mean_average_precision(scores, self.heldout_labels), 4),
+                "n_train": self.n_train,
                 "n_heldout": len(self.heldout_labels), "probe_s": round(time.time() - t0, 2)}

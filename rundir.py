@@ -4,10 +4,11 @@ crash never leaves a half-written ckpt.pt), loaded with weights_only=True and re
 finite; an existing run is resumed or refused, never overwritten; the disk is checked before training starts;
 the log window behind every log line; the signals that stop a run with a checkpoint.
 
-    <out-dir>/ckpt.pt             the latest state: backbone ('model', timm layout), 'vit_config', 'heads', 'optimizer',
-                                  'args', 'step', 'epoch', 'skipped', 'rng' (+ 'ccrop_boxes')
-    <out-dir>/ckpt_epoch<E>.pt    --keep-every snapshots: the backbone, its config and the args at the end of epoch E
-    <out-dir>/log.jsonl           one JSON object per log line (and per online probe)
+    <out-dir>/ckpt.pt           the latest state: backbone ('model', timm layout), 'vit_config', 'heads',
+                                'optimizer', 'args', 'step', 'epoch', 'skipped', 'rng' (+ 'ccrop_boxes')
+    <out-dir>/ckpt_epoch<E>.pt  --keep-every snapshots: the backbone, its config and the args at the end of
+                                epoch E
+    <out-dir>/log.jsonl         one JSON object per log line (and per online probe)
 """
 import json
 import os
@@ -22,7 +23,8 @@ import vit
 
 
 def save_checkpoint(path, state):
-    """torch.save to a temp file, fsync, then rename over `path`: a crash mid-write leaves the previous checkpoint."""
+    """torch.save to a temp file, fsync, then rename over `path`: a crash mid-write leaves the previous
+    checkpoint."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as fh:
@@ -48,7 +50,8 @@ def load_checkpoint(path):
     for part in ("model", "heads"):
         bad = vit.non_finite_keys(ckpt[part])
         if bad:
-            raise ValueError(f"--resume: {path} holds non-finite weights in {bad[:3]}; refusing to continue from it")
+            raise ValueError(f"--resume: {path} holds non-finite weights in {bad[:3]}; refusing to "
+                             f"continue from it")
     return ckpt
 
 
@@ -58,8 +61,8 @@ def prepare_out_dir(args, rank):
     log_path = os.path.join(args.out_dir, "log.jsonl")
     if not args.resume and (os.path.exists(ckpt_path) or os.path.exists(log_path)):
         found = "ckpt.pt" if os.path.exists(ckpt_path) else "log.jsonl"
-        raise ValueError(f"--out-dir {args.out_dir} already holds a run ({found}); pass --resume to continue it "
-                         f"or choose another --out-dir")
+        raise ValueError(f"--out-dir {args.out_dir} already holds a run ({found}); pass --resume to continue "
+                         f"it or choose another --out-dir")
     if rank == 0:
         try:
             os.makedirs(args.out_dir, exist_ok=True)
@@ -82,13 +85,15 @@ def check_disk_space(out_dir, model):
 
 
 def save_snapshot(out_dir, epoch, state):
-    """<out-dir>/ckpt_epoch<E>.pt: what a probe reads (backbone, config, args, step, epoch), kept beside ckpt.pt."""
+    """<out-dir>/ckpt_epoch<E>.pt: what a probe reads (backbone, config, args, step, epoch), kept beside
+    ckpt.pt."""
     path = os.path.join(out_dir, f"ckpt_epoch{epoch:04d}.pt")
     save_checkpoint(path, {k: state[k] for k in ("model", "vit_config", "args", "step", "epoch")})
     return path
 
 
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0,
+               "A10": 125.0, "4090": 165.0}
 
 
 def peak_flops(device):
@@ -101,7 +106,8 @@ def peak_flops(device):
 
 class StopSignals:
     """SIGTERM and SIGUSR1 (what SLURM sends before it kills a job) set `requested` instead of killing the
-    process, so the loop can finish its step and write a checkpoint; the previous handlers come back on exit."""
+    process, so the loop can finish its step and write a checkpoint; the previous handlers come back on
+    exit."""
 
     def __init__(self):
         self.requested, self.previous = False, {}
@@ -120,14 +126,15 @@ class StopSignals:
 
 
 class LogWindow:
-    """The logged values summed over the steps since the last log line (tensors: no host sync per step). flush()
-    averages them over the window and the ranks (one all-reduce that also carries the skipped-file count and
-    the stop request, so every rank takes the same decision at the same step), prints one line on rank 0 and
-    appends the same as a JSON object to log.jsonl."""
+    """The logged values summed over the steps since the last log line (tensors: no host sync per step).
+    flush() averages them over the window and the ranks (one all-reduce that also carries the skipped-file
+    count and the stop request, so every rank takes the same decision at the same step), prints one line on
+    rank 0 and appends the same as a JSON object to log.jsonl."""
 
     def __init__(self, path, rank, world_size, device, total_steps, images_per_step, flops_per_step):
         self.path, self.rank, self.world_size, self.device = path, rank, world_size, device
-        self.total_steps, self.images_per_step, self.flops_per_step = total_steps, images_per_step, flops_per_step
+        self.total_steps, self.images_per_step = total_steps, images_per_step
+        self.flops_per_step = flops_per_step
         self.peak = peak_flops(device)
         self.reset(0)
 
@@ -158,8 +165,8 @@ class LogWindow:
         if self.rank == 0:
             terms = " ".join(f"{k} {rec[k]:.4f}" for k in keys if k != "loss")
             print(
-                f"step {step}/{self.total_steps} ep {epoch} | loss {rec['loss']:.4f} ({terms}) | lr {lr:.2e} | "
-                f"{rec['img_per_s']:.0f} img/s" + (f" | MFU {rec['mfu']:.1f}%" if self.peak else "") +
+                f"step {step}/{self.total_steps} ep {epoch} | loss {rec['loss']:.4f} ({terms}) | lr {lr:.2e} "
+                f"| {rec['img_per_s']:.0f} img/s" + (f" | MFU {rec['mfu']:.1f}%" if self.peak else "") +
                 f" | ETA {(self.total_steps - step) * dt / 60:.1f} min" +
                 (f" | skipped {skipped}" if skipped else ""), flush=True)
             self.write(rec)

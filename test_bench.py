@@ -1,4 +1,5 @@
-"""bench.py runs end to end on a tiny config and writes every row (no timing assertions: timings belong in bench.py)."""
+"""bench.py runs end to end on a tiny config and writes every row (no timing assertions: timings belong in
+bench.py)."""
 import json
 import math
 
@@ -7,7 +8,8 @@ import bench
 
 def test_bench_quick_writes_every_row(tmp_path):
     out = tmp_path / "b.json"
-    assert bench.main(["--quick", "--out", str(out), "--model", "vit_test", "--img-size", "32", "--batch-size", "8",
+    assert bench.main(["--quick", "--out", str(out), "--model", "vit_test", "--img-size", "32",
+                       "--batch-size", "8",
                        "--steps", "1", "--warmup", "1", "--n-jpegs", "8", "--workers", "1", "--threads", "1",
                        "--jpeg-dir", str(tmp_path / "jpegs")]) == 0
     rows = json.loads(out.read_text())["rows"]
@@ -30,8 +32,8 @@ def test_gpu_check_runs_every_part_at_a_tiny_size(tmp_path):
     e2e rows, the pretrain.py run in its own process and the profiles, JSON written."""
     out = tmp_path / "g.json"
     assert bench.main(["--gpu-check", "--quick", "--out", str(out), "--model", "vit_test", "--img-size", "32",
-                       "--batch-size", "8", "--n-jpegs", "16", "--workers", "1", "--threads", "1", "--run-steps", "3",
-                       "--jpeg-dir", str(tmp_path / "jpegs")]) == 0
+                       "--batch-size", "8", "--n-jpegs", "16", "--workers", "1", "--threads", "1",
+                       "--run-steps", "3", "--jpeg-dir", str(tmp_path / "jpegs")]) == 0
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert {"date", "torch", "cpu_count"} <= set(result["environment"])

@@ -8,16 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 import data
-from data import (IMAGENET_MEAN, IMAGENET_STD, EpochSampler, TwoViews, ccrop_params, list_images, load_rgb,
-                  photometric, rrc_params, two_view_batch)
+from data import EpochSampler, TwoViews, ccrop_params, list_images, load_rgb, rrc_params, two_view_batch
 
 pytestmark = pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')  # pycocotools
-MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
 
 
@@ -25,13 +21,14 @@ def noise_image(path, W, H, seed=0, smooth=False, **save_kw):
     """A random RGB image (smooth = upsampled 8x8 noise, so that resampling differences are small)."""
     g = torch.Generator().manual_seed(seed)
     if smooth:
-        x = F.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=(H, W), mode='bilinear', align_corners=False)[0]
+        x = F.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=(H, W), mode='bilinear',
+                          align_corners=False)[0]
     else:
         x = torch.rand(3, H, W, generator=g)
     Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path, **save_kw)
     return str(path)
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # crop boxes
 
 
@@ -58,11 +55,13 @@ def test_crop_boxes_inside_image():
             for top, left, h, w in (rrc_params(H, W, SCALE, RATIO, g),
                                     ccrop_params(H, W, (h0, w0, h1, w1), SCALE, RATIO, 0.6, g),
                                     ccrop_params(H, W, (0.0, 0.0, 1.0, 1.0), (0.08, 1.0), RATIO, 0.1, g)):
-                assert 1 <= h and 1 <= w and 0 <= top and top + h <= H and 0 <= left and left + w <= W, (H, W, top, h)
+                assert 1 <= h and 1 <= w and 0 <= top and top + h <= H and 0 <= left and left + w <= W, \
+                    (H, W, top, h)
 
 
 def ccrop_positions(alpha, n=4000):
-    """Normalised top positions u = (top - ch0) / (ch1 - ch0) in [0, 1] of ccrop_params on a 1000x1000 image."""
+    """Normalised top positions u = (top - ch0) / (ch1 - ch0) in [0, 1] of ccrop_params on a 1000x1000
+    image."""
     H = W = 1000
     box = (0.2, 0.3, 0.7, 0.9)
     g = torch.Generator().manual_seed(2)
@@ -112,7 +111,7 @@ def test_ccrop_alpha_below_1_pushes_centres_to_the_box_edges():
     assert np.mean(np.abs(u - 0.5) > 0.4) > 0.25  # uniform: 0.2
     assert np.mean(np.abs(ccrop_positions(0.1) - 0.5) > 0.4) > 0.6
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # TwoViews
 
 
@@ -136,7 +135,8 @@ def test_two_views_shapes_boxes_and_flips(tmp_path):
             flips.add(flip)
             assert torch.equal(v, expected.flip(-1) if flip else expected)
             assert not torch.equal(v, expected if flip else expected.flip(-1))
-            pil = torch.from_numpy(np.array(ref.resize((32, 32), Image.BILINEAR, box=(left, top, left + w, top + h))))
+            pil = torch.from_numpy(np.array(ref.resize((32, 32), Image.BILINEAR,
+                                                       box=(left, top, left + w, top + h))))
             # the same antialiased bilinear filter as PIL's, up to uint8 rounding
             pil = pil.permute(2, 0, 1).float()
             # PIL's filter reads past the box
@@ -167,7 +167,8 @@ def test_two_views_draft_decode_keeps_original_coordinates(tmp_path):
 
 
 def test_two_views_jpeg_fast_decode_equals_pil(tmp_path, monkeypatch):
-    """torchvision's decode_jpeg (the fast path) and PIL give the same pixels: RGB, grayscale and CMYK JPEGs."""
+    """torchvision's decode_jpeg (the fast path) and PIL give the same pixels: RGB, grayscale and CMYK
+    JPEGs."""
     rgb = noise_image(tmp_path / 'rgb.jpg', 90, 70, seed=1, quality=90)
     Image.open(rgb).convert('L').save(tmp_path / 'gray.jpg')
     Image.open(rgb).convert('CMYK').save(tmp_path / 'cmyk.jpg')
@@ -199,18 +200,20 @@ def test_two_views_determinism(tmp_path):
 
 
 def test_two_views_loader_workers_and_epochs(tmp_path):
-    """2 persistent workers give the same batches as direct indexing, and see set_epoch (shared-memory epoch)."""
+    """2 persistent workers give the same batches as direct indexing, and see set_epoch (shared-memory
+    epoch)."""
     files = [noise_image(tmp_path / f'{k}.png', 40, 30, seed=k) for k in range(8)]
     ds = TwoViews(files, img_size=8, seed=1)
     sampler = EpochSampler(len(ds), 4, seed=1)
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler, num_workers=2, persistent_workers=True,
-                                         collate_fn=two_view_batch)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler, num_workers=2,
+                                         persistent_workers=True, collate_fn=two_view_batch)
     for epoch in (0, 1):
         ds.set_epoch(epoch), sampler.set_epoch(epoch)
         batches = list(loader)
         ref = TwoViews(files, img_size=8, seed=1)
         ref.set_epoch(epoch)
-        direct = [two_view_batch([ref[i] for i in idx]) for idx in torch.tensor(list(sampler)).view(-1, 4).tolist()]
+        direct = [two_view_batch([ref[i] for i in idx])
+                  for idx in torch.tensor(list(sampler)).view(-1, 4).tolist()]
         assert len(batches) == 2
         for x, y in zip(batches, direct):
             assert x['view1'].shape == (4, 3, 8, 8) and x['photo2'].shape == (4, 6) and x['skipped'] == []
@@ -232,99 +235,6 @@ def test_two_views_contrastive_crop_boxes(tmp_path):
     with pytest.raises(ValueError, match='boxes'):
         TwoViews([path], boxes=torch.zeros(2, 4))
 
-# ----------------------------------------------------------------------------------------------------------------------
-# photometric
-
-
-def views_and_params(n=6, S=20, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n, 3, S, S), generator=g, dtype=torch.uint8)
-    p = torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0, 0.0]]).repeat(n, 1)
-    return x, p
-
-
-def unnormalise(y):
-    return y * STD + MEAN
-
-
-def test_photometric_identity_is_exact():
-    x, p = views_and_params()
-    y = photometric(x, p)
-    assert y.dtype == torch.float32 and torch.equal(y, (x.float() / 255 - MEAN) / STD)
-
-
-@pytest.mark.parametrize('col, fn, values', [
-    (0, TF.adjust_brightness, (0.6, 0.9, 1.4)),
-    (1, TF.adjust_contrast, (0.6, 1.2, 1.4)),
-    (2, TF.adjust_saturation, (0.6, 0.8, 1.4)),
-    (3, TF.adjust_hue, (-0.1, 0.03, 0.1)),
-])
-def test_photometric_jitter_matches_torchvision(col, fn, values):
-    x, p = views_and_params(n=len(values))
-    p[:, col] = torch.tensor(values)
-    y = unnormalise(photometric(x, p))
-    for k, v in enumerate(values):
-        ref = fn(x[k].float() / 255, v)
-        assert (y[k] - ref).abs().max() < 2e-5, (fn.__name__, v)
-
-
-def test_photometric_fixed_order_and_batching():
-    """Per sample: jitter b, c, s, h in that order, then grayscale, then blur; a batch equals its samples one by one."""
-    x, p = views_and_params(n=4)  # S = 20: blur kernel 3
-    p[:, :4] = torch.tensor([[1.3, 0.7, 1.2, 0.05], [0.7, 1.3, 0.6, -0.08], [1.0, 1.0, 1.0, 0.0], [1.1, 0.9, 1.4, 0.1]])
-    p[1, 4], p[3, 5] = 1.0, 1.5
-    y = unnormalise(photometric(x, p))
-    for k in range(4):
-        b, c, s, h = p[k, :4].tolist()
-        ref = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x[k] / 255, b), c), s), h)
-        ref = TF.rgb_to_grayscale(ref, 3) if k == 1 else TF.gaussian_blur(ref, [3, 3], [1.5, 1.5]) if k == 3 else ref
-        assert (y[k] - ref).abs().max() < 2e-5, k
-        assert torch.allclose(unnormalise(photometric(x[k:k + 1], p[k:k + 1]))[0], y[k], atol=1e-6)
-
-
-def test_photometric_grayscale_gives_equal_channels():
-    x, p = views_and_params()
-    p[::2, 4] = 1.0
-    y = unnormalise(photometric(x, p))
-    assert (y[::2] - y[::2, :1]).abs().max() < 1e-6
-    assert (y[1::2, 0] - y[1::2, 1]).abs().max() > 0.1
-    assert torch.allclose(y[0], TF.rgb_to_grayscale(x[0].float() / 255, 3), atol=2e-6)
-
-
-def test_photometric_blur_matches_naive_conv():
-    x, p = views_and_params(n=4, S=64)
-    sigmas = [0.1, 0.7, 2.0, 0.0]
-    p[:, 5] = torch.tensor(sigmas)
-    y = unnormalise(photometric(x, p))
-    for k, sigma in enumerate(sigmas):
-        img = x[k:k + 1].float() / 255
-        if sigma == 0:
-            assert torch.allclose(y[k], img[0], atol=1e-6)
-            continue
-        t = torch.arange(-3.0, 4.0)  # K = 2*floor(0.05*64) + 1 = 7
-        k1 = torch.exp(-t ** 2 / (2 * sigma ** 2))
-        k2 = torch.outer(k1, k1) / k1.sum() ** 2
-        ref = F.conv2d(F.pad(img, (3, 3, 3, 3), mode='reflect'), k2.expand(3, 1, 7, 7), groups=3)[0]
-        assert (y[k] - ref).abs().max() < 1e-5, sigma
-        assert (y[k] - TF.gaussian_blur(img[0], [7, 7], [sigma, sigma])).abs().max() < 1e-5
-
-
-@pytest.mark.parametrize('S, K', [(96, 9), (224, 23)])  # kernel ~10% of the side, odd (SimCLR: 23 at 224)
-def test_photometric_blur_kernel_size(S, K):
-    x, p = views_and_params(n=2, S=S)
-    p[0, 5] = 2.0
-    y = unnormalise(photometric(x, p))
-    assert (y[0] - TF.gaussian_blur(x[0] / 255, [K, K], [2.0, 2.0])).abs().max() < 1e-5
-
-
-def test_photometric_bad_input():
-    x, p = views_and_params()
-    with pytest.raises(ValueError, match='uint8'):
-        photometric(x.float(), p)
-    with pytest.raises(ValueError, match='params'):
-        photometric(x, p[:, :5])
-
-
 def test_draw_photo_statistics():
     g = torch.Generator().manual_seed(0)
     p = torch.stack([data.draw_photo(g) for _ in range(4000)])
@@ -334,7 +244,7 @@ def test_draw_photo_statistics():
     assert p[jitter, :3].min() >= 0.6 and p[jitter, :3].max() <= 1.4 and p[:, 3].abs().max() <= 0.1
     assert (p[~jitter, :3] == 1).all() and p[p[:, 5] > 0, 5].min() >= 0.1 and p[:, 5].max() <= 2.0
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # load_rgb and bad files
 
 
@@ -352,7 +262,8 @@ def test_load_rgb_modes(tmp_path):
     a = roundtrip(rgba, 'rgba.png')
     assert a[0, 0].tolist() == [128, 128, 128] and a[1, 1].tolist() == [200, 10, 30]
     assert (roundtrip(Image.new('LA', (3, 3), (250, 0)), 'la.png') == 128).all()
-    cmyk = np.abs(roundtrip(Image.new('RGB', (16, 16), (10, 200, 30)).convert('CMYK'), 'cmyk.jpg', quality=95) -
+    cmyk = np.abs(roundtrip(Image.new('RGB', (16, 16), (10, 200, 30)).convert('CMYK'),
+                            'cmyk.jpg', quality=95) -
                   [10, 200, 30])
     assert cmyk.max() <= 4
     p = Image.new('P', (4, 4), 1)
@@ -402,7 +313,7 @@ def test_decompression_bomb_is_a_clear_error(tmp_path, monkeypatch):
     ds = TwoViews([path, noise_image(tmp_path / 'ok.png', 20, 20)], img_size=8)
     assert ds[0]['skipped'] == [path] and ds[0]['index'].item() == 1
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # list_images
 
 
@@ -435,7 +346,7 @@ def test_list_images_coco_json(tmp_path):
     with pytest.raises(ValueError, match="instances_val2017.json.*'images'"):
         list_images(str(bad))
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # EpochSampler
 
 
@@ -463,15 +374,16 @@ def test_epoch_sampler():
 
 
 def test_run_sampler_crosses_epochs_with_each_epochs_keys():
-    """RunSampler over steps 9..30 (12 batches an epoch) yields, rank by rank, the EpochSampler batches of epochs
-    0, 1 and 2 in order, each index paired with its own epoch; TwoViews draws a (epoch, i) key with that
-    epoch's seed."""
+    """RunSampler over steps 9..30 (12 batches an epoch) yields, rank by rank, the EpochSampler batches of
+    epochs 0, 1 and 2 in order, each index paired with its own epoch; TwoViews draws a (epoch, i) key with
+    that epoch's seed."""
     n, G = 103, 8
     for rank in (0, 1):
         s = data.RunSampler(n, G, rank=rank, world=2, seed=4)
         s.set_steps(9, 31)
         want = [(e, i) for e, start, stop in ((0, 9, 12), (1, 0, 12), (2, 0, 7))
-                for i in list(EpochSampler(n, G, rank, 2, seed=4, epoch=e, start_batch=start))[:(stop - start) * 4]]
+                for i in list(EpochSampler(n, G, rank, 2, seed=4, epoch=e,
+                                           start_batch=start))[:(stop - start) * 4]]
         assert list(s) == want and len(s) == len(want) == 22 * 4
     with pytest.raises(ValueError, match='steps'):
         s.set_steps(5, 3)
@@ -485,15 +397,3 @@ def test_two_views_epoch_keys_equal_set_epoch(tmp_path):
     b = ds[(2, 1)]  # the key's epoch wins over set_epoch's
     assert torch.equal(a['view1'], b['view1']) and torch.equal(a['photo2'], b['photo2'])
     assert not torch.equal(ds[1]['view1'], b['view1'])
-
-
-def test_device_batches_are_the_views_of_each_batch(tmp_path):
-    """data.device_batches (the loop's feed) yields device_views of every batch in order, with its skipped files."""
-    files = [noise_image(tmp_path / f'{k}.png', 40, 30, seed=k) for k in range(6)]
-    loader = torch.utils.data.DataLoader(TwoViews(files, img_size=16, seed=2), batch_size=3,
-                                         collate_fn=two_view_batch)
-    fed = list(data.device_batches(loader, torch.device('cpu')))
-    assert len(fed) == 2
-    for (x, skipped), batch in zip(fed, loader):
-        assert skipped == [] and torch.equal(x, data.device_views(batch, torch.device('cpu')))
-        assert x.shape == (6, 3, 16, 16)

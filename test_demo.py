@@ -48,7 +48,8 @@ def test_make_demo(tmp_path):
                 kinds.add(type(a['segmentation']).__name__)
                 crowd += a['iscrowd']
                 p = np.pad(m, 1, mode='edge')
-                interior = np.logical_and.reduce([p[dy:dy + 96, dx:dx + 96] for dy in range(3) for dx in range(3)])
+                interior = np.logical_and.reduce([p[dy:dy + 96, dx:dx + 96] for dy in range(3)
+                                                  for dx in range(3)])
                 assert (label[interior] == contiguous[a['category_id']]).all()
                 assert (label[m & ~interior] == 255).all()  # the void band on the object boundary
                 assert (label[m] != 0).all() and np.isin(label[m], [contiguous[a['category_id']], 255]).all()

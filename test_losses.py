@@ -99,7 +99,8 @@ def naive_dense(z1, z2, f1, f2, tau, negatives, M=1, beta=None, N=0, seed=0, sco
             if N == T - 1 - xv_exclude:
                 xv = [k for k in range(T) if k not in excluded]
             elif N > 0:
-                xv = sorted((k for k in range(T) if k not in excluded), key=lambda k: -float(keys[a, i, t, k]))[:N]
+                xv = sorted((k for k in range(T) if k not in excluded),
+                            key=lambda k: -float(keys[a, i, t, k]))[:N]
             else:
                 xv = []
             terms += [torch.exp(anchor @ unit(z[1 - a][i, k]) / tau) for k in xv]
@@ -182,13 +183,15 @@ def test_guided_m1_equals_random():
     z1, z2, f1, f2 = inputs(4, 6, 5, 5, seed=1)
     a = losses.dense_loss(z1, z2, f1, f2, tau=0.2, negatives="guided", M=1, N=2,
                           generator=torch.Generator().manual_seed(3))
-    b = losses.dense_loss(z1, z2, f1, f2, tau=0.2, negatives="random", N=2, generator=torch.Generator().manual_seed(3))
+    b = losses.dense_loss(z1, z2, f1, f2, tau=0.2, negatives="random", N=2,
+                          generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
 
 def test_all_equals_random_with_single_token_views():
     z1, z2, f1, f2 = inputs(5, 1, 4, 4, seed=2)
     a = losses.dense_loss(z1, z2, f1, f2, tau=0.2, negatives="all")
-    b = losses.dense_loss(z1, z2, f1, f2, tau=0.2, negatives="random", generator=torch.Generator().manual_seed(0))
+    b = losses.dense_loss(z1, z2, f1, f2, tau=0.2, negatives="random",
+                          generator=torch.Generator().manual_seed(0))
     assert torch.allclose(a, b, atol=1e-14)
 
 def test_guided_picks_the_hardest_set():
@@ -253,15 +256,16 @@ def test_recon_loss_norm_pix():
         for i in range(0, 8, 4):
             for j in range(0, 8, 4):
                 patch = x[n, :, i:i + 4, j:j + 4]
-                target[n, :, i:i + 4, j:j + 4] = (patch - patch.mean()) / (patch.var(unbiased=False) + 1e-6).sqrt()
+                target[n, :, i:i + 4, j:j
+                       + 4] = (patch - patch.mean()) / (patch.var(unbiased=False) + 1e-6).sqrt()
     assert torch.allclose(losses.recon_loss(x, y, norm_pix=4), ((target - y) ** 2).mean(), atol=1e-12)
     assert torch.allclose(losses.recon_loss(x, y, "l1", norm_pix=4), (target - y).abs().mean(), atol=1e-12)
     with pytest.raises(ValueError, match="norm_pix"):
         losses.recon_loss(x, y, norm_pix=3)
 
 def test_match_is_exact_under_bf16_autocast():
-    """Near-tied features (a shared base plus noise of 0.1): the cosines differ by ~1e-3, below bf16's step near
-    1 (~0.004), so a bf16 table ties most anchors; match must still return the float64 argmax."""
+    """Near-tied features (a shared base plus noise of 0.1): the cosines differ by ~1e-3, below bf16's step
+    near 1 (~0.004), so a bf16 table ties most anchors; match must still return the float64 argmax."""
     g = torch.Generator().manual_seed(0)
     base = torch.randn(1, 1, 64, generator=g)
     f1 = (base + 0.1 * torch.randn(4, 49, 64, generator=g)).float()
@@ -270,13 +274,14 @@ def test_match_is_exact_under_bf16_autocast():
     assert torch.equal(losses.match(f1, f2), want)  # float32 resolves these cosines
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(losses.match(f1, f2), want)
-        ties = torch.bmm(torch.nn.functional.normalize(f1, dim=-1), torch.nn.functional.normalize(f2, dim=-1).mT)
+        ties = torch.bmm(torch.nn.functional.normalize(f1, dim=-1),
+                         torch.nn.functional.normalize(f2, dim=-1).mT)
     # what bf16 would do
     assert ties.dtype == torch.bfloat16 and (ties.argmax(-1) != want).float().mean() > 0.2
 
 def test_guided_choice_is_exact_under_bf16_autocast():
-    """The unthresholded set score runs in float32 under a bf16 autocast: with near-tied sets (members a shared
-    base plus noise of 1e-2) the choice equals the float64 one."""
+    """The unthresholded set score runs in float32 under a bf16 autocast: with near-tied sets (members a
+    shared base plus noise of 1e-2) the choice equals the float64 one."""
     g = torch.Generator().manual_seed(1)
     B, T, D, M = 4, 6, 32, 64
     base = torch.randn(D, generator=g)
@@ -289,10 +294,11 @@ def test_guided_choice_is_exact_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(losses._guided_choice(zf, zf.reshape(2 * B, T, D), sets, own, None), want)
 
-@pytest.mark.parametrize("negatives,M,beta,N", [("all", 1, None, 2), ("guided", 9, 0.2, 0), ("guided", 3, 0.1, 1)])
+@pytest.mark.parametrize("negatives,M,beta,N", [("all", 1, None, 2), ("guided", 9, 0.2, 0),
+                                                ("guided", 3, 0.1, 1)])
 def test_chunks_equal_one_pass(negatives, M, beta, N):
-    """The chunked paths ('all' logsumexp and the thresholded set score; both layouts, M >= T and M < T) with one
-    anchor view a chunk give the values and gradients of the unchunked computation."""
+    """The chunked paths ('all' logsumexp and the thresholded set score; both layouts, M >= T and M < T) with
+    one anchor view a chunk give the values and gradients of the unchunked computation."""
     z1, z2, f1, f2 = inputs(3, 5, 4, 4, seed=9)
     out = []
     for chunk in (None, 1, 2):
@@ -304,7 +310,8 @@ def test_chunks_equal_one_pass(negatives, M, beta, N):
         assert torch.allclose(g1, out[0][1][0], atol=1e-12) and torch.allclose(g2, out[0][1][1], atol=1e-12)
 
 def test_dense_draws_replay_the_generator():
-    """dense_draws made ahead (pretrain.py's compiled step) give the loss of the generator passed in directly."""
+    """dense_draws made ahead (pretrain.py's compiled step) give the loss of the generator passed in
+    directly."""
     z1, z2, f1, f2 = inputs(3, 6, 4, 4, seed=3)
     kw = dict(negatives="guided", M=5, beta=0.3, N=2, score_tokens=3)
     draws = losses.dense_draws(torch.Generator().manual_seed(4), B=3, T=6, **kw)
@@ -312,28 +319,6 @@ def test_dense_draws_replay_the_generator():
     a = losses.dense_loss(z1, z2, f1, f2, tau=0.2, draws=draws, **kw)
     b = losses.dense_loss(z1, z2, f1, f2, tau=0.2, generator=torch.Generator().manual_seed(4), **kw)
     assert torch.equal(a, b)
-
-def test_montage_loss_matches_naive_loop():
-    g = torch.Generator().manual_seed(0)
-    cells = torch.randn(11, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    targets = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, 5, (11,), generator=g)
-    tau = 0.3
-    loss = losses.montage_loss(cells, targets, labels, tau)
-    ref = 0
-    for c in range(11):
-        p = cells[c] / cells[c].norm()
-        logits = [torch.dot(p, targets[j] / targets[j].norm()) / tau for j in range(5)]
-        ref = ref - torch.log(torch.exp(logits[labels[c]]) / sum(torch.exp(v) for v in logits)) / 11
-    assert torch.allclose(loss, ref, rtol=1e-12)
-    ga = torch.autograd.grad(loss, (cells, targets))
-    gb = torch.autograd.grad(ref, (cells, targets))
-    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(ga, gb))
-    assert ga[1].abs().sum() > 0  # the targets carry gradient
-    with pytest.raises(ValueError, match="labels"):
-        losses.montage_loss(cells, targets, labels + 5, tau)
-    with pytest.raises(ValueError, match="labels"):
-        losses.montage_loss(cells, targets, labels.int(), tau)
 
 DIST_CASES = [("densecl", 1, None, 0), ("random", 1, None, 0), ("guided", 4, 0.3, 0), ("guided", 8, 0.3, 0),
               ("all", 1, None, 4)]  # guided: M < T and M >= T (the two scoring layouts); N = T-1: no draw
@@ -368,8 +353,7 @@ def test_two_processes_equal_one():
         mp.spawn(_worker, args=(2, free_port(), u1, u2, zs, d), nprocs=2, join=True)
         ranks = [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=True) for r in range(2)]
     # one process: the rank losses average to the full loss; each rank's input gradient is world_size times
-    # the
-    # single-process gradient of its rows (DDP then averages parameter gradients over the ranks)
+    # the single-process gradient of its rows (DDP then averages parameter gradients over the ranks)
     a, b = u1.clone().requires_grad_(), u2.clone().requires_grad_()
     full = losses.nt_xent(a, b, 0.2)
     full.backward()
@@ -416,11 +400,11 @@ print("fused ok")
 
 @pytest.mark.skipif(losses.triton is None, reason="triton not installed (it ships with torch's CUDA builds)")
 def test_fused_threshold_sum_equals_float64_in_the_triton_interpreter():
-    """The Triton kernel of the thresholded set score, run by Triton's CPU interpreter (TRITON_INTERPRET=1, in a
-    subprocess: it is read at import), on sizes that are no multiple of its blocks (T, D, keys, anchor views):
-    the table equals float64, and _guided_choice with it picks the float64 sets in both layouts, also compiled
-    in one graph (the custom op)."""
+    """The Triton kernel of the thresholded set score, run by Triton's CPU interpreter (TRITON_INTERPRET=1, in
+    a subprocess: it is read at import), on sizes that are no multiple of its blocks (T, D, keys, anchor
+    views): the table equals float64, and _guided_choice with it picks the float64 sets in both layouts, also
+    compiled in one graph (the custom op)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", FUSED_CHECK], env=env, capture_output=True, text=True, timeout=300,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", FUSED_CHECK], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert out.returncode == 0 and "fused ok" in out.stdout, out.stderr[-3000:]

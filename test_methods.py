@@ -18,7 +18,7 @@ import methods
 import vit
 from conftest import GUIDED, TINY, make_images, run_pretrain
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # ContrastiveCrop
 
 
@@ -33,8 +33,8 @@ def test_ccrop_schedule():
 
 
 def naive_box(heat, k, H, W):
-    """Min-max normalise, bilinear upsampling written out (align_corners=False: src = max((dst + .5) * in/out -
-    .5, 0)), then a scan for the first and last row / column holding a pixel > k."""
+    """Min-max normalise, bilinear upsampling written out (align_corners=False: src = max((dst + .5) * in/out
+    - .5, 0)), then a scan for the first and last row / column holding a pixel > k."""
     h = np.asarray(heat, np.float64)
     if h.max() == h.min():
         return (0.0, 0.0, 1.0, 1.0)
@@ -64,8 +64,10 @@ def test_heat_to_box_matches_naive_scan():
     g = torch.Generator().manual_seed(0)
     yy, xx = torch.meshgrid(torch.arange(6.0), torch.arange(5.0), indexing="ij")
     maps = [torch.rand(4, 4, generator=g), torch.rand(6, 5, generator=g) ** 4, torch.full((4, 4), 3.0),
-            -((yy - 4.2) ** 2 + (xx - 1.0) ** 2) / 2, torch.zeros(6, 5).index_fill_(0, torch.tensor([2]), 1.0)]
-    maps += [torch.exp(-((yy - c) ** 2 + (xx - d) ** 2) / s) for c, d, s in ((0, 0, 0.5), (5, 4, 2), (2, 3, 9))]
+            -((yy - 4.2) ** 2 + (xx - 1.0) ** 2) / 2, torch.zeros(6,
+                                                                  5).index_fill_(0, torch.tensor([2]), 1.0)]
+    maps += [torch.exp(-((yy - c) ** 2 + (xx - d) ** 2) / s) for c, d,
+             s in ((0, 0, 0.5), (5, 4, 2), (2, 3, 9))]
     seen = set()
     for heat in maps:
         for k in (0.0, 0.1, 0.5, 0.9):
@@ -83,17 +85,19 @@ def test_heat_to_box_matches_naive_scan():
 
 
 def identity_backbone():
-    """vit_test whose blocks are identities, no position embedding, and whose patch embedding gives every channel
-    the mean normalised pixel value + 1.986 (about 0 on black): the token_norm heat map is bright-patch
-    indicator."""
+    """vit_test whose blocks are identities, no position embedding, and whose patch embedding gives every
+    channel the mean normalised pixel value + 1.986 (about 0 on black): the token_norm heat map is
+    bright-patch indicator."""
     torch.manual_seed(0)
     b = vit.create_vit("vit_test")
     with torch.no_grad():
         for name, p in b.named_parameters():
-            if name.endswith(("attn.proj.weight", "attn.proj.bias", "mlp.fc2.weight", "mlp.fc2.bias", "pos_embed")):
+            if name.endswith(("attn.proj.weight", "attn.proj.bias", "mlp.fc2.weight",
+                              "mlp.fc2.bias", "pos_embed")):
                 p.zero_()
         b.patch_embed.proj.weight.fill_(1 / (3 * 8 * 8))
-        b.patch_embed.proj.bias.fill_(float(np.mean(np.array(data.IMAGENET_MEAN) / np.array(data.IMAGENET_STD))))
+        ratio = np.array(data.IMAGENET_MEAN) / np.array(data.IMAGENET_STD)
+        b.patch_embed.proj.bias.fill_(float(np.mean(ratio)))
     return b.train()
 
 
@@ -101,7 +105,8 @@ def test_localise_finds_bright_squares(tmp_path):
     """One box per file in file order, each the heat_to_box of the bright tokens; an unreadable file keeps the
     full box; the backbone goes back to train mode."""
     files, expected = [], []
-    for i, (t0, t1, l0, l1) in enumerate([(1, 3, 1, 3), (0, 1, 2, 4), (2, 4, 0, 1), (3, 4, 3, 4), (0, 4, 1, 2)]):
+    for i, (t0, t1, l0, l1) in enumerate([(1, 3, 1, 3), (0, 1, 2, 4), (2, 4, 0, 1),
+                                          (3, 4, 3, 4), (0, 4, 1, 2)]):
         img = np.zeros((32, 32, 3), np.uint8)
         img[8 * t0:8 * t1, 8 * l0:8 * l1] = 255
         files.append(str(tmp_path / f"{i}.png"))
@@ -124,16 +129,16 @@ def test_localise_finds_bright_squares(tmp_path):
 
 
 def test_ccrop_warmup_switch_reaches_persistent_workers(tmp_path):
-    """TwoViews(ccrop_warmup=W): plain RRC (the same draws as boxes=None) before epoch W, ContrastiveCrop from W
-    on; an in-place update of the shared boxes reaches persistent loader workers, as in pretrain.py."""
+    """TwoViews(ccrop_warmup=W): plain RRC (the same draws as boxes=None) before epoch W, ContrastiveCrop from
+    W on; an in-place update of the shared boxes reaches persistent loader workers, as in pretrain.py."""
     make_images(tmp_path, n=4, size=100)
     files = sorted(str(p) for p in tmp_path.iterdir())
     boxes = torch.tensor([[0.0, 0.0, 0.05, 0.05]]).repeat(4, 1).share_memory_()
     ds = data.TwoViews(files, img_size=8, scale=(0.02, 0.05), boxes=boxes, ccrop_warmup=2)
     rrc = data.TwoViews(files, img_size=8, scale=(0.02, 0.05))
     sampler = data.EpochSampler(4, 4)
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler, num_workers=2, persistent_workers=True,
-                                         collate_fn=data.two_view_batch)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler, num_workers=2,
+                                         persistent_workers=True, collate_fn=data.two_view_batch)
     for epoch in range(4):
         ds.set_epoch(epoch), rrc.set_epoch(epoch), sampler.set_epoch(epoch)
         if epoch == 3:
@@ -177,7 +182,7 @@ def test_ccrop_centres_through_two_views(tmp_path):
     assert np.abs(u - np.arange(1, len(u) + 1) / len(u)).max() < 0.065
     assert np.mean(np.abs(us[0.3] - 0.5) > 0.4) > 0.45 > 0.25 > np.mean(np.abs(u - 0.5) > 0.4)
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # MCL montage
 
 
@@ -233,7 +238,7 @@ def test_block_attn_mask_isolates_cells():
     assert torch.allclose(e_a[0], a[0, [1, 2, 5, 6]].mean(0))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # end to end
 
 
@@ -258,7 +263,8 @@ def test_ccrop_run_one_process(tmp_path):
 def test_montage_run_one_process(tmp_path):
     images = make_images(tmp_path / "imgs")
     out = tmp_path / "run"
-    r = run_pretrain(TINY + GUIDED + ["--data", images, "--batch-size", "8", "--max-steps", "2", "--out-dir", str(out),
+    r = run_pretrain(TINY + GUIDED + ["--data", images, "--batch-size", "8", "--max-steps", "2",
+                                      "--out-dir", str(out),
                              "--montage", "--montage-r", "2", "4", "--montage-block-attn"])
     assert r.returncode == 0, r.stdout + r.stderr
     log = read_log(out)
@@ -268,10 +274,10 @@ def test_montage_run_one_process(tmp_path):
 
 
 def test_both_options_two_processes_and_resume(tmp_path):
-    """torchrun, 2 processes, 2 steps an epoch: run to step 2 (warm-up epoch 0, boxes untouched), resume to step
-    3 (the boxes are computed at the start of epoch 1 from the step-2 weights, rank-sharded and gathered),
-    resume to step 4 (mid-epoch: the checkpoint's boxes are restored, not recomputed). The boxes equal a
-    one-process localisation."""
+    """torchrun, 2 processes, 2 steps an epoch: run to step 2 (warm-up epoch 0, boxes untouched), resume to
+    step 3 (the boxes are computed at the start of epoch 1 from the step-2 weights, rank-sharded and
+    gathered), resume to step 4 (mid-epoch: the checkpoint's boxes are restored, not recomputed). The boxes
+    equal a one-process localisation."""
     images = make_images(tmp_path / "imgs")
     out = tmp_path / "run"
     argv = TINY + GUIDED + [
@@ -296,3 +302,26 @@ def test_both_options_two_processes_and_resume(tmp_path):
     assert torch.equal(boxes[2], boxes[1])
     log = read_log(out)
     assert [rec["step"] for rec in log] == [1, 2, 3, 4] and all(rec["montage"] > 0 for rec in log)
+
+
+def test_montage_loss_matches_naive_loop():
+    g = torch.Generator().manual_seed(0)
+    cells = torch.randn(11, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 5, (11,), generator=g)
+    tau = 0.3
+    loss = methods.montage_loss(cells, targets, labels, tau)
+    ref = 0
+    for c in range(11):
+        p = cells[c] / cells[c].norm()
+        logits = [torch.dot(p, targets[j] / targets[j].norm()) / tau for j in range(5)]
+        ref = ref - torch.log(torch.exp(logits[labels[c]]) / sum(torch.exp(v) for v in logits)) / 11
+    assert torch.allclose(loss, ref, rtol=1e-12)
+    ga = torch.autograd.grad(loss, (cells, targets))
+    gb = torch.autograd.grad(ref, (cells, targets))
+    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(ga, gb))
+    assert ga[1].abs().sum() > 0  # the targets carry gradient
+    with pytest.raises(ValueError, match="labels"):
+        methods.montage_loss(cells, targets, labels + 5, tau)
+    with pytest.raises(ValueError, match="labels"):
+        methods.montage_loss(cells, targets, labels.int(), tau)

@@ -1,9 +1,12 @@
-"""Tests of pretrainer.py: every objective trains, the objective is the weighted sum of its separately computed
-terms, the montage branch, and the forward (views + draws -> loss) traces as one graph for torch.compile."""
+"""Tests of pretrainer.py: every objective trains, the objective is the weighted sum of its separately
+computed terms, the montage branch, and the forward (views + draws -> loss) traces as one graph for
+torch.compile."""
 import pytest
 import torch
 
+import config
 import losses
+import methods
 import pretrain
 import pretrainer
 from conftest import GUIDED, TINY, tiny_trainer
@@ -21,7 +24,7 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_each_objective_trains(name):
-    args = pretrain.resolve_args(TINY + CONFIGS[name] + ["--data", "unused"])
+    args = config.resolve_args(TINY + CONFIGS[name] + ["--data", "unused"])
     model, before, opt, x = tiny_trainer(args)
     for step in range(3):
         _, _, draws = model.draws(x, pretrain.step_generator(0, step, torch.device("cpu")))
@@ -44,9 +47,12 @@ def test_each_objective_trains(name):
 def test_objective_is_the_weighted_sum_of_its_terms():
     """L = (1-lam)*global + lam*dense + gamma*recon + mu*montage, each term computed here on its own from the
     model's outputs, with weights other than 0 and 1 and a different temperature for every term."""
-    args = pretrain.resolve_args(TINY + GUIDED + ["--data", "unused", "--lam", "0.3", "--gamma", "0.7", "--mu", "0.6",
-                                         "--montage", "--montage-r", "2", "4", "--tau-g", "0.1", "--tau-d", "0.3",
-                                         "--tau-m", "0.45", "--neg", "guided", "--beta", "0.2", "--recon", "l1"])
+    args = config.resolve_args(TINY + GUIDED + ["--data", "unused", "--lam", "0.3", "--gamma",
+                                                "0.7", "--mu", "0.6",
+                                         "--montage", "--montage-r", "2", "4", "--tau-g", "0.1",
+                                                "--tau-d", "0.3",
+                                         "--tau-m", "0.45", "--neg", "guided", "--beta", "0.2",
+                                                "--recon", "l1"])
     model, _, _, x = tiny_trainer(args)
     canvases, labels, draws = model.draws(x, pretrain.step_generator(0, 0, torch.device("cpu")))
     out = model.outputs(x, canvases)
@@ -60,32 +66,35 @@ def test_objective_is_the_weighted_sum_of_its_terms():
     montage = 0
     for w, c, lab in zip((2 / 3, 1 / 3), cells, labels):  # 1/2, 1/4 normalised to sum 1
         lab, h = lab.reshape(-1), c.shape[0] // 2
-        montage = montage + w * (losses.montage_loss(c[:h], u[B:], lab[:h], 0.45) +
-                                 losses.montage_loss(c[h:], u[:B], lab[h:], 0.45)) / 2
+        montage = montage + w * (methods.montage_loss(c[:h], u[B:], lab[:h], 0.45) +
+                                 methods.montage_loss(c[h:], u[:B], lab[h:], 0.45)) / 2
     for name, want in (("global", glob), ("dense", dense), ("recon", recon), ("montage", montage)):
         assert torch.allclose(terms[name], want, atol=1e-6), name
     assert torch.allclose(loss, 0.7 * glob + 0.3 * dense + 0.7 * recon + 0.6 * montage, atol=1e-6)
 
 
 def test_montage_objective_trains():
-    args = pretrain.resolve_args(TINY + ["--montage", "--montage-r", "2", "4", "--montage-block-attn", "--lam", "0",
+    args = config.resolve_args(TINY + ["--montage", "--montage-r", "2", "4",
+                                       "--montage-block-attn", "--lam", "0",
                                          "--data", "unused"])
     model, before, opt, x = tiny_trainer(args)
     for step in range(2):
         gen = pretrain.step_generator(0, step, torch.device("cpu"))
         canvases, labels, draws = model.draws(x, gen)
-        assert [c.shape[0] for c in canvases] == [2 * 2, 2 * 1] and [l.shape for l in labels] == [(4, 4), (2, 16)]
+        assert [c.shape[0] for c in canvases] == [2 * 2, 2 * 1] and [l.shape
+                                                                     for l in labels] == [(4, 4), (2, 16)]
         loss, terms = model.objective(model.outputs(x, canvases), x, draws, labels)
         assert torch.isfinite(loss) and terms["montage"] > 0
         assert torch.allclose(loss, terms["global"] + terms["montage"])  # lam = 0, mu = 1
         opt.zero_grad()
         loss.backward()
         opt.step()
-    changed = {".".join(k.split(".")[:2]) for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    changed = {".".join(k.split(".")[:2]) for k, v in model.state_dict().items()
+               if not torch.equal(v, before[k])}
     assert {"montage_heads.0", "montage_heads.1"} <= changed
     with pytest.raises(ValueError, match="--montage-r"):
         pretrainer.Pretrainer(
-            pretrain.resolve_args(TINY + GUIDED + ["--montage", "--montage-r", "3", "--data", "unused"]))
+            config.resolve_args(TINY + GUIDED + ["--montage", "--montage-r", "3", "--data", "unused"]))
 
 
 STEP_CONFIGS = {
@@ -100,7 +109,7 @@ STEP_CONFIGS = {
 def test_step_compiles_as_one_graph(name):
     """The forward and the objective trace without a graph break (every draw is made before them, in
     model.draws), so fullgraph=True compiles them as one graph (under the bf16 autocast of a CUDA run)."""
-    args = pretrain.resolve_args(TINY + ["--data", "unused"] + STEP_CONFIGS[name])
+    args = config.resolve_args(TINY + ["--data", "unused"] + STEP_CONFIGS[name])
     model, _, _, x = tiny_trainer(args)
     canvases, labels, draws = model.draws(x, pretrain.step_generator(0, 0, torch.device("cpu")))
     torch._dynamo.reset()

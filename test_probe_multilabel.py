@@ -1,5 +1,5 @@
-"""probe_multilabel.py end to end on the demo set with the 32 px test ViT, our checkpoints and plain state dicts,
-and its error paths (one `error: ...` line, exit code 2, nothing executed)."""
+"""probe_multilabel.py end to end on the demo set with the 32 px test ViT, our checkpoints and plain state
+dicts, and its error paths (one `error: ...` line, exit code 2, nothing executed)."""
 import json
 import os
 import pickle
@@ -16,8 +16,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools"
 
 def test_multilabel_end_to_end(demo_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(demo_dir)
-    argv = ["--random-init", "--model", "vit_test", "--epochs", "2", "--workers", "0", "--cache", str(tmp_path / "c"),
-            "--out", str(tmp_path / "ml.json")]
+    argv = ["--random-init", "--model", "vit_test", "--epochs", "2", "--workers", "0", "--cache",
+            str(tmp_path / "c"), "--out", str(tmp_path / "ml.json")]
     assert probe_multilabel.main(argv) == 0
     assert "cached" not in capsys.readouterr().out
     result = json.loads((tmp_path / "ml.json").read_text())
@@ -29,14 +29,17 @@ def test_multilabel_end_to_end(demo_dir, tmp_path, monkeypatch, capsys):
     assert "cached features" in capsys.readouterr().out
 
 def test_pretraining_checkpoint_sets_agg_and_size(demo_dir, tmp_path, monkeypatch):
-    """Our checkpoint format: the probes take agg and img_size from its 'args' (2x img_size for segmentation)."""
+    """Our checkpoint format: the probes take agg and img_size from its 'args' (2x img_size for
+    segmentation)."""
     monkeypatch.chdir(demo_dir)
     torch.manual_seed(0)
     backbone = vit.create_vit("vit_test")
-    torch.save({"model": backbone.state_dict(), "vit_config": backbone.config, "args": {"agg": "cls", "img_size": 16}},
+    torch.save({"model": backbone.state_dict(), "vit_config": backbone.config,
+                "args": {"agg": "cls", "img_size": 16}},
                tmp_path / "ckpt.pt")
     common = [str(tmp_path / "ckpt.pt"), "--epochs", "1", "--workers", "0"]
-    assert probe_multilabel.main(common + ["--cache", str(tmp_path / "c"), "--out", str(tmp_path / "ml.json")]) == 0
+    assert probe_multilabel.main(common + ["--cache", str(tmp_path / "c"), "--out",
+                                           str(tmp_path / "ml.json")]) == 0
     result = json.loads((tmp_path / "ml.json").read_text())
     assert (result["agg"], result["img_size"]) == ("cls", 16)
     assert probe_segment.main(common + ["--out", str(tmp_path / "seg.json")]) == 0
@@ -66,10 +69,12 @@ def test_checkpoint_errors(main, tmp_path, capsys):
         pickle.dump({"model": RunsCode(marker)}, f, protocol=2)
     assert "weights_only" in error_of(main, [str(tmp_path / "evil.pt")], capsys)
     assert not marker.exists()
-    torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(10, 8)}, tmp_path / "resnet.pt")
+    torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(10, 8)},
+               tmp_path / "resnet.pt")
     assert "not a ViT" in error_of(main, [str(tmp_path / "resnet.pt")], capsys)
     deeper = vit.create_vit("vit_test", depth=3)  # a config that does not match the weights
-    torch.save({"model": deeper.state_dict(), "vit_config": vit.CONFIGS["vit_test"], "args": {}}, tmp_path / "d.pt")
+    torch.save({"model": deeper.state_dict(), "vit_config": vit.CONFIGS["vit_test"], "args": {}},
+               tmp_path / "d.pt")
     assert "unexpected keys ['blocks.2." in error_of(main, [str(tmp_path / "d.pt")], capsys)
     assert "either CKPT" in error_of(main, [str(tmp_path / "resnet.pt"), "--random-init"], capsys)
 
@@ -77,7 +82,8 @@ def coco_flags(tmp_path, json_path):
     return ["--random-init", "--model", "vit_test", "--train-json", str(json_path), "--train-images",
             str(tmp_path / "img"), "--val-json", str(json_path), "--val-images", str(tmp_path / "img")]
 
-@pytest.mark.parametrize("main, extra", [(probe_multilabel.main, []), (probe_segment.main, ["--dataset", "coco"])])
+@pytest.mark.parametrize("main, extra", [(probe_multilabel.main, []),
+                                         (probe_segment.main, ["--dataset", "coco"])])
 def test_coco_file_errors(main, extra, tmp_path, capsys):
     good = json.loads(tiny_coco(tmp_path).read_text())
     bad = tmp_path / "no_images.json"
@@ -103,7 +109,8 @@ def test_probes_refuse_bad_inputs(tmp_path, capsys):
                              "iscrowd": 0, "segmentation": [[0, 0, 4, 0, 4, 4]]}],
             "categories": [{"id": 1, "name": "thing"}]}  # a COCO file without its "images" list
     (tmp_path / "no_images.json").write_text(json.dumps(coco))
-    args = [str(out / "ckpt.pt"), "--train-json", str(tmp_path / "no_images.json"), "--train-images", str(tmp_path),
+    args = [str(out / "ckpt.pt"), "--train-json", str(tmp_path / "no_images.json"),
+            "--train-images", str(tmp_path),
             "--val-json", str(tmp_path / "no_images.json"), "--val-images", str(tmp_path), "--out",
             str(tmp_path / "res.json")]
     assert probe_multilabel.main(args) == 2

@@ -26,7 +26,8 @@ def test_map_hand_values():
     assert mean_average_precision([[0.9], [0.8], [0.7], [0.6]], [[1], [0], [1], [0]]) == pytest.approx(
         100 * (0.5 * 1 + 0.5 * 2 / 3))
     # tied scores form one threshold: (0.5, P=1/2), then (1.0, P=2/3)
-    assert mean_average_precision([[0.5], [0.5], [0.1]], [[1], [0], [1]]) == pytest.approx(100 * (0.25 + 1 / 3))
+    assert mean_average_precision([[0.5], [0.5], [0.1]], [[1], [0],
+                                                          [1]]) == pytest.approx(100 * (0.25 + 1 / 3))
 
 def test_map_against_brute_force_with_ties_and_empty_class():
     rng = np.random.default_rng(0)
@@ -35,7 +36,8 @@ def test_map_against_brute_force_with_ties_and_empty_class():
     targets[:, 4] = 0  # no positives: skipped
     want = 100 * np.mean([brute_ap(scores[:, c], targets[:, c]) for c in range(6) if c != 4])
     assert mean_average_precision(scores, targets) == pytest.approx(want, abs=1e-9)
-    assert mean_average_precision(torch.tensor(scores), torch.tensor(targets)) == pytest.approx(want, abs=1e-9)
+    assert mean_average_precision(torch.tensor(scores),
+                                  torch.tensor(targets)) == pytest.approx(want, abs=1e-9)
 
 def test_map_against_sklearn():
     sklearn_metrics = pytest.importorskip("sklearn.metrics")
@@ -91,7 +93,8 @@ def test_online_probe_is_deterministic_and_leaves_the_callers_rng(tmp_path):
     feats = torch.cat([vit.global_feature(probing.frozen_tokens(backbone, probe.images[i][0][None]), "gap")
                        for i in range(len(probe.images))])
     torch.manual_seed(3)
-    mean, std, head = probing.train_linear_head(feats[:5], probe.train_labels, 50, 1e-2, 1e-4, "cpu", quiet=True)
+    mean, std, head = probing.train_linear_head(feats[:5], probe.train_labels, 50, 1e-2, 1e-4,
+                                                "cpu", quiet=True)
     with torch.no_grad():
         scores = torch.sigmoid(head((feats[5:] - mean) / std)).numpy()
     assert first["probe_mAP"] == pytest.approx(mean_average_precision(scores, probe.heldout_labels), abs=1e-3)

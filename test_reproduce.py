@@ -1,5 +1,5 @@
-"""reproduce.py --quick end to end (two rows, one seed, the test ViT): results.md / .json / .png written, every
-run in its own folder, a second call skips what is done and redoes only what is missing."""
+"""reproduce.py --quick end to end (two rows, one seed, the test ViT): results.md / .json / .png written,
+every run in its own folder, a second call skips what is done and redoes only what is missing."""
 import json
 import os
 
@@ -50,14 +50,16 @@ def test_an_interrupted_pretraining_is_resumed(demo_dir, tmp_path, monkeypatch):
     assert "resumed at step 4" in (folder / "log.txt").read_text()
 
 
-@pytest.mark.parametrize("table,n", [("main", 10), ("agg-pair", 5), ("lambda", 10), ("negatives", 36), ("recon", 8)])
+@pytest.mark.parametrize("table,n", [("main", 10), ("agg-pair", 5), ("lambda", 10),
+                                     ("negatives", 36), ("recon", 8)])
 def test_tables_have_their_rows(table, n):
     rows = reproduce.rows_of(table)
     assert len(rows) == n and len({reproduce.slug(name) for name, _ in rows}) == n
 
 
 def test_cross_view_negatives_keep_the_posters_share_of_tokens(capsys):
-    assert reproduce.cross_view(64, 196) == "64" and reproduce.cross_view(64, 64) == "21"  # 64/196 of the tokens
+    # 64/196 of the tokens
+    assert reproduce.cross_view(64, 196) == "64" and reproduce.cross_view(64, 64) == "21"
     assert reproduce.cross_view(64, 16) == "5" and reproduce.cross_view(0, 64) == "0"
     assert reproduce.cross_view(196, 64) == "63"  # never all of the partner's tokens (the match is excluded)
     star = dict(zip(*[iter(dict(reproduce.rows_of("main", tokens=64))["DenseCL++* gap"])] * 2))

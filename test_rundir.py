@@ -1,4 +1,5 @@
-"""Tests of rundir.py: atomic checkpoints (a crash or a kill while writing never replaces the last good one)."""
+"""Tests of rundir.py: atomic checkpoints (a crash or a kill while writing never replaces the last good
+one)."""
 import os
 
 import pytest
@@ -27,11 +28,13 @@ def test_killed_writer_leaves_only_a_temp_file(tmp_path):
     """A process killed inside torch.save leaves ckpt.pt.tmp; --resume reads ckpt.pt, never the temp file."""
     images = make_images(tmp_path / "imgs")
     out = tmp_path / "run"
-    assert run_pretrain(TINY + GUIDED + ["--data", images, "--batch-size", "4", "--max-steps", "2", "--out-dir",
+    assert run_pretrain(TINY + GUIDED + ["--data", images, "--batch-size", "4", "--max-steps",
+                                         "2", "--out-dir",
                                 str(out)]).returncode == 0
     with open(out / "ckpt.pt.tmp", "wb") as fh:
         fh.write(b"garbage from a killed writer")
-    r = run_pretrain(TINY + GUIDED + ["--data", images, "--batch-size", "4", "--max-steps", "3", "--out-dir", str(out),
+    r = run_pretrain(TINY + GUIDED + ["--data", images, "--batch-size", "4", "--max-steps", "3",
+                                      "--out-dir", str(out),
                              "--resume"])
     assert r.returncode == 0 and "resumed at step 2" in r.stdout, r.stderr
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3

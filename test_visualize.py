@@ -1,5 +1,5 @@
-"""visualize.py: the attention, correspondence and curve pictures are written, sized as documented and not blank;
-bad input is one error line."""
+"""visualize.py: the attention, correspondence and curve pictures are written, sized as documented and not
+blank; bad input is one error line."""
 import json
 
 import numpy as np
@@ -38,8 +38,8 @@ def test_attention_and_correspondence_pictures(tmp_path, capsys):
 
 def test_curves_picture(tmp_path):
     log = tmp_path / "log.jsonl"
-    recs = [{"step": s, "epoch": s // 5, "loss": 4 - 0.1 * s, "global": 4.2 - 0.1 * s, "dense": 3.8 - 0.05 * s,
-             "lr": 1e-3, "img_per_s": 100.0, "skipped": 0} for s in range(1, 21)]
+    recs = [{"step": s, "epoch": s // 5, "loss": 4 - 0.1 * s, "global": 4.2 - 0.1 * s,
+             "dense": 3.8 - 0.05 * s, "lr": 1e-3, "img_per_s": 100.0, "skipped": 0} for s in range(1, 21)]
     recs += [{"step": 10, "epoch": 2, "probe_mAP": 41.0, "n_train": 5, "n_heldout": 5, "probe_s": 1.0},
              {"step": 20, "epoch": 4, "probe_mAP": 45.5, "n_train": 5, "n_heldout": 5, "probe_s": 1.0}]
     log.write_text("\n".join(json.dumps(r) for r in recs) + "\n")

@@ -1,15 +1,17 @@
 """
 Pictures of what a pretrained backbone learned, and of a run's log (PIL only; nothing else to install):
 
-    python visualize.py out/ckpt.pt img1.jpg img2.jpg --out vis/    # per image: CLS attention, dense correspondence
+    python visualize.py out/ckpt.pt img1.jpg img2.jpg --out vis/    # per image: CLS attention, matches
     python visualize.py --log out/log.jsonl --out vis/              # loss terms and probe_mAP over the steps
 
-    attn_<image>.png    the image and the last block's CLS attention over the patches, one panel per head and their
-                        mean (what DINO's visualize_attention.py shows; ContrastiveCrop's heat map is the mean)
-    match_<image>.png   two augmented views of the image (pretraining's own augmentation) side by side, and a line
-                        from each anchor token of a grid in view 1 to the token of view 2 that losses.match pairs it
-                        with (METHOD.md 3: argmax cosine of the backbone's patch tokens), the positives DenseCL trains
-    curves.png          every logged term (loss, global, dense, ..., lam, grad_norm) and the online probe's mAP
+    attn_<image>.png    the image and the last block's CLS attention over the patches, one panel per head and
+                        their mean (what DINO's visualize_attention.py shows; ContrastiveCrop's heat map is
+                        the mean)
+    match_<image>.png   two augmented views of the image (pretraining's own augmentation) side by side, and a
+                        line from each anchor token of a grid in view 1 to the token of view 2 that
+                        losses.match pairs it with (METHOD.md 3: argmax cosine of the backbone's patch
+                        tokens), the positives DenseCL trains
+    curves.png          every logged term (loss, global, dense, ..., lam, grad_norm), the online probe's mAP
 """
 import argparse
 import json
@@ -20,6 +22,7 @@ import sys
 import torch
 from PIL import Image, ImageDraw
 
+import augment
 import data
 import losses
 import probing
@@ -30,16 +33,18 @@ HEAT = [(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)]
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add = parser.add_argument
     add("ckpt", nargs="?", metavar="CKPT", help="our pretraining checkpoint or a timm-layout ViT state dict")
     add("images", nargs="*", metavar="IMAGE", help="image files to draw")
     add("--log", default=None, help="a run's log.jsonl: draw its curves instead")
     add("--out", default="vis", help="folder of the PNGs (made if missing)")
     add("--img-size", type=int, default=None, help="input size (default: the pretraining --img-size)")
-    add("--model", default=None, choices=sorted(vit.CONFIGS), help="config of a plain state dict (its head count)")
-    add("--anchors", type=int, default=6, help="anchor grid of the correspondence picture: this many per side")
+    add("--model", default=None, choices=sorted(vit.CONFIGS),
+        help="config of a plain state dict (its head count)")
+    add("--anchors", type=int, default=6,
+        help="anchor grid of the correspondence picture: this many per side")
     add("--seed", type=int, default=0, help="seed of the two augmented views")
     add("--scale", type=int, default=4, help="display size = this x the input size, for small demo images")
     return parser
@@ -63,7 +68,8 @@ def heat_image(heat, size):
 def to_pil(x):
     """A normalised view [3, S, S] back to an RGB image."""
     mean, std = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
-    return Image.fromarray((x.float().cpu() * std + mean).clamp(0, 1).mul(255).byte().permute(1, 2, 0).numpy())
+    return Image.fromarray((x.float().cpu() * std + mean).clamp(0,
+                                                                1).mul(255).byte().permute(1, 2, 0).numpy())
 
 
 def labelled(panels, labels, pad=4, text_h=14):
@@ -90,13 +96,16 @@ def attention_picture(model, x, display):
 
 
 def views_of(path, S, seed):
-    """Two augmented views [2, 3, S, S] of one image, with pretraining's augmentation (data.TwoViews + photometric)."""
+    """Two augmented views [2, 3, S, S] of one image, with pretraining's augmentation (data.TwoViews +
+    photometric)."""
     sample = data.TwoViews([path], S, seed=seed)[0]
-    return torch.cat([data.photometric(sample[f"view{i}"][None], sample[f"photo{i}"][None]) for i in (1, 2)])
+    return torch.cat([augment.photometric(sample[f"view{i}"][None], sample[f"photo{i}"][None])
+                      for i in (1, 2)])
 
 
 def match_picture(model, views, anchors, display):
-    """View 1 and view 2 side by side; from a grid of anchor tokens of view 1, a line to the matched token of view 2."""
+    """View 1 and view 2 side by side; from a grid of anchor tokens of view 1, a line to the matched token of
+    view 2."""
     with torch.no_grad():
         tokens = model.forward_features(views)[:, 1:]
     j = losses.match(tokens[:1], tokens[1:])[0]  # [T]: for each token of view 1 its partner in view 2
@@ -116,7 +125,8 @@ def match_picture(model, views, anchors, display):
         draw.line([a, b], fill=hue, width=2)
         for x, y in (a, b):
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], outline="white", fill=hue)
-    return labelled([canvas], ["view 1 -> view 2: each anchor token's match (argmax cosine of the backbone tokens)"])
+    return labelled([canvas],
+                    ["view 1 -> view 2: each anchor token's match (argmax cosine of the backbone tokens)"])
 
 
 def curve_panel(points, title, w=420, h=220):
@@ -147,7 +157,8 @@ def curves_picture(records):
     skip = {"step", "epoch", "lr", "img_per_s", "mfu", "skipped", "n_train", "n_heldout", "probe_s"}
     names = []
     for rec in records:
-        names += [k for k, v in rec.items() if k not in skip and k not in names and isinstance(v, (int, float))]
+        names += [k for k, v in rec.items() if k not in skip and k not in names
+                  and isinstance(v, (int, float))]
     names = sorted(names, key=lambda k: (k != "loss", k == "probe_mAP", k))
     series = {k: [(r["step"], r[k]) for r in records if k in r and math.isfinite(r[k])] for k in names}
     panels = [curve_panel(points, k) for k, points in series.items() if points]
@@ -171,7 +182,8 @@ def main(argv=None):
             with open(args.log) as fh:
                 records = [json.loads(line) for line in fh if line.strip()]
             if not records or not all(isinstance(r, dict) and "step" in r for r in records):
-                raise ValueError(f"--log {args.log}: not a pretrain.py log.jsonl (one JSON object with 'step' a line)")
+                raise ValueError(f"--log {args.log}: not a pretrain.py log.jsonl (one JSON object "
+                                 f"with 'step' a line)")
             path = os.path.join(args.out, "curves.png")
             curves_picture(records).save(path)
             print(f"wrote {path}")

@@ -83,8 +83,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        """[B, C, H, W] -> [B, T, D], tokens in row-major order, each the projection of its (c, y, x)-flattened
-        patch."""
+        """[B, C, H, W] -> [B, T, D], tokens in row-major order, each the projection of its (c, y,
+        x)-flattened patch."""
         B, C, H, W = x.shape
         p, w = self.patch_size, self.proj.weight
         patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)
@@ -108,7 +108,8 @@ class VisionTransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        """timm's ViT init: trunc-normal(0.02) for pos-embed and linears, 1e-6-normal CLS token, zero biases."""
+        """timm's ViT init: trunc-normal(0.02) for pos-embed and linears, 1e-6-normal CLS token, zero
+        biases."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         for m in self.modules():
@@ -156,9 +157,9 @@ class VisionTransformer(nn.Module):
 
     @torch.no_grad()
     def last_cls_attention(self, x):
-        """The last block's attention of the CLS token over the patch tokens, [B, heads, T] in float32 (each row
-        sums to 1 minus the CLS token's own share), as DINO's get_last_selfattention: ContrastiveCrop's heat
-        map and visualize.py's pictures."""
+        """The last block's attention of the CLS token over the patch tokens, [B, heads, T] in float32 (each
+        row sums to 1 minus the CLS token's own share), as DINO's get_last_selfattention: ContrastiveCrop's
+        heat map and visualize.py's pictures."""
         x = self.tokens_in(x)
         for blk in self.blocks[:-1]:
             x = blk(x)
@@ -168,7 +169,8 @@ class VisionTransformer(nn.Module):
 
 
 def create_vit(name="vit_small", **overrides):
-    """A ViT from one of CONFIGS, with any field overridden (depth, embed_dim, num_heads, patch_size, img_size)."""
+    """A ViT from one of CONFIGS, with any field overridden (depth, embed_dim, num_heads, patch_size,
+    img_size)."""
     if name not in CONFIGS:
         raise ValueError(f"--model {name!r}: expected one of {sorted(CONFIGS)}")
     return VisionTransformer(**{**CONFIGS[name], **overrides})
@@ -189,8 +191,8 @@ def global_feature(tokens, agg):
 
 
 def vit_flops(config, img_size=None):
-    """Forward matmul FLOPs (2 per multiply-add) of one image: patch embedding, qkv/proj/MLP linears and the two
-    attention products; norms, softmax and GELU are ignored, as in the usual MFU accounting (training = 3x
+    """Forward matmul FLOPs (2 per multiply-add) of one image: patch embedding, qkv/proj/MLP linears and the
+    two attention products; norms, softmax and GELU are ignored, as in the usual MFU accounting (training = 3x
     this)."""
     D, p, depth = config["embed_dim"], config["patch_size"], config["depth"]
     n = 1 + ((img_size or config["img_size"]) // p) ** 2
@@ -199,10 +201,9 @@ def vit_flops(config, img_size=None):
     return 2 * (n - 1) * 3 * p * p * D + depth * per_block
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Loading a backbone from a file: our pretraining checkpoint, a plain timm-layout state dict (timm, DINO), or
-# a
-# DINO-style training checkpoint ('teacher'/'student' with 'module.backbone.' prefixes). Shared by both
+# a DINO-style training checkpoint ('teacher'/'student' with 'module.backbone.' prefixes). Shared by both
 # probes.
 
 TIMM_WIDTHS = {192: 3, 384: 6, 768: 12, 1024: 16}  # timm's ViT-Ti/S/B/L: 64 channels a head
@@ -226,15 +227,17 @@ def _config_from_state_dict(sd, name=None):
     heads = {c["num_heads"] for c in CONFIGS.values() if c["embed_dim"] == D}
     if name is not None:
         if CONFIGS[name]["embed_dim"] != D:
-            raise ValueError(f"--model {name} has width {CONFIGS[name]['embed_dim']}, the state dict's is {D}")
+            raise ValueError(f"--model {name} has width {CONFIGS[name]['embed_dim']}, the "
+                             f"state dict's is {D}")
         heads = {CONFIGS[name]["num_heads"]}
     elif not heads and D in TIMM_WIDTHS:
         heads = {TIMM_WIDTHS[D]}
     if len(heads) != 1:
         raise ValueError(f"a plain state dict of width {D}: its head count is not stored and this width is "
-                         f"{'shared by configs with different head counts' if heads else 'not a known one'}; pass "
-                         f"--model with the config it was trained with (one of {sorted(CONFIGS)})")
-    return dict(img_size=grid * p, patch_size=p, embed_dim=D, depth=depth, num_heads=heads.pop(), mlp_ratio=hidden / D)
+                         f"{'shared by configs with different head counts' if heads else 'not a known one'}; "
+                         f"pass --model with the config it was trained with (one of {sorted(CONFIGS)})")
+    return dict(img_size=grid * p, patch_size=p, embed_dim=D, depth=depth, num_heads=heads.pop(),
+                mlp_ratio=hidden / D)
 
 
 def non_finite_keys(state_dict):
@@ -254,8 +257,8 @@ def load_backbone(path, device="cpu", name=None):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for code-carrying pickles, RuntimeError for non-torch files
-        raise ValueError(f"checkpoint {path}: refused by torch.load(weights_only=True) - not a plain tensor checkpoint "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise ValueError(f"checkpoint {path}: refused by torch.load(weights_only=True) - not a plain tensor "
+                         f"checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {path}: expected a dict of tensors, got {type(ckpt).__name__}")
     args, config = {}, None
@@ -275,10 +278,11 @@ def load_backbone(path, device="cpu", name=None):
             clean[k] = v
     bad = non_finite_keys(clean)
     if bad:
-        raise ValueError(f"checkpoint {path}: non-finite values (NaN/Inf) in {len(bad)} tensors, e.g. {bad[:3]}")
+        raise ValueError(f"checkpoint {path}: non-finite values (NaN/Inf) in {len(bad)} "
+                         f"tensors, e.g. {bad[:3]}")
     if config and name and CONFIGS[name]["num_heads"] != config["num_heads"]:
-        raise ValueError(f"checkpoint {path}: --model {name} has {CONFIGS[name]['num_heads']} heads, the checkpoint's "
-                         f"config {config['num_heads']}")
+        raise ValueError(f"checkpoint {path}: --model {name} has {CONFIGS[name]['num_heads']} heads, the "
+                         f"checkpoint's config {config['num_heads']}")
     try:
         model = VisionTransformer(**(config or _config_from_state_dict(clean, name)))
     except ValueError as e:
