@@ -201,8 +201,9 @@ def bench_train(cfg, device, files, rows, save):
             t = median_time(lambda: step(x), device, cfg.warmup, cfg.steps)
             simclr_time = t if objective == "SimCLR" else simclr_time
             flops = 3 * vit.vit_flops(model.backbone.config, S) * 2 * B
-            row.update(img_s=B / t, views_s=2 * B / t, step_ms=1e3 * t, mfu=100 * flops / t / peak if peak
-                       else None, mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+            row.update(img_s=B / t, views_s=2 * B / t, step_ms=1e3 * t,
+                       mfu=100 * flops / t / peak if peak else None,
+                       mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
                        ratio=t / simclr_time if simclr_time else None, wall_s=time.perf_counter() - t0)
             rows.append(row)
             save()
@@ -414,8 +415,8 @@ def main(argv=None):
         folder = cfg.jpeg_dir or tmp
         files = demo.make_jpegs(folder, cfg.n_jpegs) if {"data", "e2e", "run"} - skip else []
         for part, run in (("kernel", lambda: bench_kernel.bench_kernel(cfg, device, rows, median_time, free)),
-                          ("train", lambda: bench_train(cfg, device, [] if "e2e" in skip
-                                                        else files, rows, save)),
+                          ("train", lambda: bench_train(cfg, device, [] if "e2e" in skip else files,
+                                                        rows, save)),
                           ("vit", lambda: bench_vit(cfg, device, rows)),
                           ("run", lambda: bench_input.bench_run(cfg, device, folder, rows, *run_flags(cfg))),
                           ("data", lambda: bench_input.bench_data(cfg, device, files, rows))):

@@ -39,8 +39,8 @@ def tiny_trainer(args):
     torch.manual_seed(0)
     model = pretrainer.Pretrainer(args)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    return model, before, torch.optim.AdamW(pretrain.param_groups(model, 0.05),
-                                            lr=1e-3), torch.randn(12, 3, 32, 32)
+    opt = torch.optim.AdamW(pretrain.param_groups(model, 0.05), lr=1e-3)
+    return model, before, opt, torch.randn(12, 3, 32, 32)
 
 
 def run_pretrain(argv, nproc=1, timeout=300):

@@ -44,8 +44,8 @@ def _regular(n, a0=0.0, r=1.0):
 DEMO_OUTLINES = {
     'square': _regular(4, math.pi / 4),
     'triangle': _regular(3, -math.pi / 2),
-    'star': [p for pair in zip(_regular(5, -math.pi / 2), _regular(5, -math.pi / 2 + math.pi / 5,
-                                                                   0.45)) for p in pair],
+    'star': [p for pair in zip(_regular(5, -math.pi / 2), _regular(5, -math.pi / 2 + math.pi / 5, 0.45))
+             for p in pair],
     'cross': [(-.33, -1), (.33, -1), (.33, -.33), (1, -.33), (1, .33), (.33, .33), (.33, 1), (-.33, 1),
               (-.33, .33), (-1, .33), (-1, -.33), (-.33, -.33)],
     'diamond': [(0, -1), (.6, 0), (0, 1), (-.6, 0)],
@@ -75,8 +75,8 @@ def _demo_shape(shape, cx, cy, r, angle):
         d = np.hypot(xx - cx, yy - cy)
         return (d <= r) & (d >= (0.55 * r if shape == 'ring' else 0)), None
     c, s = math.cos(angle), math.sin(angle)
-    poly = [round(v, 2) for x, y in DEMO_OUTLINES[shape] for v in (cx + r * (c * x - s * y), cy
-                                                                   + r * (s * x + c * y))]
+    poly = [round(v, 2) for x, y in DEMO_OUTLINES[shape]
+            for v in (cx + r * (c * x - s * y), cy + r * (s * x + c * y))]
     return mask_utils.decode(mask_utils.frPyObjects([poly], S, S))[:, :, 0] > 0, poly
 
 
@@ -134,8 +134,8 @@ def _demo_scene(g, n_objects, crowd):
     for ci, mask, _, _, _ in kept:
         _, _, _, hue, texture = DEMO_CATEGORIES[ci]
         colour = _hsv(hue + 0.02 * torch.randn((), generator=g).item(), _u(g, 0.7, 1.0), _u(g, 0.75, 1.0))
-        obj_img = colour * _demo_texture(texture, g)[...,
-                                                     None] + 6 * torch.randn(S, S, 3, generator=g).numpy()
+        noise = torch.randn(S, S, 3, generator=g).numpy()
+        obj_img = colour * _demo_texture(texture, g)[..., None] + 6 * noise
         img[mask] = obj_img[mask]
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), kept
 

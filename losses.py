@@ -173,8 +173,8 @@ def dense_draws(generator, *, B, T, negatives, M=1, beta=None, N=0, score_tokens
     if negatives == "random":
         draws["sets"] = torch.randint(T, (2, Bg), generator=generator, device=gdev).to(dev)
     elif negatives == "guided":
-        draws["sets"] = torch.randint(T, (M, 2, Bg), generator=generator,
-                                      device=gdev).reshape(M, 2 * Bg).to(dev)
+        sets = torch.randint(T, (M, 2, Bg), generator=generator, device=gdev)
+        draws["sets"] = sets.reshape(M, 2 * Bg).to(dev)
         if beta is not None and score_tokens is not None and score_tokens < T:
             draws["score_keys"] = torch.rand((2, Bg, T), generator=generator, device=gdev).to(dev)
     if 0 < N < T - 1 - xv_exclude:
@@ -274,8 +274,10 @@ def _guided_choice(z, z_all, r, own, beta, chunk=None, fused=None):
     scores = []
     for s in range(0, 2 * B, c):
         summed = _threshold_sum(flat[s:s + c], keys, beta, fused)  # [c, columns]
-        per_col = summed.view(-1, n_cols, z_all.shape[1])[:, cols,
-                                                          r] if per_token else summed.view(-1, M, n_cols)
+        if per_token:
+            per_col = summed.view(-1, n_cols, z_all.shape[1])[:, cols, r]
+        else:
+            per_col = summed.view(-1, M, n_cols)
         per_col = per_col.scatter(-1, own[s:s + c][:, None, :].expand(-1, M, 2), 0.0)  # [c, M, 2Bg]
         scores.append(per_col.sum(-1))  # own-image columns zeroed, not subtracted: exact ties stay exact
     return torch.cat(scores).view(2, B, M).argmax(-1)

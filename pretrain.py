@@ -114,14 +114,14 @@ def setup_distributed(args):
         # torchrun's agent keeps one store for every restart of the group, and init_process_group would read
         # the addresses the killed group left there (its ranks hang or get "Connection refused"): a key prefix
         # per attempt
-        run_id, restart = os.environ.get("TORCHELASTIC_RUN_ID",
-                                         ""), os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)
         attempt = f"pretrain/{run_id}/{restart}"
-        store = dist.PrefixStore(attempt, dist.TCPStore(os.environ["MASTER_ADDR"],
-                                                        int(os.environ["MASTER_PORT"]),
-                                                        world_size, is_master=False))
-    dist.init_process_group(backend, store=store, rank=rank if store else -1, world_size=world_size
-                            if store else -1)
+        tcp = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                            is_master=False)
+        store = dist.PrefixStore(attempt, tcp)
+    dist.init_process_group(backend, store=store, rank=rank if store else -1,
+                            world_size=world_size if store else -1)
     return rank, world_size, torch.device(f"cuda:{local}" if use_cuda else "cpu")
 
 
@@ -142,8 +142,8 @@ def setup(args, ckpt, rank, world_size, device):
         if json_path is None:
             raise ValueError("--probe-every needs labels: --data a COCO .json, the demo set, or --probe-json")
         run.probe = probing.OnlineProbe(json_path, None if args.probe_json else args.image_root,
-                                        args.probe_images,
-                                        args.img_size, args.agg, args.seed, min(args.workers, 4))
+                                        args.probe_images, args.img_size, args.agg, args.seed,
+                                        min(args.workers, 4))
     run.steps_per_epoch = len(run.files) // run.global_batch
     run.total_steps = args.max_steps or args.epochs * run.steps_per_epoch
     run.warmup_steps = max(1, int(args.warmup * run.steps_per_epoch))
@@ -202,8 +202,8 @@ def state(run, args):
     step."""
     heads = {k: v for k, v in run.model.state_dict().items() if not k.startswith("backbone.")}
     return {"model": run.model.backbone.state_dict(), "vit_config": run.model.backbone.config, "heads": heads,
-            "optimizer": run.opt.state_dict(), "args": {k: v for k, v in vars(args).items()
-                                                        if k != "explicit"},
+            "optimizer": run.opt.state_dict(),
+            "args": {k: v for k, v in vars(args).items() if k != "explicit"},
             "step": int(run.step), "epoch": int(run.step // run.steps_per_epoch),
             "skipped": sorted(run.skipped), "rng": {"torch": torch.get_rng_state()},
             **({"ccrop_boxes": run.boxes.clone()} if run.boxes is not None else {})}

@@ -128,8 +128,9 @@ class Pretrainer(nn.Module):
         """Every random draw of one step, made before the forward (which then holds no generator and compiles
         as one graph), in this order from `generator`: the montages (methods.build_montages), then the dense
         loss's draws (losses.dense_draws). Returns (canvases, cell_labels, draws), each None where unused."""
-        canvases, cell_labels = methods.build_montages(x, self.montage_r,
-                                                       generator) if self.montage_r else (None, None)
+        canvases, cell_labels = None, None
+        if self.montage_r:
+            canvases, cell_labels = methods.build_montages(x, self.montage_r, generator)
         draws = None
         if self.dense_head is not None:
             draws = losses.dense_draws(generator, B=x.shape[0] // 2, T=self.backbone.grid ** 2,

@@ -352,8 +352,8 @@ def main(argv=None):
         os.makedirs(args.vis, exist_ok=True)
 
     torch.manual_seed(args.seed)
-    head = nn.Sequential(nn.BatchNorm2d(model.embed_dim), nn.Conv2d(model.embed_dim, len(names),
-                                                                    1)).to(args.device)
+    head = nn.Sequential(nn.BatchNorm2d(model.embed_dim),
+                         nn.Conv2d(model.embed_dim, len(names), 1)).to(args.device)
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                         pin_memory=args.device.startswith("cuda"), persistent_workers=args.workers > 0)
     train_head(model, head, loader, args)

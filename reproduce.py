@@ -47,11 +47,11 @@ POSTER = {  # (table, row) -> (COCO mAP, F1, VOC mIoU, COCO mIoU), None where th
     ("main", "SimCLR cls"): (59.6, 37.8, None, None), ("main", "SimCLR gap"): (None, None, 69.3, 61.5),
     ("main", "DenseCL cls"): (59.9, 38.1, None, None), ("main", "DenseCL++ gap"): (63.4, 39.0, 70.0, 63.3),
     ("main", "DenseCL++* gap"): (64.1, 39.1, None, None),
-    ("agg-pair", "SimCLR cls"): (57.8, 37.5, None, None), ("agg-pair",
-                                                           "SimCLR gap"): (59.6, 37.9, None, None),
+    ("agg-pair", "SimCLR cls"): (57.8, 37.5, None, None),
+    ("agg-pair", "SimCLR gap"): (59.6, 37.9, None, None),
     ("agg-pair", "DenseCL cls backbone"): (59.9, 38.1, None, None),
-    ("agg-pair", "DenseCL cls head"): (59.8, 38.1, None, None), ("agg-pair",
-                                                                 "DenseCL gap"): (58.1, 37.3, None, None)}
+    ("agg-pair", "DenseCL cls head"): (59.8, 38.1, None, None),
+    ("agg-pair", "DenseCL gap"): (58.1, 37.3, None, None)}
 PRESETS = {  # pretraining flags of the scale (the demo's come from pretrain.py's own demo preset; demo-large
     # trains on its own generated set, the default of --data)
     "demo": [],
@@ -122,8 +122,8 @@ def rows_of(table, quick=False, tokens=196):
         return [(f"{name} {agg}", flags + ["--agg", agg]) for name, flags in methods
                 for agg in ("cls", "gap")]
     if table == "agg-pair":
-        return [("SimCLR cls", ["--lam", "0", "--agg", "cls"]), ("SimCLR gap",
-                                                                 ["--lam", "0", "--agg", "gap"]),
+        return [("SimCLR cls", ["--lam", "0", "--agg", "cls"]),
+                ("SimCLR gap", ["--lam", "0", "--agg", "gap"]),
                 ("DenseCL cls backbone", ["--neg", "densecl", "--N", "0", "--agg", "cls",
                                           "--pair", "backbone"]),
                 ("DenseCL cls head", ["--neg", "densecl", "--N", "0", "--agg", "cls", "--pair", "head"]),
@@ -246,8 +246,8 @@ def markdown(table, summary, args):
                 v = re.search(rf"{factor} ([0-9.]+)", e["row"]).group(1)
                 if e["mAP"][0] is not None:
                     means.setdefault(v, []).append(e["mAP"][0])
-            lines.append(f"- {factor}: " + ", ".join(f"{v}: {statistics.mean(m):.1f}" for v,
-                                                     m in means.items()))
+            lines.append(f"- {factor}: "
+                         + ", ".join(f"{v}: {statistics.mean(m):.1f}" for v, m in means.items()))
     return "\n".join(lines) + "\n"
 
 

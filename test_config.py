@@ -26,8 +26,8 @@ def test_abbreviated_flags_are_refused(module, argv, capsys):
 @pytest.mark.parametrize("flags,named", [
     (["--neg", "random", "--beta", "0.3"], "--beta"), (["--neg", "densecl", "--M", "8"], "--M"),
     (["--neg", "all", "--score-tokens", "4"], "--score-tokens"), (["--lam", "0", "--N", "3"], "--N"),
-    (["--beta", "-2", "--score-tokens", "4"], "--score-tokens"), (["--N", "0", "--xv-exclude", "2"],
-                                                                  "--xv-exclude"),
+    (["--beta", "-2", "--score-tokens", "4"], "--score-tokens"),
+    (["--N", "0", "--xv-exclude", "2"], "--xv-exclude"),
     (["--norm-pix"], "--norm-pix"), (["--montage-r", "2"], "--montage-r"),
     (["--ccrop-k", "0.2"], "--ccrop-k")])
 
@@ -46,8 +46,8 @@ def test_first_log_line_names_only_the_settings_in_force():
         return config.objective_summary(config.resolve_args(list(flags) + ["--data", "unused"]))
     # no dense settings without a dense loss
     assert summary("--lam", "0") == "lam=0.0 gamma=0.0 agg=gap crop=rrc"
-    assert "neg=random N=64 pair=backbone" in summary("--neg",
-                                                      "random") and "M=" not in summary("--neg", "random")
+    random = summary("--neg", "random")
+    assert "neg=random N=64 pair=backbone" in random and "M=" not in random
     assert "neg=guided M=16 beta=0.3 N=5" in summary("--M", "16", "--beta", "0.3", "--N", "5")
 
 

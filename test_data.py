@@ -135,8 +135,8 @@ def test_two_views_shapes_boxes_and_flips(tmp_path):
             flips.add(flip)
             assert torch.equal(v, expected.flip(-1) if flip else expected)
             assert not torch.equal(v, expected if flip else expected.flip(-1))
-            pil = torch.from_numpy(np.array(ref.resize((32, 32), Image.BILINEAR,
-                                                       box=(left, top, left + w, top + h))))
+            box = (left, top, left + w, top + h)
+            pil = torch.from_numpy(np.array(ref.resize((32, 32), Image.BILINEAR, box=box)))
             # the same antialiased bilinear filter as PIL's, up to uint8 rounding
             pil = pil.permute(2, 0, 1).float()
             # PIL's filter reads past the box

@@ -64,8 +64,8 @@ def test_heat_to_box_matches_naive_scan():
     g = torch.Generator().manual_seed(0)
     yy, xx = torch.meshgrid(torch.arange(6.0), torch.arange(5.0), indexing="ij")
     maps = [torch.rand(4, 4, generator=g), torch.rand(6, 5, generator=g) ** 4, torch.full((4, 4), 3.0),
-            -((yy - 4.2) ** 2 + (xx - 1.0) ** 2) / 2, torch.zeros(6,
-                                                                  5).index_fill_(0, torch.tensor([2]), 1.0)]
+            -((yy - 4.2) ** 2 + (xx - 1.0) ** 2) / 2,
+            torch.zeros(6, 5).index_fill_(0, torch.tensor([2]), 1.0)]
     maps += [torch.exp(-((yy - c) ** 2 + (xx - d) ** 2) / s) for c, d,
              s in ((0, 0, 0.5), (5, 4, 2), (2, 3, 9))]
     seen = set()

@@ -203,8 +203,8 @@ def test_bad_images_are_skipped_counted_and_named(tmp_path):
     last = [json.loads(line) for line in open(out / "log.jsonl")][-1]
     assert last["step"] == 10 and last["skipped"] == len(unreadable)
     assert f"skipped {len(unreadable)} unreadable files" in r.stdout
-    assert set(os.path.basename(p) for p in torch.load(out / "ckpt.pt",
-                                                       weights_only=True)["skipped"]) == unreadable
+    skipped = torch.load(out / "ckpt.pt", weights_only=True)["skipped"]
+    assert set(os.path.basename(p) for p in skipped) == unreadable
 
 class Evil:
     def __init__(self, marker):

@@ -81,8 +81,8 @@ def test_montage_objective_trains():
     for step in range(2):
         gen = pretrain.step_generator(0, step, torch.device("cpu"))
         canvases, labels, draws = model.draws(x, gen)
-        assert [c.shape[0] for c in canvases] == [2 * 2, 2 * 1] and [l.shape
-                                                                     for l in labels] == [(4, 4), (2, 16)]
+        assert [c.shape[0] for c in canvases] == [2 * 2, 2 * 1]
+        assert [lab.shape for lab in labels] == [(4, 4), (2, 16)]
         loss, terms = model.objective(model.outputs(x, canvases), x, draws, labels)
         assert torch.isfinite(loss) and terms["montage"] > 0
         assert torch.allclose(loss, terms["global"] + terms["montage"])  # lam = 0, mu = 1

@@ -38,8 +38,8 @@ def test_pretraining_checkpoint_sets_agg_and_size(demo_dir, tmp_path, monkeypatc
                 "args": {"agg": "cls", "img_size": 16}},
                tmp_path / "ckpt.pt")
     common = [str(tmp_path / "ckpt.pt"), "--epochs", "1", "--workers", "0"]
-    assert probe_multilabel.main(common + ["--cache", str(tmp_path / "c"), "--out",
-                                           str(tmp_path / "ml.json")]) == 0
+    assert probe_multilabel.main(common + ["--cache", str(tmp_path / "c"),
+                                           "--out", str(tmp_path / "ml.json")]) == 0
     result = json.loads((tmp_path / "ml.json").read_text())
     assert (result["agg"], result["img_size"]) == ("cls", 16)
     assert probe_segment.main(common + ["--out", str(tmp_path / "seg.json")]) == 0

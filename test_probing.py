@@ -26,8 +26,8 @@ def test_map_hand_values():
     assert mean_average_precision([[0.9], [0.8], [0.7], [0.6]], [[1], [0], [1], [0]]) == pytest.approx(
         100 * (0.5 * 1 + 0.5 * 2 / 3))
     # tied scores form one threshold: (0.5, P=1/2), then (1.0, P=2/3)
-    assert mean_average_precision([[0.5], [0.5], [0.1]], [[1], [0],
-                                                          [1]]) == pytest.approx(100 * (0.25 + 1 / 3))
+    ap = mean_average_precision([[0.5], [0.5], [0.1]], [[1], [0], [1]])
+    assert ap == pytest.approx(100 * (0.25 + 1 / 3))
 
 def test_map_against_brute_force_with_ties_and_empty_class():
     rng = np.random.default_rng(0)

@@ -68,8 +68,8 @@ def heat_image(heat, size):
 def to_pil(x):
     """A normalised view [3, S, S] back to an RGB image."""
     mean, std = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
-    return Image.fromarray((x.float().cpu() * std + mean).clamp(0,
-                                                                1).mul(255).byte().permute(1, 2, 0).numpy())
+    pixels = (x.float().cpu() * std + mean).clamp(0, 1).mul(255).byte()
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy())
 
 
 def labelled(panels, labels, pad=4, text_h=14):
