@@ -52,10 +52,9 @@ def get_args_parser():
     add = parser.add_argument
     add("--quick", action="store_true",
         help="vit_demo at 64 px, batch 16, 3 timed steps, 64 JPEGs: a CPU smoke run")
-    add("--gpu-check", action="store_true",
-        help="the prepared GPU check: the scoring kernel, SimCLR, DenseCL++* exact "
-        "(with and without the kernel) and scored on 16 tokens, ours vs timm, e2e from JPEGs with every "
-        "core, a pretrain.py run, profiles; no data part")
+    add("--gpu-check", action="store_true", help="the prepared GPU check: the scoring kernel, SimCLR, "
+        "DenseCL++* exact (with and without the kernel) and scored on 16 tokens, ours vs timm, e2e from "
+        "JPEGs with every core, a pretrain.py run, profiles; no data part")
     add("--model", default=None, help="backbone config of vit.py (default vit_small; --quick: vit_demo)")
     add("--img-size", type=int, default=None, help="view size (default 224; --quick: 64)")
     add("--batch-size", type=int, default=None,
@@ -67,21 +66,17 @@ def get_args_parser():
     add("--jpeg-dir", default=None,
         help="folder for the synthetic JPEGs, kept and reused (default: a temp dir)")
     add("--n-jpegs", type=int, default=None, help="synthetic COCO-sized JPEGs (default 512; --quick: 64)")
-    add("--crop", type=int, default=224,
-        help="view size of the data part: the pretraining size, also with --quick "
-        "(the data rows measure CPU work)")
+    add("--crop", type=int, default=224, help="view size of the data part: the pretraining size, also with "
+        "--quick (the data rows measure CPU work)")
     add("--threads", type=int, default=None,
-        help="torch threads of the main process (default: torch's; --quick on "
-        "CPU: 1, as 2+ OpenMP threads next to loader workers or another busy process on a small "
-        "CPU slow down 30x)")
-    add("--skip", default="",
-        help="comma-separated parts to leave out: kernel, train, vit, data, e2e, run, prof (e2e "
-        "and prof run inside train)")
+        help="torch threads of the main process (default: torch's; --quick on CPU: 1, as 2+ OpenMP threads "
+        "next to loader workers or another busy process on a small CPU slow down 30x)")
+    add("--skip", default="", help="comma-separated parts to leave out: kernel, train, vit, data, e2e, run, "
+        "prof (e2e and prof run inside train)")
     add("--run-steps", type=int, default=None,
         help="steps of the pretrain.py run (default 48, --quick: 4; 0 = no run)")
-    add("--profile", default=None,
-        help="comma-separated train rows to profile (default: none; --gpu-check: DenseCL++* "
-        "exact and scored on 16 tokens)")
+    add("--profile", default=None, help="comma-separated train rows to profile (default: none; --gpu-check: "
+        "DenseCL++* exact and scored on 16 tokens)")
     add("--out", default=None, help="also write the rows to this JSON file")
     return parser
 

@@ -28,15 +28,13 @@ def get_args_parser(description=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     group = parser.add_argument_group("data")
     add = group.add_argument
-    add("--data", default=None,
-        help="image folder (recursive) or COCO instances .json; default: the demo set, which "
-        "also switches every flag you do not give to the small demo preset")
+    add("--data", default=None, help="image folder (recursive) or COCO instances .json; default: the demo "
+        "set, which also switches every flag you do not give to the small demo preset")
     add("--image-root", default=None,
         help="images folder of a COCO .json (default: guessed from the json path)")
     add("--img-size", type=int, default=224, help="crop size of each view")
-    add("--workers", type=int, default=None,
-        help="data-loader processes per GPU (decode + crop); default: the CPU "
-        "cores divided by the processes on this node")
+    add("--workers", type=int, default=None, help="data-loader processes per GPU (decode + crop); default: "
+        "the CPU cores divided by the processes on this node")
     group = parser.add_argument_group("model")
     add = group.add_argument
     add("--model", default="vit_small", choices=sorted(vit.CONFIGS), help="backbone config (vit.py)")
@@ -51,19 +49,17 @@ def get_args_parser(description=None):
     group = parser.add_argument_group("objective (METHOD.md 2-7)")
     add = group.add_argument
     add("--lam", type=float, default=0.5, help="weight of the dense loss (0 = SimCLR)")
-    add("--lam-warmup", type=int, default=0,
-        help="steps with dense weight 0 (the global loss alone) before --lam applies (DenseCL's warm-up)")
+    add("--lam-warmup", type=int, default=0, help="steps with dense weight 0 (the global loss alone) before "
+        "--lam applies (DenseCL's warm-up)")
     add("--neg", choices=list(losses.NEGATIVES), default="guided",
         help="dense negatives from the other images")
     add("--M", type=int, default=256, help="candidate sets of guided sampling")
     add("--beta", type=float, default=0.5, help="threshold inside the guided set score; < -1 turns it off")
-    add("--score-tokens", type=int, default=0,
-        help="score the thresholded guided sets on this many random anchor "
-        "tokens per view instead of all (0 = all, exact; the loss always uses every token)")
+    add("--score-tokens", type=int, default=0, help="score the thresholded guided sets on this many random "
+        "anchor tokens per view instead of all (0 = all, exact; the loss always uses every token)")
     add("--N", type=int, default=64, help="cross-view negatives per anchor token (0 = none)")
-    add("--xv-exclude", type=int, default=0,
-        help="also keep the K partner tokens most similar to the anchor after "
-        "its match (by the pairing feature) out of the cross-view negatives")
+    add("--xv-exclude", type=int, default=0, help="also keep the K partner tokens most similar to the "
+        "anchor after its match (by the pairing feature) out of the cross-view negatives")
     add("--gamma", type=float, default=0.0, help="weight of the auxiliary reconstruction loss")
     add("--recon", choices=["l2", "l1"], default="l2", help="reconstruction loss")
     add("--norm-pix", action="store_true",
@@ -74,24 +70,21 @@ def get_args_parser(description=None):
     add = group.add_argument
     add("--crop", choices=["rrc", "ccrop"], default="rrc", help="crop of both views: RandomResizedCrop, or "
         "ContrastiveCrop (boxes from the model's heat maps, centre-suppressed sampling)")
-    add("--ccrop-alpha", type=float, default=0.6,
-        help="Beta(alpha, alpha) of the crop centre in the box (< 1 pushes "
-        "centres to the box edges, 1 = uniform)")
+    add("--ccrop-alpha", type=float, default=0.6, help="Beta(alpha, alpha) of the crop centre in the box (< "
+        "1 pushes centres to the box edges, 1 = uniform)")
     add("--ccrop-k", type=float, default=0.1, help="threshold on the min-max normalised heat map")
     add("--ccrop-warmup", type=int, default=20, help="epochs of plain RRC before the first localisation")
     add("--ccrop-every", type=int, default=20, help="epochs between localisation passes over the train set")
-    add("--ccrop-heat", choices=list(methods.HEATS), default="cls_attn",
-        help="heat map: last-block CLS attention, "
-        "norm of the last block's tokens before the final LN, or channel sum of the final tokens")
+    add("--ccrop-heat", choices=list(methods.HEATS), default="cls_attn", help="heat map: last-block CLS "
+        "attention, norm of the last block's tokens before the final LN, or channel sum of the final tokens")
     group = parser.add_argument_group("MCL montage (METHOD.md 8)")
     add = group.add_argument
-    add("--montage", action="store_true", help="add the multi-level montage loss: cells of r x r montages of "
-        "re-cropped views vs the global embedding of their source image's other view")
-    add("--montage-r", type=int, nargs="+", default=[2, 7],
-        help="montage levels: cells per side, each dividing the "
-        "token grid (img-size / patch); weights 1/2, 1/4, ... normalised to sum 1")
-    add("--montage-block-attn", action="store_true",
-        help="on the canvases, patch tokens attend only to their own cell (CLS attends everywhere)")
+    add("--montage", action="store_true", help="add the multi-level montage loss: cells of r x r montages "
+        "of re-cropped views vs the global embedding of their source image's other view")
+    add("--montage-r", type=int, nargs="+", default=[2, 7], help="montage levels: cells per side, each "
+        "dividing the token grid (img-size / patch); weights 1/2, 1/4, ... normalised to sum 1")
+    add("--montage-block-attn", action="store_true", help="on the canvases, patch tokens attend only to "
+        "their own cell (CLS attends everywhere)")
     add("--mu", type=float, default=1.0, help="weight of the montage loss")
     add("--tau-m", type=float, default=0.2, help="temperature of the montage loss")
     group = parser.add_argument_group("optimisation")
@@ -102,9 +95,8 @@ def get_args_parser(description=None):
     add("--lr", type=float, default=1.5e-4, help="peak AdamW learning rate per 256 images (scaled linearly)")
     add("--wd", type=float, default=0.1, help="weight decay (not on norms, biases, CLS token, pos-embed)")
     add("--warmup", type=float, default=40, help="linear warm-up epochs, then cosine decay to 0")
-    add("--clip-grad", type=float, default=0.0,
-        help="clip the global gradient norm to this (0 = off; DINO uses "
-        "3.0); the norm before clipping is logged as grad_norm")
+    add("--clip-grad", type=float, default=0.0, help="clip the global gradient norm to this (0 = off; DINO "
+        "uses 3.0); the norm before clipping is logged as grad_norm")
     add("--seed", type=int, default=0)
     group = parser.add_argument_group("run")
     add = group.add_argument
@@ -116,12 +108,11 @@ def get_args_parser(description=None):
         "<out-dir>/ckpt_epoch<E>.pt, for probing a run at several points (0 = off)")
     add("--log-every", type=int, default=20, help="steps between log lines")
     add("--probe-every", type=int, default=0,
-        help="every K epochs, an online multi-label linear probe on frozen "
-        "features (probe_mAP in the log; 0 = off); needs labels: --data a COCO json, the demo set, "
-        "or --probe-json")
+        help="every K epochs, an online multi-label linear probe on frozen features (probe_mAP in the log; "
+        "0 = off); needs labels: --data a COCO json, the demo set, or --probe-json")
     add("--probe-json", default=None, help="COCO instances file of the online probe (default: --data's json)")
-    add("--probe-images", type=int, default=1000,
-        help="images of the online probe: half train its head, half are held out for its mAP")
+    add("--probe-images", type=int, default=1000, help="images of the online probe: half train its head, "
+        "half are held out for its mAP")
     add("--device", default="auto", help="auto (cuda if available), cuda or cpu")
     add("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
         help="autocast dtype (auto: bf16 on CUDA)")
@@ -131,9 +122,8 @@ def get_args_parser(description=None):
 
 # The demo preset: what `python pretrain.py` without --data runs. Flags given on the command line still win.
 DEMO = dict(model="vit_demo", img_size=64, batch_size=64, epochs=50, lr=1e-3, warmup=5, wd=0.05,
-            head_hidden=512,
-            M=16, N=8, workers=2, ckpt_every=100, log_every=10, ccrop_warmup=10, ccrop_every=10,
-            montage_r=[2, 4])
+            head_hidden=512, M=16, N=8, workers=2, ckpt_every=100, log_every=10, ccrop_warmup=10,
+            ccrop_every=10, montage_r=[2, 4])
 # Flags that act only in some configurations: given explicitly where they do nothing, they are an error
 NEEDS = [(("neg", "M", "beta", "N", "score_tokens", "xv_exclude", "tau_d", "pair", "lam_warmup"),
           lambda a: a.lam > 0, "a dense loss (--lam > 0)"),
@@ -185,8 +175,8 @@ def configure(argv, description=None):
     T = (args.img_size // vit.CONFIGS[args.model]["patch_size"]) ** 2
     if args.lam > 0 and not 0 <= args.N <= T - 1 - args.xv_exclude:
         raise ValueError(f"--N {args.N}: at most T-1-xv_exclude = {T - 1 - args.xv_exclude} cross-view "
-                         f"negatives with "
-                         f"T = {T} tokens a view (--model {args.model} at --img-size {args.img_size})")
+                         f"negatives with T = {T} tokens a view (--model {args.model} at --img-size "
+                         f"{args.img_size})")
     guided = args.neg == "guided"
     args.beta = args.beta if guided and args.beta is not None and args.beta >= -1 else None
     args.M = args.M if guided else 1

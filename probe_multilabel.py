@@ -35,14 +35,13 @@ def get_args_parser():
     add("--train-images", help="folder of the training images")
     add("--val-json", help="COCO instances file of the evaluation split")
     add("--val-images", help="folder of the evaluation images")
-    add("--drop-empty", action="store_true",
-        help="drop images without annotations (default: keep them as all-negative examples)")
-    add("--agg", choices=["cls", "gap", "cls+gap"], default=None,
-        help="global feature: CLS token, mean of the "
-        "patch tokens, or both concatenated (default: the checkpoint's pretraining --agg, else gap)")
+    add("--drop-empty", action="store_true", help="drop images without annotations (default: keep them as "
+        "all-negative examples)")
+    add("--agg", choices=["cls", "gap", "cls+gap"], default=None, help="global feature: CLS token, mean of "
+        "the patch tokens, or both concatenated (default: the checkpoint's pretraining --agg, else gap)")
     add("--img-size", type=int, default=None, help="input size (default: the pretraining img_size)")
-    add("--epochs", type=int, default=1000,
-        help="full-batch AdamW steps of the linear head on the cached features (cheap: no backbone)")
+    add("--epochs", type=int, default=1000, help="full-batch AdamW steps of the linear head on the cached "
+        "features (cheap: no backbone)")
     add("--lr", type=float, default=1e-2, help="AdamW learning rate of the head (cosine-decayed to 0)")
     add("--wd", type=float, default=1e-4, help="AdamW weight decay of the head")
     add("--batch-size", type=int, default=256, help="images per batch of the feature extraction")

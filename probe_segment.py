@@ -41,21 +41,21 @@ def get_args_parser():
     add("--root", help="VOC folder holding JPEGImages/, SegmentationClass/, ImageSets/ (default: demo)")
     add("--train-split", default="train",
         help="VOC: training list in ImageSets/Segmentation/ (train_aug for VOC12 + SBD)")
-    add("--mask-dir", default="SegmentationClass",
-        help="VOC: folder of the class PNGs under --root (SegmentationClassAug for VOC12 + SBD)")
+    add("--mask-dir", default="SegmentationClass", help="VOC: folder of the class PNGs under --root "
+        "(SegmentationClassAug for VOC12 + SBD)")
     add("--train-json", help="COCO: instances file of the training split (default: the demo set)")
     add("--train-images", help="COCO: folder of the training images")
     add("--val-json", help="COCO: instances file of the evaluation split")
     add("--val-images", help="COCO: folder of the evaluation images")
-    add("--img-size", type=int, default=None,
-        help="training crop, and the short side at evaluation (default: 2x the pretraining img_size)")
+    add("--img-size", type=int, default=None, help="training crop, and the short side at evaluation "
+        "(default: 2x the pretraining img_size)")
     add("--epochs", type=int, default=20, help="epochs of the head")
     add("--lr", type=float, default=1e-3, help="AdamW learning rate of the head (cosine-decayed to 0)")
     add("--wd", type=float, default=1e-4, help="AdamW weight decay of the head")
     add("--batch-size", type=int, default=16, help="training batch size")
     add("--out", default=None, help="write mIoU and the per-class IoU to this JSON file")
-    add("--vis", default=None, metavar="DIR",
-        help="write image | truth | prediction PNGs of the first 8 val images to DIR (vis_000.png, ...)")
+    add("--vis", default=None, metavar="DIR", help="write image | truth | prediction PNGs of the first 8 "
+        "val images to DIR (vis_000.png, ...)")
     return parser
 
 

@@ -29,17 +29,15 @@ DEMO = ("data/demo/annotations/instances_train.json", "data/demo/images/train",
 def add_probe_args(parser):
     """The flags both probes share: CKPT, --random-init, --model, --seed (for probe_backbone), --workers,
     --device."""
-    parser.add_argument("ckpt", nargs="?", metavar="CKPT",
-                        help="our pretraining checkpoint, or a timm-layout ViT state dict (timm "
-                        "/ DINO weights)")
+    parser.add_argument("ckpt", nargs="?", metavar="CKPT", help="our pretraining checkpoint, or a "
+                        "timm-layout ViT state dict (timm / DINO weights)")
     parser.add_argument("--random-init", action="store_true",
                         help="evaluate a randomly initialised ViT instead of CKPT")
-    parser.add_argument(
-        "--model", default=None, choices=sorted(vit.CONFIGS),
-        help="config of --random-init (default vit_demo on the demo set, else vit_small), or of a plain "
-        "state dict whose width does not tell its head count")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of --random-init, of the head and (segmentation) of the augmentations")
+    parser.add_argument("--model", default=None, choices=sorted(vit.CONFIGS), help="config of --random-init "
+                        "(default vit_demo on the demo set, else vit_small), or of a plain state dict whose "
+                        "width does not tell its head count")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random-init, of the head and "
+                        "(segmentation) of the augmentations")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="image-decoding processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

@@ -80,20 +80,16 @@ def get_args_parser():
     add("--table", choices=["main", "agg-pair", "lambda", "negatives", "recon"], default="main")
     add("--seeds", type=int, nargs="+", default=[0, 1, 2], help="pretraining (and probe) seeds of every row")
     add("--rows", nargs="+", default=None, help="only these rows of the table (names as in results.md)")
-    add("--quick", action="store_true",
-        help="a tiny two-row table (SimCLR, DenseCL++*) on the test ViT, one seed: "
-        "the harness end to end in a few CPU minutes; its numbers mean nothing")
+    add("--quick", action="store_true", help="a tiny two-row table (SimCLR, DenseCL++*) on the test ViT, "
+        "one seed: the harness end to end in a few CPU minutes; its numbers mean nothing")
     add("--preset", choices=sorted(PRESETS), default="demo",
-        help="scale of the pretraining: demo (the demo set, "
-        "pretrain.py's demo preset), demo-large (a generated set of 2000 + 1000 images, 20 "
-        "epochs: 2x the demo's "
-        "steps; probes on 1000 val images), coco (ViT-S/16, 224 px, 300 epochs, batch 32 per GPU "
-        "x 8 GPUs = 256)")
+        help="scale of the pretraining: demo (the demo set, pretrain.py's demo preset), demo-large (a "
+        "generated set of 2000 + 1000 images, 20 epochs: 2x the demo's steps; probes on 1000 val images), "
+        "coco (ViT-S/16, 224 px, 300 epochs, batch 32 per GPU x 8 GPUs = 256)")
     add("--data", default=None, help="pretraining data (pretrain.py --data; default: the demo set)")
     add("--extra", default="", help="more pretrain.py flags for every row, e.g. \"--epochs 100\"")
-    add("--nproc-per-node", type=int, default=None,
-        help="processes per node for pretraining (default: the number "
-        "of GPUs, 1 without; > 1 launches torchrun)")
+    add("--nproc-per-node", type=int, default=None, help="processes per node for pretraining (default: the "
+        "number of GPUs, 1 without; > 1 launches torchrun)")
     add("--train-json",
         help="multi-label probe: COCO instances file of the training split (default: the demo set)")
     add("--train-images", help="multi-label probe: folder of the training images")
