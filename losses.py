@@ -55,14 +55,14 @@ class _Gather(torch.autograd.Function):
 
 
 def gather(x):
-    """Differentiable concatenation of x [n, ...] from every rank -> [world * n, ...] (identity in one
-    process)."""
+    """Differentiable concatenation of x [n, ...] from every rank -> [world * n, ...] (identity in
+    one process)."""
     return _Gather.apply(x) if world()[1] > 1 else x
 
 
 def gather_images(x, dim=1):
-    """Gather along the image dimension `dim`: [.., B, ..] per rank -> [.., world * B, ..] in global image
-    order."""
+    """Gather along the image dimension `dim`: [.., B, ..] per rank -> [.., world * B, ..] in global
+    image order."""
     return gather(x.movedim(dim, 0)).movedim(0, dim) if world()[1] > 1 else x
 
 

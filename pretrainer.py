@@ -64,8 +64,8 @@ class ConvDecoder(nn.Module):
 
 
 class TransformerDecoder(nn.Module):
-    """MAE-lite: Linear(D, 256) + its own pos-embed + 2 ViT blocks (width 256, 8 heads) + LN + Linear(256,
-    p*p*3)."""
+    """MAE-lite: Linear(D, 256) + its own pos-embed + 2 ViT blocks (width 256, 8 heads) + LN +
+    Linear(256, p*p*3)."""
 
     def __init__(self, dim, patch, n_tokens, width=256):
         super().__init__()

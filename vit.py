@@ -83,8 +83,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        """[B, C, H, W] -> [B, T, D], tokens in row-major order, each the projection of its (c, y,
-        x)-flattened patch."""
+        """[B, C, H, W] -> [B, T, D], tokens in row-major order, each the projection of its
+        (c, y, x)-flattened patch."""
         B, C, H, W = x.shape
         p, w = self.patch_size, self.proj.weight
         patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)
