@@ -98,6 +98,7 @@ def photometric(views_uint8, params, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         sd[:, c].fill_(std[c])
     return (x - m) / sd
 
+
 def device_views(batch, device, photometric=photometric):
     """The [2B, 3, S, S] float input of a TwoViews batch (view 1 of every image, then view 2): the uint8 views
     are copied to `device` and the photometric ops run there."""

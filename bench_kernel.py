@@ -33,18 +33,19 @@ def bench_kernel(cfg, device, rows, median_time, free, beta=0.5, M=256, D=128):
     z = protos[pick] + 0.8 * torch.randn(2, B, T, D, device=device, generator=g) / D ** 0.5
     z = torch.nn.functional.normalize(z, dim=-1).to(torch.bfloat16)
     z_all, img = z.reshape(2 * B, T, D), torch.arange(B, device=device)
+    keys = z_all.reshape(-1, D)  # every token of the batch: the per-token layout of M >= T
     r = torch.randint(T, (M, 2 * B), device=device, generator=g)
     own = torch.stack([img, B + img], -1)[None].expand(2, B, 2)
     row = {"part": "kernel", "name": f"thresholded set score, B={B} T={T} M={M}", "beta": beta}
     try:
         with torch.no_grad():
             want = losses._guided_choice(z.double(), z_all.double(), r, own, beta, fused=False)
-            exact = losses._threshold_sum(z_all[:8].double(), z_all.reshape(-1, D).double(), beta, False)
+            exact = losses._threshold_sum(z_all[:8].double(), keys.double(), beta, False)
             for fused in (True, False):
                 key = "fused" if fused else "unfused"
                 t = median_time(lambda: losses._guided_choice(z, z_all, r, own, beta, fused=fused), device,
                                 cfg.warmup, cfg.steps)
-                table = losses._threshold_sum(z_all[:8], z_all.reshape(-1, D), beta, fused)
+                table = losses._threshold_sum(z_all[:8], keys, beta, fused)
                 best = losses._guided_choice(z, z_all, r, own, beta, fused=fused)
                 row.update({f"{key}_ms": 1e3 * t,
                             f"{key}_max_err": (table.double() - exact).abs().max().item(),
@@ -52,16 +53,10 @@ def bench_kernel(cfg, device, rows, median_time, free, beta=0.5, M=256, D=128):
         row["ratio"] = row["fused_ms"] / row["unfused_ms"]
         for T_ in (T, 16):  # every candidate block config: the exact score and the score on 16 tokens
             zt = z_all[:, :T_].contiguous()
-            keys = z_all.reshape(-1, D).contiguous()
             for c in KERNEL_CONFIGS:
-                out = torch.empty(2 * B, keys.shape[0], device=device)
                 kw = dict(zip(("BLOCK_T", "BLOCK_K", "GROUP", "num_warps", "num_stages"), c))
-                cdiv = losses.triton.cdiv
-                grid = (cdiv(keys.shape[0], kw["BLOCK_K"]), cdiv(2 * B, kw["GROUP"]))
-                launch = lambda: losses._threshold_sum_kernel[grid](
-                    zt, keys, out, 2 * B, T_, keys.shape[0], D, beta, BLOCK_D=D, PRECISION="tf32", **kw)
                 try:
-                    t = median_time(launch, device, 2, 10)
+                    t = median_time(lambda: losses._threshold_sum_launch(zt, keys, beta, *c), device, 2, 10)
                     row.setdefault("configs", []).append(dict(T=T_, ms=1e3 * t, **kw))
                 except Exception as e:
                     row.setdefault("configs", []).append(dict(T=T_, error=str(e)[:300], **kw))

@@ -185,8 +185,8 @@ def dense_draws(generator, *, B, T, negatives, M=1, beta=None, N=0, score_tokens
 if triton is not None:
     @triton.jit
     def _threshold_sum_kernel(z_ptr, k_ptr, out_ptr, A, T, K, D, beta, BLOCK_T: tl.constexpr,
-                              BLOCK_K: tl.constexpr,
-                              BLOCK_D: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr):
+                              BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+                              PRECISION: tl.constexpr):
         """out[a, w] = sum_t qbar(z[a, t] . k[w]) for BLOCK_K keys (program axis 0) and GROUP anchor views
         (axis 1): the keys stay loaded, the product tiles stay in registers, thresholded and summed there."""
         w = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -205,21 +205,24 @@ if triton is not None:
             tl.store(out_ptr + a * K + w, total, mask=(w < K) & (a < A) & last)
             total = tl.where(last, 0.0, total)
 
-    @torch.library.custom_op("losses::threshold_sum", mutates_args=())
-    def _threshold_sum_fused(z: torch.Tensor, keys: torch.Tensor, beta: float) -> torch.Tensor:
-        """_threshold_sum by _threshold_sum_kernel; a custom op, so torch.compile treats it as one opaque
-        call."""
+    def _threshold_sum_launch(z, keys, beta, block_t, block_k, group, num_warps, num_stages):
+        """_threshold_sum_kernel on z [A, T, D] and keys [K, D] with one block config -> float32 [A, K]."""
         (A, T, D), K = z.shape, keys.shape[0]
         z, keys = z.contiguous(), keys.to(z.dtype).contiguous()
         out = torch.empty(A, K, dtype=torch.float32, device=z.device)
-        # the fastest of bench.py's sweep on an H200
-        block_t, group = min(64, max(16, triton.next_power_of_2(T))), 8
-        _threshold_sum_kernel[(triton.cdiv(K, 256), triton.cdiv(A, group))](
-            z, keys, out, A, T, K, D, beta, BLOCK_T=block_t, BLOCK_K=256,
-            BLOCK_D=max(16, triton.next_power_of_2(D)),
-            GROUP=group, PRECISION="ieee" if z.dtype == torch.float32 else "tf32", num_warps=8,
-            num_stages=4 if block_t == 16 else 3)
+        _threshold_sum_kernel[(triton.cdiv(K, block_k), triton.cdiv(A, group))](
+            z, keys, out, A, T, K, D, beta, BLOCK_T=block_t, BLOCK_K=block_k,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), GROUP=group,
+            PRECISION="ieee" if z.dtype == torch.float32 else "tf32", num_warps=num_warps,
+            num_stages=num_stages)
         return out
+
+    @torch.library.custom_op("losses::threshold_sum", mutates_args=())
+    def _threshold_sum_fused(z: torch.Tensor, keys: torch.Tensor, beta: float) -> torch.Tensor:
+        """_threshold_sum by _threshold_sum_kernel; a custom op, so torch.compile treats it as one opaque
+        call. Blocks: the fastest of bench.py's sweep on an H200."""
+        block_t = min(64, max(16, triton.next_power_of_2(z.shape[1])))
+        return _threshold_sum_launch(z, keys, beta, block_t, 256, 8, 8, 4 if block_t == 16 else 3)
 
     @_threshold_sum_fused.register_fake
     def _(z, keys, beta):

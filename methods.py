@@ -260,7 +260,7 @@ def montage_loss(cells, targets, labels, tau):
     if labels.shape != cells.shape[:1] or labels.dtype != torch.int64:
         raise ValueError(f"montage_loss: labels must be int64 [Nc={cells.shape[0]}], got {labels.dtype} "
                          f"{tuple(labels.shape)}")
-    y = losses.gather(F.normalize(targets.to(torch.promote_types(targets.dtype, torch.float32)), dim=-1))
+    y = losses.gather(F.normalize(targets.to(losses._acc(targets.dtype)), dim=-1))
     if labels.numel() and not torch.compiler.is_compiling() and not (  # (a host sync: eager only)
             0 <= int(labels.min()) and int(labels.max()) < y.shape[0]):
         raise ValueError(f"montage_loss: labels must index the {y.shape[0]} gathered targets, got "
@@ -273,12 +273,11 @@ def montage_loss(cells, targets, labels, tau):
 def mcl_loss(cells, u, labels, tau):
     """MCL's multi-level montage loss (METHOD.md 8), both directions and all levels. For level r (in the order
     given) cells[r]: unnormalised cell projections [2n*r*r, D], the cells of the view-1 canvases then of the
-    view-2 canvases (methods.build_montages); labels[r]: [2n, r*r] (int64) source image 0..B-1 of each cell on
-    this rank;
-    u: global projections [2B, D] of this rank's views (view 1 of every image, then view 2). With w_r =
-    2^-(r+1) normalised to sum 1 over the levels:
-        L = sum_r w_r * (montage_loss(view-1 cells, view-2 globals) + montage_loss(view-2 cells, view-1
-        globals)) / 2
+    view-2 canvases (build_montages); labels[r]: [2n, r*r] (int64) source image 0..B-1 of each cell on this
+    rank; u: global projections [2B, D] of this rank's views (view 1 of every image, then view 2). With
+    w_r = 2^-(r+1) normalised to sum 1 over the levels, c1 / c2 the cells of the view-1 / view-2 canvases and
+    u1 / u2 the view-1 / view-2 globals:
+        L = sum_r w_r * (montage_loss(c1, u2) + montage_loss(c2, u1)) / 2
     each cell's positive being the other view of its source image (global index rank*B + label)."""
     if len(cells) != len(labels) or not cells:
         raise ValueError(f"mcl_loss: one labels tensor per level; got {len(cells)} levels of cells, "

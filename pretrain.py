@@ -3,8 +3,8 @@ Pretrain a ViT with SimCLR, DenseCL or DenseCL++ (METHOD.md):
     L = (1-lam)*global + lam*dense + gamma*recon + mu*montage
 
     python pretrain.py                              # the built-in demo: tiny ViT, demo set, a few CPU minutes
-    torchrun --nproc_per_node=8 pretrain.py --data /coco/annotations/instances_train2017.json --lam 0.5 --M
-    256
+    torchrun --nproc_per_node=8 pretrain.py --data /coco/annotations/instances_train2017.json \\
+        --lam 0.5 --M 256
     python pretrain.py --lam 0                      # plain SimCLR; --neg densecl --N 0: the DenseCL baseline
 
 One process per GPU under torchrun (NCCL on CUDA, gloo on CPU) or a plain single process. Every random draw is

@@ -4,11 +4,11 @@ table.
 
     python reproduce.py --table main --seeds 0 1 2                 # the demo set (data/demo), CPU-sized
     python reproduce.py --quick                                    # a tiny two-row table in a few CPU minutes
-    python reproduce.py --table main --seeds 0 1 2 --preset coco --data
-    coco/annotations/instances_train2017.json \\
+    python reproduce.py --table main --seeds 0 1 2 --preset coco \\
+        --data coco/annotations/instances_train2017.json \\
         --train-json coco/annotations/instances_train2017.json --train-images coco/train2017 \\
-        --val-json coco/annotations/instances_val2017.json --val-images coco/val2017 --seg-root
-        VOCdevkit/VOC2012
+        --val-json coco/annotations/instances_val2017.json --val-images coco/val2017 \\
+        --seg-root VOCdevkit/VOC2012
 
 Tables (METHOD.md; the poster's numbers beside ours where it gives them):
     main       SimCLR, DenseCL, DenseCL++ (random), guided, DenseCL++* (M 256, beta 0.5, N 64); CLS and GAP
