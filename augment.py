@@ -3,11 +3,15 @@ The training-device side of the two-view data (METHOD.md 10): the uint8 views of
 device, where the photometric augmentation runs batched over all views, with the parameters the workers drew.
 
     photometric                   colour jitter, grayscale, blur and normalisation of a batch of views
-    device_views / device_batches the [2B, 3, S, S] input of each batch (upload on a side CUDA stream)
+    decode_images / decode_views  --decode gpu: the JPEGs of a batch decoded on the device, cropped there
+    device_batches                the [2B, 3, S, S] input of each batch (upload and decode on a side CUDA
+                                  stream)
 """
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+import data
 from data import IMAGENET_MEAN, IMAGENET_STD, PHOTO_KEYS
 
 
@@ -99,36 +103,95 @@ def photometric(views_uint8, params, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return (x - m) / sd
 
 
-def device_views(batch, device, photometric=photometric):
-    """The [2B, 3, S, S] float input of a TwoViews batch (view 1 of every image, then view 2): the uint8 views
-    are copied to `device` and the photometric ops run there."""
-    return torch.cat([photometric(batch[f"view{i}"].to(device, non_blocking=True),
-                                  batch[f"photo{i}"].to(device, non_blocking=True)) for i in (1, 2)])
+def decode_images(jpegs, device):
+    """JPEG files' bytes (a list of uint8 tensors) -> decoded [3, h, w] uint8 RGB images on `device`, by
+    torchvision's batched decoder (nvJPEG on CUDA, its hardware engine where the card has one); None for an
+    image the decoder rejects (the batch failed: each image is then tried alone). On CUDA the current stream
+    is drained first: the hardware decoder writes its outputs, allocated from the caching allocator on that
+    stream, without waiting for the work queued on it, so a block freed there and still read by a queued
+    kernel would be overwritten (reported against torchvision and TorchCodec)."""
+    def decode(batch):
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
+        return data.decode_jpeg(batch, mode=data.ImageReadMode.RGB, device=device)
+    if not jpegs:
+        return []
+    try:
+        return list(decode(jpegs))
+    except RuntimeError:
+        out = []
+        for x in jpegs:
+            try:
+                out.append(decode([x])[0])
+            except RuntimeError:
+                out.append(None)
+        return out
 
 
-def device_batches(loader, device, photometric=photometric):
-    """(device_views of each batch, its 'skipped' list) for the batches of `loader`. On CUDA the next batch's
-    host->device copy (pinned memory, ~77 MB at 224 px and batch 256) runs on a side stream while the current
-    step computes, instead of in front of it on the compute stream."""
+def decode_views(batch, size, device):
+    """The uint8 views [B, 3, size, size] of both views on `device` and the 'skipped' list of a batch of
+    data.TwoViews(device_decode=True) (--decode gpu): the JPEGs the workers left undecoded are decoded here at
+    full size (decode_images), then cropped, resized and flipped by data.crop_views with the workers' boxes
+    and flips (the worker's function: the same views as a full-size decode in the worker); the
+    worker-decoded views are copied in. A JPEG the device decoder rejects after passing the worker's checks
+    is decoded by PIL here (data.load_rgb); if that fails too, its views are mid-grey and its path joins the
+    skipped list (the draws of the batch stay as they are)."""
+    jpegs, B = batch["jpeg"], len(batch["jpeg"])
+    left = [i for i, x in enumerate(jpegs) if x is not None]
+    boxes = [batch[f"box{k}"].tolist() for k in (1, 2)]
+    flips = [batch[f"flip{k}"].tolist() for k in (1, 2)]
+    sizes, skipped, crops = batch["size"].tolist(), list(batch["skipped"]), []
+    for i, img in zip(left, decode_images([jpegs[i][1] for i in left], device)):
+        if img is None:
+            try:
+                img = torch.from_numpy(np.array(data.load_rgb(jpegs[i][0]))).permute(2, 0, 1).to(device)
+            except Exception:  # as a worker's failed decode: counted, and the run goes on
+                skipped.append(jpegs[i][0])
+                img = torch.full((3, *sizes[i]), data.BACKGROUND[0], dtype=torch.uint8, device=device)
+        crops.append(data.crop_views(img, [boxes[0][i], boxes[1][i]], [flips[0][i], flips[1][i]], size))
+    views = torch.empty(2, B, 3, size, size, dtype=torch.uint8, device=device)
+    if crops:
+        views[:, torch.tensor(left, device=device)] = torch.stack(crops, 1)
+    if len(left) < B:
+        worker = torch.tensor([i for i, x in enumerate(jpegs) if x is None], device=device)
+        views[:, worker] = torch.stack([batch[f"view{k}"] for k in (1, 2)]).to(device, non_blocking=True)
+    return views.unbind(), skipped
+
+
+def device_batches(loader, device, photometric=photometric, size=None):
+    """(the [2B, 3, S, S] float input, its 'skipped' list) of each batch of `loader` (view 1 of every image,
+    then view 2): the uint8 views and their parameters are copied to `device`, where the photometric ops run.
+    Batches of data.TwoViews(device_decode=True) are decoded and cropped on `device` (decode_views; size = the
+    view size S). On CUDA the next batch's host->device copy (pinned memory, ~77 MB at 224 px and batch 256),
+    and its decode and crops, run on a side stream while the current step computes, and are queued after it:
+    torchvision's decoder holds the host until it is done."""
+    def to_device(batch):
+        photos = [batch[f"photo{k}"].to(device, non_blocking=True) for k in (1, 2)]
+        if "jpeg" in batch:
+            return (*decode_views(batch, size, device), photos)
+        return [batch[f"view{k}"].to(device, non_blocking=True) for k in (1, 2)], batch["skipped"], photos
+
+    def inputs(views, photos):
+        return torch.cat([photometric(v, p) for v, p in zip(views, photos)])
     if device.type != "cuda":
         for batch in loader:
-            yield device_views(batch, device, photometric), batch["skipped"]
+            views, skipped, photos = to_device(batch)
+            yield inputs(views, photos), skipped
         return
-    side, keys = torch.cuda.Stream(device), ("view1", "photo1", "view2", "photo2")
+    side = torch.cuda.Stream(device)
 
     def upload(batch):
         if batch is None:
             return None
         with torch.cuda.stream(side):
-            return {k: batch[k].to(device, non_blocking=True) for k in keys}, batch["skipped"]
+            return to_device(batch)
     batches = iter(loader)
     pending = upload(next(batches, None))
     while pending is not None:
         compute = torch.cuda.current_stream(device)
-        compute.wait_stream(side)  # this batch's copy is done before the step reads it
-        on_device, batch_skipped = pending
-        for t in on_device.values():
+        compute.wait_stream(side)  # this batch's copy (and decode) is done before the step reads it
+        views, skipped, photos = pending
+        for t in (*views, *photos):
             t.record_stream(compute)  # its memory is not reused before the compute stream is done with it
-        pending = upload(next(batches, None))  # overlaps with the step below
-        yield device_views(on_device, device, photometric), batch_skipped
-
+        yield inputs(views, photos), skipped
+        pending = upload(next(batches, None))  # queued after the step: overlaps with it

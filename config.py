@@ -2,11 +2,12 @@
 The configuration of a pretrain.py run, top to bottom:
 
     get_args_parser   every flag, with its help (python pretrain.py --help)
-    DEMO              the demo preset: what `python pretrain.py` without --data runs
+    PRESETS           the recipe of each scale (demo, demo-large, coco): one definition, whichever script
+                      starts the run; `python pretrain.py` without --data runs the demo
     NEEDS             flags that act only in some configurations (given where they do nothing: an error)
-    configure         the command line, then the demo preset, then the checkpoint's flags on --resume; the
-                      list of every value a preset or the checkpoint changed; the dense-loss flags translated
-                      once
+    configure         the command line, then the preset, then the checkpoint's flags on --resume; the list of
+                      every value a preset or the checkpoint changed; the per-process batch from the global
+                      one; the dense-loss flags translated once
     objective_summary the settings in force, for the first log line
 
 bench.py and the tests build models from a pretrain.py command line with resolve_args.
@@ -17,7 +18,6 @@ import os
 import demo
 import losses
 import methods
-import probing
 import rundir
 import vit
 
@@ -28,13 +28,21 @@ def get_args_parser(description=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     group = parser.add_argument_group("data")
     add = group.add_argument
-    add("--data", default=None, help="image folder (recursive) or COCO instances .json; default: the demo "
-        "set, which also switches every flag you do not give to the small demo preset")
+    add("--preset", choices=sorted(PRESETS), default=None, help="the recipe of a scale for every flag you "
+        "do not give (printed first): demo (the demo set, a tiny ViT, a few CPU minutes; the default without "
+        "--data), demo-large (a generated set of 2000 + 1000 images, 20 epochs), demo-clutter (the demo on "
+        "scenes of mostly objects and labelled stuff), coco (the full recipe at a global batch of 256, on any "
+        "number of GPUs)")
+    add("--data", default=None, help="image folder (recursive) or COCO instances .json; default: the set of "
+        "the preset (demo, demo-large); without --data and --preset: the demo")
     add("--image-root", default=None,
         help="images folder of a COCO .json (default: guessed from the json path)")
     add("--img-size", type=int, default=224, help="crop size of each view")
     add("--workers", type=int, default=None, help="data-loader processes per GPU (decode + crop); default: "
         "the CPU cores divided by the processes on this node")
+    add("--decode", choices=["auto", "gpu", "cpu"], default="auto", help="where the JPEGs are decoded and "
+        "cropped: gpu (nvJPEG in the training process; the workers only read the files and draw the crops; "
+        "PNGs, CMYK and progressive JPEGs stay on the workers), cpu (the workers), auto: gpu on CUDA")
     group = parser.add_argument_group("model")
     add = group.add_argument
     add("--model", default="vit_small", choices=sorted(vit.CONFIGS), help="backbone config (vit.py)")
@@ -57,9 +65,18 @@ def get_args_parser(description=None):
     add("--beta", type=float, default=0.5, help="threshold inside the guided set score; < -1 turns it off")
     add("--score-tokens", type=int, default=0, help="score the thresholded guided sets on this many random "
         "anchor tokens per view instead of all (0 = all, exact; the loss always uses every token)")
-    add("--N", type=int, default=64, help="cross-view negatives per anchor token (0 = none)")
+    add("--N", type=int, default=None, help="cross-view negatives per anchor token (0 = none; default: the "
+        "poster's 64 of 196 tokens, as that share of the view's tokens: 21 of 64 in the demo; METHOD.md 10.1)")
     add("--xv-exclude", type=int, default=0, help="also keep the K partner tokens most similar to the "
         "anchor after its match (by the pairing feature) out of the cross-view negatives")
+    add("--neg-draw", choices=list(losses.NEG_DRAWS), default="shared", help="--neg random: one token of "
+        "each other view per step, shared by every anchor (shared), or drawn for every anchor token "
+        "(independent; METHOD.md 4.3)")
+    add("--detach-neg", action="store_true", help="the dense negatives carry no gradient, as a momentum "
+        "encoder's keys (anchors and positives keep theirs; METHOD.md 4.1)")
+    add("--oracle-negatives", action="store_true", help="a DIAGNOSTIC that reads labels: drop every dense "
+        "negative token whose class (from the class masks of a demo-layout set, voc/SegmentationClass) "
+        "equals the anchor token's (METHOD.md 4.8)")
     add("--gamma", type=float, default=0.0, help="weight of the auxiliary reconstruction loss")
     add("--recon", choices=["l2", "l1"], default="l2", help="reconstruction loss")
     add("--norm-pix", action="store_true",
@@ -90,6 +107,9 @@ def get_args_parser(description=None):
     group = parser.add_argument_group("optimisation")
     add = group.add_argument
     add("--batch-size", type=int, default=256, help="images per GPU (each gives two views)")
+    add("--global-batch", type=int, default=0, help="images per step over all processes: sets --batch-size to "
+        "it divided by the number of processes, so a recipe is the same on 1 GPU and on 8 (0 = off; the "
+        "presets set it)")
     add("--epochs", type=int, default=300)
     add("--max-steps", type=int, default=0, help="stop after this many steps (0 = run --epochs)")
     add("--lr", type=float, default=1.5e-4, help="peak AdamW learning rate per 256 images (scaled linearly)")
@@ -120,13 +140,36 @@ def get_args_parser(description=None):
     return parser
 
 
-# The demo preset: what `python pretrain.py` without --data runs. Flags given on the command line still win.
-DEMO = dict(model="vit_demo", img_size=64, batch_size=64, epochs=50, lr=1e-3, warmup=5, wd=0.05,
-            head_hidden=512, M=16, N=8, workers=2, ckpt_every=100, log_every=10, ccrop_warmup=10,
-            ccrop_every=10, montage_r=[2, 4])
+# The recipe of each scale; flags given on the command line win. demo: what `python pretrain.py` without --data
+# runs; demo-large: the demo recipe on a generated set 5x larger for 2x the steps; demo-clutter: the demo recipe on
+# scenes that are mostly objects and labelled stuff (demo.py); coco: the defaults (the full recipe, METHOD.md 10)
+# at DenseCL's global batch. `data` is a generated set (made on first use) unless --data.
+DEMO = dict(model="vit_demo", img_size=64, global_batch=64, epochs=50, lr=1e-3, warmup=5, wd=0.05,
+            head_hidden=512, workers=2, ckpt_every=100, log_every=10, ccrop_warmup=10, ccrop_every=10,
+            montage_r=[2, 4])
+PRESETS = {"demo": dict(DEMO, data="data/demo"),
+           "demo-large": dict(DEMO, data="data/demo_large", epochs=20, warmup=2),
+           "demo-clutter": dict(DEMO, data="data/demo_clutter"),
+           "coco": dict(global_batch=256)}
+DEMO_SETS = {"data/demo": dict(seed=0), "data/demo_large": dict(seed=1, n_train=2000, n_val=1000),
+             "data/demo_clutter": dict(seed=0, clutter=True)}
+
+
+def preset_data(name):
+    """The root of a preset's generated set (made on first use), or None for a preset without one."""
+    root = PRESETS[name].get("data")
+    return demo.make_demo(root, **DEMO_SETS[root]) if root else None
+
+
+def cross_view(n, tokens):
+    """The poster's n cross-view negatives of T = 196 tokens as the same share of `tokens` (METHOD.md 10.1)."""
+    return min(tokens - 1, round(n * tokens / 196))
+
 # Flags that act only in some configurations: given explicitly where they do nothing, they are an error
-NEEDS = [(("neg", "M", "beta", "N", "score_tokens", "xv_exclude", "tau_d", "pair", "lam_warmup"),
-          lambda a: a.lam > 0, "a dense loss (--lam > 0)"),
+NEEDS = [(("neg", "M", "beta", "N", "score_tokens", "xv_exclude", "tau_d", "pair", "lam_warmup", "neg_draw",
+           "detach_neg", "oracle_negatives"), lambda a: a.lam > 0, "a dense loss (--lam > 0)"),
+         (("neg_draw",), lambda a: a.neg == "random", "--neg random"),
+         (("oracle_negatives",), lambda a: a.neg != "densecl", "token negatives (--neg random, guided or all)"),
          (("M", "beta", "score_tokens"), lambda a: a.neg == "guided", "--neg guided"),
          (("score_tokens",), lambda a: a.beta is not None and a.beta >= -1,
           "the thresholded set score (--beta >= -1)"),
@@ -146,10 +189,11 @@ def explicit_flags(parser, argv):
 
 def configure(argv, description=None):
     """Parsed flags -> (args, checkpoint or None, [(source, flag, old, new)] of every value a preset or the
-    checkpoint changed). Applied in this order: the command line, the demo preset (no --data), the
-    checkpoint's flags (--resume); then flags that do nothing in the configuration are refused, and the
-    dense-loss flags translated once: beta < -1 -> None (no thresholding), M -> 1 unless guided, score_tokens
-    0 -> None (exact scoring)."""
+    checkpoint changed). Applied in this order: the command line, the preset (--preset; demo without --data),
+    the checkpoint's flags (--resume); then flags that do nothing in the configuration are refused, --N
+    defaults to the poster's share of the tokens, --global-batch sets the batch of each of the WORLD_SIZE
+    processes, and the dense-loss flags are translated once: beta < -1 -> None (no thresholding), M -> 1
+    unless guided, score_tokens 0 -> None (exact scoring)."""
     parser = get_args_parser(description)
     args = parser.parse_args(argv)
     args.explicit, changed = explicit_flags(parser, argv), []
@@ -159,20 +203,37 @@ def configure(argv, description=None):
             if k not in args.explicit and k not in ("resume", "explicit") and getattr(args, k, None) != v:
                 changed.append((source, k, getattr(args, k, None), v))
                 setattr(args, k, v)
-    if args.data is None:  # the demo: generate the set once, switch to the small preset
-        args.data = os.path.join(demo.make_demo(), "images", "train")
-        args.probe_json = args.probe_json or probing.DEMO[0]
-        override("demo preset", DEMO)
+    if args.preset is None and args.data is None:
+        args.preset = "demo"
+    if args.preset:
+        preset = dict(PRESETS[args.preset])
+        root = preset.pop("data", None)
+        if args.data is None and root:  # its generated set (made once), with the labels of the online probe
+            root = preset_data(args.preset)
+            args.data = os.path.join(root, "images", "train")
+            args.probe_json = args.probe_json or os.path.join(root, "annotations", "instances_train.json")
+        if "batch_size" in args.explicit:  # a per-GPU batch given by hand wins over the recipe's global one
+            preset.pop("global_batch")
+        override(f"preset {args.preset}", preset)
     path = os.path.join(args.out_dir, "ckpt.pt")
     ckpt = rundir.load_checkpoint(path) if args.resume and os.path.exists(path) else None
     if ckpt is not None:
         override("checkpoint", ckpt["args"])
+    T = (args.img_size // vit.CONFIGS[args.model]["patch_size"]) ** 2
+    if args.N is None:
+        args.N = cross_view(64, T)
     for dests, used, what in NEEDS:
         for d in dests:
             if d in args.explicit and not used(args):
                 raise ValueError(f"--{d.replace('_', '-')} {getattr(args, d)} has no effect without {what}: "
                                  f"drop it or change the configuration")
-    T = (args.img_size // vit.CONFIGS[args.model]["patch_size"]) ** 2
+    if "batch_size" in args.explicit and "global_batch" in args.explicit:
+        raise ValueError("--batch-size and --global-batch both given: pass one of them")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.global_batch:
+        if args.global_batch % world:
+            raise ValueError(f"--global-batch {args.global_batch} does not divide over {world} processes")
+        args.batch_size = args.global_batch // world
     if args.lam > 0 and not 0 <= args.N <= T - 1 - args.xv_exclude:
         raise ValueError(f"--N {args.N}: at most T-1-xv_exclude = {T - 1 - args.xv_exclude} cross-view "
                          f"negatives with T = {T} tokens a view (--model {args.model} at --img-size "
@@ -191,7 +252,9 @@ def resolve_args(argv):
 
 
 def objective_summary(args):
-    """The settings in force, for the first log line: a flag NEEDS leaves without effect is not shown."""
-    keys = ("lam", "neg", "M", "beta", "N", "pair", "gamma", "agg", "crop")
-    return " ".join(f"{k}={getattr(args, k)}" for k in keys
-                    if all(used(args) for dests, used, _ in NEEDS if k in dests))
+    """The settings in force, for the first log line: a flag NEEDS leaves without effect is not shown, nor a
+    switch that is off."""
+    keys = ("lam", "neg", "M", "beta", "N", "pair", "gamma", "agg", "crop", "neg_draw", "detach_neg",
+            "oracle_negatives")
+    return " ".join(f"{k}={getattr(args, k)}" for k in keys if getattr(args, k, None) is not False
+                    and all(used(args) for dests, used, _ in NEEDS if k in dests))

@@ -4,10 +4,11 @@ Data for two-view contrastive pretraining, top to bottom:
     load_rgb / list_images      any image file -> RGB PIL image; a folder or a COCO json -> sorted file list
     rrc_params / ccrop_params   RandomResizedCrop / ContrastiveCrop boxes (METHOD.md 10, 9) from a Generator
     TwoViews / two_view_batch   loader-worker side: decode + 2 geometric crops + flips + photometric
-                                parameters; collate
+                                parameters (or, --decode gpu, the JPEG's bytes); collate
+    crop_views                  crop-resize-flip of a decoded image on any device (worker and --decode gpu)
     EpochSampler / RunSampler   deterministic, resumable, rank-aware samplers (one epoch / a span of steps)
 
-The training-device side (the photometric ops, batched, and the upload) is augment.py.
+The training-device side (the photometric ops, batched, the upload, the JPEG decode on the GPU) is augment.py.
 
 Randomness: every draw comes from a torch.Generator. A sample's generator is seeded from (seed, epoch, index)
 only, so the views do not depend on the number of workers, their order, the number of processes, or on
@@ -34,6 +35,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_EXTS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
 BACKGROUND = (128, 128, 128)  # transparent pixels are composited onto mid-grey
 MAX_TRIES = 50  # a sample gives up after this many unreadable files in a row
+JPEG_EOI = b'\xff\xd9'  # the end-of-image marker: the last two bytes of a complete JPEG
 
 # ------------------------------------------------------------------------------------------------------------
 # image files
@@ -215,7 +217,12 @@ class TwoViews(torch.utils.data.Dataset):
     the file header), then a JPEG is decoded at the largest DCT reduction (1/2, 1/4, 1/8) that keeps both
     crops >= img_size pixels on each side (PIL's draft; at full size through torchvision's decode_jpeg, which
     is faster), and each crop (its corners rounded to the decoded grid) is resized to img_size x img_size with
-    torch's antialiased bilinear interpolation on uint8. `boxes` ([n_files, 4] normalised (h0, w0, h1, w1),
+    torch's antialiased bilinear interpolation on uint8 (crop_views). With device_decode=True (--decode gpu)
+    the draws are the same, but a complete baseline JPEG (device_decodable) is not decoded: the sample holds
+    'jpeg' = (path, its bytes) and no views, and the training process decodes it at full size and crops it
+    with the same crop_views (augment.decode_views); every other file is decoded here as above ('jpeg' None).
+    Where the worker would decode a JPEG DCT-reduced, the device's full-size views differ slightly (the same
+    boxes, another resampling). `boxes` ([n_files, 4] normalised (h0, w0, h1, w1),
     METHOD.md 9) is read at __getitem__ time, so a tensor in shared memory updated in place by the trainer is
     seen by running workers; pass boxes=None for plain RRC. With ccrop_warmup=W the boxes are used from epoch
     W on and epochs < W use plain RRC (METHOD.md 9 warm-up).
@@ -224,7 +231,7 @@ class TwoViews(torch.utils.data.Dataset):
     row."""
 
     def __init__(self, files, img_size=224, scale=(0.2, 1.0), ratio=(3/4, 4/3), seed=0, boxes=None,
-                 ccrop_alpha=0.6, ccrop_warmup=0):
+                 ccrop_alpha=0.6, ccrop_warmup=0, device_decode=False):
         if len(files) == 0:
             raise ValueError("TwoViews: files is empty (expected a list of image paths, see list_images)")
         if not (isinstance(img_size, int) and img_size >= 1):
@@ -236,8 +243,11 @@ class TwoViews(torch.utils.data.Dataset):
             raise ValueError(f"TwoViews: boxes has shape {tuple(boxes.shape)}, expected ({len(files)}, 4)")
         if ccrop_alpha <= 0:
             raise ValueError(f"TwoViews: ccrop_alpha={ccrop_alpha}, expected > 0")
+        if device_decode and decode_jpeg is None:
+            raise ValueError("TwoViews: device_decode needs torchvision.io.decode_jpeg (not importable here)")
         self.files, self.img_size, self.scale, self.ratio = list(files), img_size, tuple(scale), tuple(ratio)
         self.seed, self.boxes, self.ccrop_alpha, self.ccrop_warmup = seed, boxes, ccrop_alpha, ccrop_warmup
+        self.device_decode = device_decode
         # in shared memory, so that set_epoch also reaches persistent loader workers
         self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
@@ -281,6 +291,16 @@ class TwoViews(torch.utils.data.Dataset):
                                        self.ccrop_alpha, g)
                 flip = torch.rand((), generator=g).item() < 0.5
                 views.append((box, flip, draw_photo(g)))
+            out = {'size': torch.tensor([H, W])}
+            for k, (box, flip, photo) in enumerate(views, 1):
+                out[f'box{k}'] = torch.tensor(box, dtype=torch.float32)
+                out[f'flip{k}'] = torch.tensor(flip)
+                out[f'photo{k}'] = photo
+            if self.device_decode:
+                jpeg = read_file(path) if device_decodable(im) else None
+                if jpeg is not None and bytes(jpeg[-2:].tolist()) == JPEG_EOI:  # complete: left to the device
+                    return {**out, 'jpeg': (path, jpeg), 'view1': None, 'view2': None}
+                out['jpeg'] = None
             # largest downscale keeping both crops >= S px
             f = min(min(box[2], box[3]) for box, _, _ in views) / S
             # None: not a JPEG
@@ -290,22 +310,50 @@ class TwoViews(torch.utils.data.Dataset):
                 img = decode_jpeg(read_file(path), mode=ImageReadMode.RGB)
             else:
                 img = torch.from_numpy(np.array(_to_rgb(im))).permute(2, 0, 1)
-        d = W / img.shape[2]  # the DCT scale of the decode: 1, 2, 4 or 8
-        out = {'size': torch.tensor([H, W])}
-        for k, ((top, left, h, w), flip, photo) in enumerate(views, 1):
-            t0, l0, t1, l1 = (round(v / d) for v in (top, left, top + h, left + w))  # exact unless d > 1
-            view = F.interpolate(img[None, :, t0:t1, l0:l1], size=(S, S), mode='bilinear', antialias=True)[0]
-            out[f'view{k}'] = (view.flip(-1) if flip else view).contiguous()
-            out[f'box{k}'] = torch.tensor([top, left, h, w], dtype=torch.float32)
-            out[f'flip{k}'] = torch.tensor(flip)
-            out[f'photo{k}'] = photo
-        return out
+        crops = crop_views(img, [box for box, _, _ in views], [flip for _, flip, _ in views], S,
+                           W / img.shape[2])  # the scale of the decode: 1, or 2, 4, 8 after a draft
+        return {**out, 'view1': crops[0], 'view2': crops[1]}
+
+
+def device_decodable(im):
+    """Whether the training device decodes this opened file (TwoViews with device_decode): a baseline JPEG in
+    RGB/YCbCr or grayscale. CMYK/YCCK and progressive JPEGs, and every other format, are decoded by the
+    worker (the complete-file check, an end-of-image marker last, is made on the bytes)."""
+    return im.format == 'JPEG' and im.mode in ('RGB', 'L') and not im.info.get('progressive')
+
+
+def crop_views(img, boxes, flips, size, scale=1):
+    """The views of one decoded image img [3, h, w] uint8, on any device: box k = (top, left, h, w) in pixels
+    of the original image, its corners rounded to the decoded grid, (round(top/scale), round(left/scale)) to
+    (round((top+h)/scale), round((left+w)/scale)) with scale = original / decoded width (1, or 2, 4, 8 after
+    a DCT-reduced decode; exact at 1), resized to size x size by torch's antialiased bilinear interpolation,
+    flipped horizontally where flips[k]. Returns [len(boxes), 3, size, size] uint8. On the CPU the resize runs
+    on uint8 (torch's uint8 kernel); on CUDA, which has no uint8 kernel, in float32, rounded to uint8 (within
+    one level of the CPU's). The worker (TwoViews.load) and the device (augment.decode_views) both crop with
+    this function."""
+    views = []
+    for (top, left, h, w), flip in zip(boxes, flips):
+        t0, l0, t1, l1 = (round(v / scale) for v in (top, left, top + h, left + w))
+        crop = img[None, :, t0:t1, l0:l1]
+        crop = crop if img.device.type == 'cpu' else crop.float()
+        view = F.interpolate(crop, size=(size, size), mode='bilinear', antialias=True)[0]
+        views.append(view.flip(-1) if flip else view)
+    views = torch.stack(views)
+    return views if views.dtype == torch.uint8 else views.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def two_view_batch(batch_list):
-    """collate_fn for TwoViews: stacks every tensor, concatenates the 'skipped' path lists."""
-    out = {k: torch.stack([b[k] for b in batch_list]) for k in batch_list[0] if k != 'skipped'}
+    """collate_fn for TwoViews: stacks every tensor, concatenates the 'skipped' path lists. With
+    device_decode: 'jpeg' stays a list (a (path, bytes) pair, or None where the worker decoded), and
+    'view1'/'view2' stack the worker-decoded views only ([n, 3, S, S], n = the Nones in 'jpeg'; [0] if none)."""
+    out = {k: torch.stack([b[k] for b in batch_list]) for k in batch_list[0]
+           if k not in ('skipped', 'jpeg', 'view1', 'view2')}
     out['skipped'] = [p for b in batch_list for p in b['skipped']]
+    for k in ('view1', 'view2'):
+        views = [b[k] for b in batch_list if b[k] is not None]
+        out[k] = torch.stack(views) if views else torch.zeros(0, dtype=torch.uint8)
+    if 'jpeg' in batch_list[0]:
+        out['jpeg'] = [b['jpeg'] for b in batch_list]
     return out
 
 # ------------------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ except ImportError:
     triton = None
 
 NEGATIVES = ("densecl", "random", "guided", "all")
+NEG_DRAWS = ("shared", "independent")  # 'random': one draw per view for all anchors, or one per anchor token
 
 
 def world():
@@ -124,7 +125,8 @@ def near_tokens(f1, f2, j, k):
         return cos.scatter(-1, j[..., None], float("-inf")).topk(k, dim=-1).indices
 
 
-def _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator, score_tokens, draws, xv_exclude):
+def _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator, score_tokens, draws, xv_exclude, neg_draw,
+                 token_labels):
     if z1.ndim != 3 or z1.shape != z2.shape:
         raise ValueError(f"dense_loss: z1 and z2 must both be [B, T, Dz]; got {tuple(z1.shape)} and "
                          f"{tuple(z2.shape)}")
@@ -149,6 +151,16 @@ def _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator, score_tokens,
     if not isinstance(N, int) or not 0 <= N < T - xv_exclude:
         raise ValueError(f"dense_loss: N={N!r}; expected an integer in [0, T-1-xv_exclude] = [0, "
                          f"{T - 1 - xv_exclude}] (cross-view negatives)")
+    if neg_draw not in NEG_DRAWS or (neg_draw == "independent" and negatives != "random"):
+        raise ValueError(f"dense_loss: neg_draw={neg_draw!r}; expected one of {NEG_DRAWS}, 'independent' only "
+                         f"with negatives='random'")
+    if token_labels is not None:
+        if negatives == "densecl":
+            raise ValueError("dense_loss: token_labels (oracle false negatives) needs token negatives; "
+                             "negatives='densecl' has pooled image vectors, no token label")
+        if tuple(token_labels.shape) != (2 * z1.shape[0], T) or token_labels.is_floating_point():
+            raise ValueError(f"dense_loss: token_labels must be an integer [2B, T] = [{2 * z1.shape[0]}, {T}] "
+                             f"tensor (-1 = unknown); got {token_labels.dtype} {tuple(token_labels.shape)}")
     if generator is None and draws is None and (negatives in ("random", "guided")
                                                 or 0 < N < T - 1 - xv_exclude):
         raise ValueError(f"dense_loss: negatives={negatives!r}, N={N} samples indices; pass "
@@ -156,21 +168,25 @@ def _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator, score_tokens,
 
 
 def dense_draws(generator, *, B, T, negatives, M=1, beta=None, N=0, score_tokens=None,
-                xv_exclude=0, device=None):
+                xv_exclude=0, neg_draw="shared", device=None):
     """Every random draw of one dense_loss call, made up front (so the loss itself has no generator and
     compiles as one graph), in this fixed order from `generator` (on its own device), returned on `device`
     (default: its own):
-        'sets'       'random': token indices (2, Bg); 'guided': M candidate sets (M, 2*Bg), set m takes token
-                     sets[m, u] of view u (drawn as (M, 2, Bg))
+        'sets'       'random': token indices (2, Bg); with neg_draw 'independent' one index per anchor token
+                     of this rank and other view (2, B, T, 2*Bg), int32; 'guided': M candidate sets (M,
+                     2*Bg), set m takes token sets[m, u] of view u (drawn as (M, 2, Bg))
         'score_keys' guided with beta and score_tokens < T: uniform keys (2, Bg, T); the score_tokens largest
                      of each view's keys pick the tokens its set score averages over
         'xv_keys'    0 < N < T-1-xv_exclude: uniform keys (2, B, T, T) for this rank's anchors; the N largest
                      keys off the excluded tokens pick the cross-view negatives
-    B is this rank's batch, Bg = B * world size: every draw but 'xv_keys' is global, identical on every
-    rank."""
+    B is this rank's batch, Bg = B * world size: every draw but 'xv_keys' and the independent 'sets' is
+    global, identical on every rank."""
     gdev = generator.device if generator is not None else None
     Bg, dev, draws = B * world()[1], device if device is not None else gdev, {}
-    if negatives == "random":
+    if negatives == "random" and neg_draw == "independent":
+        draws["sets"] = torch.randint(T, (2, B, T, 2 * Bg), generator=generator, device=gdev,
+                                      dtype=torch.int32).to(dev)
+    elif negatives == "random":
         draws["sets"] = torch.randint(T, (2, Bg), generator=generator, device=gdev).to(dev)
     elif negatives == "guided":
         sets = torch.randint(T, (M, 2, Bg), generator=generator, device=gdev)
@@ -182,37 +198,52 @@ def dense_draws(generator, *, B, T, negatives, M=1, beta=None, N=0, score_tokens
     return draws
 
 
+MAX_BLOCK_D = 128  # the fused kernel's largest block of the feature dimension
+
 if triton is not None:
     @triton.jit
     def _threshold_sum_kernel(z_ptr, k_ptr, out_ptr, A, T, K, D, beta, BLOCK_T: tl.constexpr,
-                              BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
-                              PRECISION: tl.constexpr):
+                              BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, N_D: tl.constexpr,
+                              GROUP: tl.constexpr, PRECISION: tl.constexpr):
         """out[a, w] = sum_t qbar(z[a, t] . k[w]) for BLOCK_K keys (program axis 0) and GROUP anchor views
-        (axis 1): the keys stay loaded, the product tiles stay in registers, thresholded and summed there."""
+        (axis 1): the product tiles stay in registers, thresholded and summed there. The feature dimension D
+        comes in N_D blocks of BLOCK_D (the tiles fit in shared memory at any D); with one block the keys stay
+        loaded for every tile, with several they are loaded block by block."""
         w = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
         d = tl.arange(0, BLOCK_D)
-        keys = tl.load(k_ptr + w[:, None] * D + d[None, :], mask=(w[:, None] < K) & (d[None, :] < D),
-                       other=0.0)
+        if N_D == 1:
+            keys = tl.load(k_ptr + w[:, None] * D + d[None, :], mask=(w[:, None] < K) & (d[None, :] < D),
+                           other=0.0)
         n_t = tl.cdiv(T, BLOCK_T)
         total = tl.zeros([BLOCK_K], dtype=tl.float32)
         for i in range(0, GROUP * n_t):
             a, t = tl.program_id(1) * GROUP + i // n_t, (i % n_t) * BLOCK_T + tl.arange(0, BLOCK_T)
-            q = tl.load(z_ptr + (a * T + t[:, None]) * D + d[None, :],
-                        mask=(t[:, None] < T) & (d[None, :] < D) & (a < A), other=0.0)
-            s = tl.dot(keys, tl.trans(q), input_precision=PRECISION)  # float32 [BLOCK_K, BLOCK_T]
+            s = tl.zeros([BLOCK_K, BLOCK_T], dtype=tl.float32)
+            for j in range(0, N_D):
+                dj = j * BLOCK_D + d
+                q = tl.load(z_ptr + (a * T + t[:, None]) * D + dj[None, :],
+                            mask=(t[:, None] < T) & (dj[None, :] < D) & (a < A), other=0.0)
+                if N_D > 1:
+                    keys = tl.load(k_ptr + w[:, None] * D + dj[None, :],
+                                   mask=(w[:, None] < K) & (dj[None, :] < D), other=0.0)
+                s += tl.dot(keys, tl.trans(q), input_precision=PRECISION)  # float32 [BLOCK_K, BLOCK_T]
             total += tl.sum(tl.where(t[None, :] < T, tl.where(s > beta, s, -1.0), 0.0), 1)
             last = i % n_t == n_t - 1  # the view's last tile: write its sums, start the next view's
             tl.store(out_ptr + a * K + w, total, mask=(w < K) & (a < A) & last)
             total = tl.where(last, 0.0, total)
 
     def _threshold_sum_launch(z, keys, beta, block_t, block_k, group, num_warps, num_stages):
-        """_threshold_sum_kernel on z [A, T, D] and keys [K, D] with one block config -> float32 [A, K]."""
+        """_threshold_sum_kernel on z [A, T, D] and keys [K, D] with one block config -> float32 [A, K]. D
+        comes in blocks of at most MAX_BLOCK_D (a [256 x 512] bf16 key tile alone would fill an H100's 228
+        KB of shared memory). PRECISION 'ieee' for float32 inputs: full float32 products, no TF32 (for
+        bf16/fp16 inputs Triton ignores the flag: their products are exact in the float32 accumulator)."""
         (A, T, D), K = z.shape, keys.shape[0]
         z, keys = z.contiguous(), keys.to(z.dtype).contiguous()
         out = torch.empty(A, K, dtype=torch.float32, device=z.device)
+        block_d = min(MAX_BLOCK_D, max(16, triton.next_power_of_2(D)))
         _threshold_sum_kernel[(triton.cdiv(K, block_k), triton.cdiv(A, group))](
-            z, keys, out, A, T, K, D, beta, BLOCK_T=block_t, BLOCK_K=block_k,
-            BLOCK_D=max(16, triton.next_power_of_2(D)), GROUP=group,
+            z, keys, out, A, T, K, D, beta, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_D=block_d,
+            N_D=triton.cdiv(D, block_d), GROUP=group,
             PRECISION="ieee" if z.dtype == torch.float32 else "tf32", num_warps=num_warps,
             num_stages=num_stages)
         return out
@@ -233,6 +264,9 @@ def _threshold_sum(z, keys, beta, fused):
     """sum_t qbar(z[a, t] . keys[w]) for z [A, T, D] and keys [K, D] -> float32 [A, K], qbar(q) = q if q >
     beta else -1 (METHOD.md 4.5). fused: one Triton kernel, products in float32 from the inputs' dtype; else
     the [A, T, K] product in the inputs' dtype, summed in float32 (bf16 sums would reorder the sets)."""
+    if fused and triton is None:
+        raise RuntimeError("losses: fused=True runs a Triton kernel, and triton is not installed (it ships "
+                           "with torch's CUDA builds); pass fused=False or None")
     if fused:
         return _threshold_sum_fused(z, keys, float(beta))
     q = z @ keys.T
@@ -286,29 +320,73 @@ def _guided_choice(z, z_all, r, own, beta, chunk=None, fused=None):
     return torch.cat(scores).view(2, B, M).argmax(-1)
 
 
-def _lse_all(z, z_all, own_img, tau, acc, chunk=None):
+def _same_label(anchor, negative):
+    """The oracle's false negatives (METHOD.md 4.8): True where a negative's token label equals its anchor
+    token's (broadcast), never for an unknown anchor label (-1)."""
+    return (anchor == negative) & (anchor >= 0)
+
+
+def _checkpointed(fn, *args):
+    """fn(*args), recomputed in backward (activation checkpointing) when gradients are on."""
+    return checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args)
+
+
+def _lse_all(z, z_all, own_img, tau, acc, chunk=None, labels=None, labels_all=None):
     """logsumexp over every token of every other-image view (the poster's exact sum over j-, m), chunked over
     anchor views (chunk views at a time, default: 2^24 logits a chunk); each chunk is recomputed in backward
-    (activation checkpointing), so memory stays O(chunk)."""
+    (activation checkpointing), so memory stays O(chunk). labels [2, B, T], labels_all [2, Bg, T]: the
+    oracle's token labels (tokens of the anchor's label left out)."""
     _, B, T, D = z.shape
     Bg = z_all.shape[1]
     flat, cols = z.reshape(2 * B, T, D), z_all.reshape(2 * Bg * T, D)
     c = chunk or max(1, (1 << 24) // (T * 2 * Bg * T))
 
-    def chunk(zc, mask):
+    def chunk(zc, mask, lab):
         logits = (zc @ cols.T).to(acc).view(zc.shape[0], T, 2, Bg, T) / tau
-        logits = logits.masked_fill(mask[:, None, :, :, None], float("-inf"))
-        return logits.flatten(2).logsumexp(-1)
+        mask = mask[:, None, :, :, None]
+        if lab is not None:
+            mask = mask | _same_label(lab[:, :, None, None, None], labels_all[None, None])
+        return logits.masked_fill(mask, float("-inf")).flatten(2).logsumexp(-1)
 
     own = torch.zeros(2 * B, 2, Bg, dtype=torch.bool, device=z.device)
     own[torch.arange(2 * B, device=z.device), :, own_img.reshape(-1)] = True
-    out = [checkpoint(chunk, flat[s:s + c], own[s:s + c], use_reentrant=False) if torch.is_grad_enabled()
-           else chunk(flat[s:s + c], own[s:s + c]) for s in range(0, 2 * B, c)]
+    lab = labels.reshape(2 * B, T) if labels is not None else None
+    out = [_checkpointed(chunk, flat[s:s + c], own[s:s + c], lab[s:s + c] if lab is not None else None)
+           for s in range(0, 2 * B, c)]
+    return torch.cat(out).view(2, B, T)
+
+
+def _lse_independent(z, z_all, r, own, tau, acc, chunk=None, labels=None, labels_all=None):
+    """logsumexp over NegImg of 'random' with a draw per anchor token (METHOD.md 4.3): anchor token t of view
+    v meets token r[v, t, u] of every other-image view u. z [2, B, T, D], z_all [2Bg, T, D], r [2, B, T,
+    2Bg], own [2, B, 2] the columns of each view's own image (left out); labels [2, B, T] and labels_all
+    [2Bg, T]: the oracle's token labels. The [c, T, 2Bg, D] gathered negatives exist one chunk of c anchor
+    views at a time (default: 2^24 elements on a GPU, 2^22 on a CPU, where they then stay in its cache),
+    recomputed in backward. (Gather, multiply, sum: 1.5 s forward and backward at B 64, T 64, D 128 on a busy
+    2-core CPU, against 3 s through bmm and 2.5 s through the [c*T, 2Bg*T] product table; shared: 0.12 s)."""
+    _, B, T, D = z.shape
+    n_cols = z_all.shape[0]
+    flat, r, cols = z.reshape(2 * B, T, D), r.reshape(2 * B, T, n_cols), torch.arange(n_cols, device=z.device)
+    own = torch.zeros(2 * B, n_cols, dtype=torch.bool, device=z.device).scatter_(1, own.reshape(2 * B, 2), True)
+    lab = labels.reshape(2 * B, T) if labels is not None else None
+    c = chunk or max(1, (1 << (24 if z.is_cuda else 22)) // (T * n_cols * D))
+
+    def chunk(zc, rc, mask, lab):
+        rows = (rc + cols * T).flatten()  # rows of the [2Bg*T, D] table (index_select: the fast CPU gather)
+        negs = z_all.reshape(n_cols * T, D).index_select(0, rows).view(-1, n_cols, D)
+        logits = (negs * zc.reshape(-1, 1, D)).sum(-1).view(rc.shape).to(acc) / tau  # [c, T, 2Bg]
+        mask = mask[:, None, :]
+        if lab is not None:
+            mask = mask | _same_label(lab[..., None], labels_all.flatten()[rows].view(rc.shape))
+        return logits.masked_fill(mask, float("-inf")).logsumexp(-1)
+
+    out = [_checkpointed(chunk, flat[s:s + c], r[s:s + c], own[s:s + c], lab[s:s + c] if lab is not None else None)
+           for s in range(0, 2 * B, c)]
     return torch.cat(out).view(2, B, T)
 
 
 def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator=None, score_tokens=None,
-               xv_exclude=0, draws=None, chunk=None):
+               xv_exclude=0, draws=None, chunk=None, neg_draw="shared", detach_neg=False, token_labels=None):
     """Dense InfoNCE of METHOD.md 4.1, averaged over all 2B·T anchor tokens of both directions. z1, z2:
     unnormalised dense projections [B, T, Dz] (L2-normalised here); f1, f2: pairing features [B, T, Df].
     For anchor token t of view v (image i, partner view v', matched token j*(t) = match(f_v, f_v')[t]):
@@ -318,6 +396,7 @@ def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator
     NegImg(v), over the views u of the other images of the (gathered) batch (2Bg-2 of them):
         'densecl': norm(mean_t' Z^u_t')                  the pooled dense vector of each view   (4.2)
         'random' : z^u_{r_u},  r ~ U{0..T-1}^{2Bg}, shared by all anchors                       (4.3)
+                   neg_draw='independent': z^u_{r_{v,t,u}}, a draw per anchor token and view u  (4.3)
         'guided' : z^u_{r^m*(v)_u}, M index vectors r^m, m*(v) the highest-scoring set (see
                    _guided_choice; beta thresholds inside the score)                           (4.4-4.5)
         'all'    : every token of every such view                                               (4.7, exact)
@@ -325,27 +404,36 @@ def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator
     minus the xv_exclude tokens most similar to t after j*(t) by the pairing feature (near_tokens; fewer false
     negatives), per anchor token; N = T-1-xv_exclude takes all of them deterministically (4.6). Gradients flow
     through anchors, positives and negatives; the matching and the set selection are not differentiated.
+    detach_neg: every negative (NegImg and NegXV) is a constant, as a momentum encoder's keys; the anchor's
+    side of each negative logit and the positive keep their gradient (4.1).
+    token_labels [2B, T] int (this rank's views in z's order, -1 = unknown), an oracle DIAGNOSTIC (4.8):
+    every negative token whose label equals its anchor token's (known) label leaves the sum. Not with
+    'densecl' (its negatives are image means). Guided sets are still chosen without the labels.
     score_tokens=S (guided with beta only): the thresholded set score averages over S anchor tokens per view
     drawn uniformly without replacement instead of all T: T/S times less scoring work, the loss itself still
     uses every token. None or S >= T scores exactly.
     Randomness: the draws of dense_draws(generator, ...) (see there for their order), or `draws`, the output
     of that call made earlier (pretrain.py draws before its compiled region). Under DDP the cross-view keys
-    are per rank (one process with the whole batch draws other ones); every other draw matches the
-    single-process run exactly.
+    and the independent draws are per rank (one process with the whole batch draws other ones); every other
+    draw matches the single-process run exactly.
     chunk: anchor views per chunk of the 'all' negatives and of the thresholded set score (None: by memory
     budget; the result does not depend on it)."""
-    _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator, score_tokens, draws, xv_exclude)
+    _check_dense(z1, z2, f1, f2, negatives, M, beta, N, generator, score_tokens, draws, xv_exclude, neg_draw,
+                 token_labels)
     rank, _ = world()
     B, T, Dz = z1.shape
     if draws is None:
         draws = dense_draws(generator, B=B, T=T, negatives=negatives, M=M, beta=beta, N=N,
-                            score_tokens=score_tokens, xv_exclude=xv_exclude, device=z1.device)
+                            score_tokens=score_tokens, xv_exclude=xv_exclude, neg_draw=neg_draw,
+                            device=z1.device)
     acc = _acc(z1.dtype)
     z = F.normalize(torch.stack([z1, z2]).to(acc), dim=-1).to(z1.dtype)  # [2, B, T, Dz]
     j = torch.stack([match(f1, f2), match(f2, f1)])  # [2, B, T] index into the partner view
     zp = z.flip(0)  # partner view of each view
+    keys = z.detach() if detach_neg else z  # the negatives are drawn from these
     if N > 0:
-        xv = torch.einsum("abtd,absd->abts", z, zp)  # [2, B, T, T]
+        xv = torch.einsum("abtd,absd->abts", z, keys.flip(0))  # [2, B, T, T]
+    if N > 0 and not detach_neg:
         pos = xv.gather(-1, j[..., None]).squeeze(-1)
     else:
         pos = (z * zp.gather(2, j[..., None].expand(-1, -1, -1, Dz))).sum(-1)
@@ -357,35 +445,49 @@ def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator
     dev = z.device
     img = rank * B + torch.arange(B, device=dev)
     own = torch.stack([img, Bg + img], -1)[None].expand(2, B, 2)  # global columns of each view's own image
+    cols = torch.arange(2 * Bg, device=dev)
+    labels = token_labels.view(2, B, T) if token_labels is not None else None
+    labels_all = gather_images(labels).reshape(2 * Bg, T) if labels is not None else None
 
     if negatives == "all":
-        lse_img = _lse_all(z, gather_images(z), img[None].expand(2, B), tau, acc, chunk)
+        lse_img = _lse_all(z, gather_images(keys), img[None].expand(2, B), tau, acc, chunk, labels,
+                           labels_all.view(2, Bg, T) if labels is not None else None)
+    elif negatives == "random" and neg_draw == "independent":
+        lse_img = _lse_independent(z, gather_images(keys).reshape(2 * Bg, T, Dz), draws["sets"], own, tau, acc,
+                                   chunk, labels, labels_all)
     else:
+        neg_labels = None  # [2, B, 2Bg] the token label of each view's negative from view u
         if negatives == "densecl":
             pooled = F.normalize(torch.stack([z1, z2]).to(acc).mean(2), dim=-1).to(z.dtype)  # [2, B, Dz]
-            negs = gather_images(pooled).reshape(2 * Bg, Dz)
+            negs = gather_images(pooled.detach() if detach_neg else pooled).reshape(2 * Bg, Dz)
             logits = torch.einsum("abtd,ud->abtu", z, negs)
         elif negatives == "random":
             r = draws["sets"][:, rank * B:(rank + 1) * B]
-            picked = z.gather(2, r[:, :, None, None].expand(-1, -1, 1, Dz)).squeeze(2)  # [2, B, Dz]
+            picked = keys.gather(2, r[:, :, None, None].expand(-1, -1, 1, Dz)).squeeze(2)  # [2, B, Dz]
             negs = gather_images(picked).reshape(2 * Bg, Dz)
             logits = torch.einsum("abtd,ud->abtu", z, negs)
+            if labels is not None:
+                neg_labels = labels_all[cols, draws["sets"].reshape(-1)][None, None]
         else:  # guided
             r = draws["sets"]  # [M, 2Bg]: set m takes token r[m, u] of view u
-            z_all = gather_images(z).reshape(2 * Bg, T, Dz)  # every token of the global batch, differentiable
+            z_all = gather_images(keys).reshape(2 * Bg, T, Dz)  # every token of the global batch
             zs = z.detach()
             if beta is not None and score_tokens is not None and score_tokens < T:
-                keys = draws["score_keys"][:, rank * B:(rank + 1) * B]
-                zs = zs.gather(2, keys.topk(score_tokens, -1).indices[..., None].expand(-1, -1, -1, Dz))
+                score_keys = draws["score_keys"][:, rank * B:(rank + 1) * B]
+                zs = zs.gather(2, score_keys.topk(score_tokens, -1).indices[..., None].expand(-1, -1, -1, Dz))
             with torch.no_grad():
                 best = _guided_choice(zs, z_all.detach(), r, own, beta, chunk)  # [2, B]
             # the chosen set of each view [2, B, 2Bg, Dz]
-            negs = z_all[torch.arange(2 * Bg, device=dev), r[best]]
+            negs = z_all[cols, r[best]]
             logits = torch.einsum("abtd,abud->abtu", z, negs)
+            if labels is not None:
+                neg_labels = labels_all[cols, r[best]]
         logits = logits.to(acc) / tau
         mask = torch.zeros(2, B, 2 * Bg, dtype=torch.bool, device=dev)
-        mask.scatter_(-1, own, True)
-        lse_img = logits.masked_fill(mask[:, :, None, :], float("-inf")).logsumexp(-1)  # [2, B, T]
+        mask = mask.scatter_(-1, own, True)[:, :, None, :]
+        if neg_labels is not None:
+            mask = mask | _same_label(labels[..., None], neg_labels[:, :, None, :])
+        lse_img = logits.masked_fill(mask, float("-inf")).logsumexp(-1)  # [2, B, T]
 
     terms = [pos, lse_img]
     if N > 0:
@@ -394,11 +496,15 @@ def dense_loss(z1, z2, f1, f2, *, tau, negatives, M=1, beta=None, N=0, generator
         if xv_exclude:
             near = torch.stack([near_tokens(f1, f2, j[0], xv_exclude), near_tokens(f2, f1, j[1], xv_exclude)])
             excluded = torch.cat([excluded, near], -1)
+        partner = labels.flip(0)[:, :, None, :].expand(-1, -1, T, -1) if labels is not None else None
         if N == T - 1 - xv_exclude:
             xv = xv.scatter(-1, excluded, float("-inf"))
         else:
-            keys = draws["xv_keys"].scatter(-1, excluded, -1.0)  # never pick an excluded token
-            xv = xv.gather(-1, keys.topk(N, dim=-1).indices)
+            picked = draws["xv_keys"].scatter(-1, excluded, -1.0).topk(N, dim=-1).indices  # never excluded
+            xv = xv.gather(-1, picked)
+            partner = partner.gather(-1, picked) if labels is not None else None
+        if labels is not None:
+            xv = xv.masked_fill(_same_label(labels[..., None], partner), float("-inf"))
         terms.append(xv.logsumexp(-1))
     return (torch.stack(terms).logsumexp(0) - pos).mean()
 

@@ -4,11 +4,14 @@ The two optional pretraining methods on top of pretrain.py, as plain functions:
     ContrastiveCrop (--crop ccrop, METHOD.md 9)  ccrop_due, heat_maps, heat_to_boxes / heat_to_box, localise
     MCL montage (--montage, METHOD.md 8)         assemble_montage, build_montages, block_attn_mask,
                                                  cell_means, montage_loss, mcl_loss
+    oracle negatives (--oracle-negatives, 4.8)   class_masks, token_labels, OracleLabels (a diagnostic)
 
 Every random draw comes from the torch.Generator passed in, in the order the docstrings give, so tests replay
 them.
 """
+import collections
 import math
+import os
 
 import numpy as np
 import torch
@@ -290,3 +293,63 @@ def mcl_loss(cells, u, labels, tau):
         both = montage_loss(c[:h], u[B:], lab[:h], tau) + montage_loss(c[h:], u[:B], lab[h:], tau)
         total = total + w_r / sum(w) * both / 2
     return total
+
+
+# ------------------------------------------------------------------------------------------------------------
+# oracle false negatives (--oracle-negatives, METHOD.md 4.8): a diagnostic that reads the class masks
+
+
+def class_masks(files):
+    """The class mask of every file of a demo-layout set (demo.make_demo): <root>/images/<split>/<stem>.jpg ->
+    <root>/voc/SegmentationClass/<stem>.png, each a uint8 [H, W] tensor of palette indices (0 background,
+    1.. the classes, 255 void), all loaded once."""
+    masks = []
+    for f in files:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(f))))
+        path = os.path.join(root, "voc", "SegmentationClass", os.path.splitext(os.path.basename(f))[0] + ".png")
+        if not os.path.exists(path):
+            raise ValueError(f"--oracle-negatives needs the class mask of every image (a demo-layout set, "
+                             f"demo.make_demo); {path} for {f} does not exist")
+        with Image.open(path) as im:
+            masks.append(torch.from_numpy(np.array(im)))
+    return masks
+
+
+def token_labels(masks, batch, grid):
+    """The class of every token of both views of a data.TwoViews batch: [2B, grid*grid] int64 (view 1 of
+    every image, then view 2; -1 where the class is void). For view k of image b: the mask of file
+    batch['index'][b] (its size must be batch['size'][b]), cropped to the view's box (top, left, h, w) =
+    batch['boxk'][b] on the original image, token (r, c) of the grid takes the pixel at its centre
+        (top + floor((r + 1/2) h / grid), left + floor((c + 1/2) w / grid))
+    and the grid is mirrored left-right where batch['flipk'][b] (the view was)."""
+    out, odd = [], 2 * torch.arange(grid) + 1  # token centres at (2r + 1) / (2 grid), in integers
+    for k in (1, 2):
+        for b, i in enumerate(batch["index"].tolist()):
+            mask = masks[i]
+            if list(mask.shape) != batch["size"][b].tolist():
+                raise ValueError(f"--oracle-negatives: the class mask of image {i} is {tuple(mask.shape)}, the "
+                                 f"image {tuple(batch['size'][b].tolist())}")
+            top, left, h, w = (int(v) for v in batch[f"box{k}"][b].tolist())
+            labels = mask[top + odd * h // (2 * grid)][:, left + odd * w // (2 * grid)].long()
+            out.append((labels.flip(-1) if batch[f"flip{k}"][b] else labels).flatten())
+    labels = torch.stack(out)
+    return labels.masked_fill_(labels == 255, -1)
+
+
+class OracleLabels:
+    """--oracle-negatives: the token labels of each batch of a loader. tap(loader) passes its batches on
+    unchanged and keeps each one's crop geometry; next() gives the token_labels of the oldest batch kept, so
+    that it pairs with the views of the same batch however far ahead augment.device_batches reads."""
+
+    KEYS = ("index", "size", "box1", "box2", "flip1", "flip2")
+
+    def __init__(self, files, grid):
+        self.masks, self.grid, self.pending = class_masks(files), grid, collections.deque()
+
+    def tap(self, loader):
+        for batch in loader:
+            self.pending.append({k: batch[k] for k in self.KEYS})
+            yield batch
+
+    def next(self):
+        return token_labels(self.masks, self.pending.popleft(), self.grid)

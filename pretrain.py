@@ -56,16 +56,17 @@ def compiled_parts(model, use_compile, world_size=1):
     return fwd, augment.photometric
 
 
-def train_step(model, fwd, opt, x, args, step, amp_dtype):
+def train_step(model, fwd, opt, x, args, step, amp_dtype, token_labels=None):
     """One optimisation step on the views x [2B, 3, S, S]: the step's draws (model.draws), the forward and the
     objective (fwd of compiled_parts) under autocast with the dense weight in force (0 for the first
     --lam-warmup steps, then --lam), backward, gradient clipping (--clip-grad), AdamW. Returns the loss
-    (detached) and its terms (with --lam-warmup also that weight, with --clip-grad the gradient norm)."""
+    (detached) and its terms (with --lam-warmup also that weight, with --clip-grad the gradient norm).
+    token_labels: the class of every token of x (--oracle-negatives, methods.OracleLabels)."""
     canvases, cell_labels, draws = model.draws(x, step_generator(args.seed, step, x.device))
     # a fill: no host->device copy
     lam = torch.full((), 0.0 if step < args.lam_warmup else args.lam, device=x.device)
     with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-        loss, values = fwd(x, canvases, cell_labels, draws, lam)
+        loss, values = fwd(x, canvases, cell_labels, draws, lam, token_labels)
     terms = dict(zip(model.terms, values.unbind()))
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -109,20 +110,44 @@ def setup_distributed(args):
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(local)
-    backend, store = "nccl" if use_cuda else "gloo", None
+    backend = "nccl" if use_cuda else "gloo"
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # torchrun's agent keeps one store for every restart of the group, and init_process_group would read
-        # the addresses the killed group left there (its ranks hang or get "Connection refused"): a key prefix
-        # per attempt
-        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)
-        attempt = f"pretrain/{run_id}/{restart}"
-        tcp = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                            is_master=False)
-        store = dist.PrefixStore(attempt, tcp)
-    dist.init_process_group(backend, store=store, rank=rank if store else -1,
-                            world_size=world_size if store else -1)
+        dist.init_process_group(backend, store=fresh_group_store(rank, world_size), rank=rank,
+                                world_size=world_size)
+    else:
+        dist.init_process_group(backend)
     return rank, world_size, torch.device(f"cuda:{local}" if use_cuda else "cpu")
+
+
+def fresh_group_store(rank, world_size, timeout=1800):
+    """A store of this group alone. torchrun's agents keep one store for every restart of the group, where
+    init_process_group would read the addresses a killed group left (its ranks hang or get "Connection
+    refused"). No per-attempt key is known to every node (TORCHELASTIC_RESTART_COUNT is counted by each agent
+    on its own, and a restart on a membership change counts on none), so rank 0 starts a new store on a free
+    port of its host and publishes its address in the agent's store; the other ranks connect to the address
+    they read there, and read it again while it is a dead store's (the killed group's rank 0 took its store
+    with it)."""
+    from datetime import timedelta
+    key = f"pretrain/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/group_store"
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=timeout))
+    if rank == 0:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], 0, world_size, is_master=True,
+                              timeout=timedelta(seconds=timeout), wait_for_workers=False)
+        agent.set(key, f"{os.environ['MASTER_ADDR']}:{store.port}")
+        return store
+    deadline = time.time() + timeout
+    while True:
+        host, port = agent.get(key).decode().rsplit(":", 1)
+        try:
+            store = dist.TCPStore(host, int(port), world_size, is_master=False, timeout=timedelta(seconds=5))
+            store.set_timeout(timedelta(seconds=timeout))
+            return store
+        except (RuntimeError, dist.DistStoreError) as e:  # a dead group's store: rank 0 has not published yet
+            if time.time() > deadline:
+                raise RuntimeError(f"rank {rank}: no store of rank 0 at {host}:{port} after {timeout} s "
+                                   f"({e})") from None
+            time.sleep(0.5)
 
 
 def setup(args, ckpt, rank, world_size, device):
@@ -182,8 +207,14 @@ def setup(args, ckpt, rank, world_size, device):
                                  f"ContrastiveCrop boxes, --data {args.data} has {len(run.files)} images")
             run.boxes.copy_(ckpt["ccrop_boxes"])
         run.boxes.share_memory_()
+    if args.decode == "gpu" and not run.cuda:
+        raise ValueError(f"--decode gpu needs a CUDA device, this run is on {device}: use --decode cpu or auto")
+    run.decode_gpu = args.decode == "gpu" or (args.decode == "auto" and run.cuda)
+    # the class masks, loaded once (a missing one is an error now)
+    run.oracle = methods.OracleLabels(run.files, run.model.backbone.grid) if args.oracle_negatives else None
     dataset = data.TwoViews(run.files, args.img_size, seed=args.seed, boxes=run.boxes,
-                            ccrop_alpha=args.ccrop_alpha, ccrop_warmup=args.ccrop_warmup)
+                            ccrop_alpha=args.ccrop_alpha, ccrop_warmup=args.ccrop_warmup,
+                            device_decode=run.decode_gpu)
     run.sampler = data.RunSampler(len(run.files), run.global_batch, rank, world_size, args.seed)
     run.loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=run.sampler,
                                              num_workers=args.workers, collate_fn=data.two_view_batch,
@@ -235,13 +266,13 @@ def train(args, ckpt=None, changed=()):
     ckpt_path, _ = rundir.prepare_out_dir(args, rank)
     # as nanoGPT's configurator: what the flags did not set
     for source, k, old, new in changed if rank == 0 else ():
-        default = "default" if source == "demo preset" else "command-line default"
+        default = "default" if source.startswith("preset") else "command-line default"
         print(f"{source}: --{k.replace('_', '-')} {new} ({default} {old})", flush=True)
     run = setup(args, ckpt, rank, world_size, device)
     if rank == 0:
-        print(f"{len(run.files)} images from {args.data}; {world_size} process(es) on {device}; global batch "
-              f"{run.global_batch}; {run.steps_per_epoch} steps/epoch, {run.total_steps} steps; backbone "
-              f"{args.model} {sum(p.numel() for p in run.model.backbone.parameters()) / 1e6:.1f}M params; "
+        print(f"preset {args.preset or 'none'}; {len(run.files)} images from {args.data}; {world_size} "
+              f"process(es) on {device}; global batch {run.global_batch}; {run.steps_per_epoch} steps/epoch, "
+              f"{run.total_steps} steps; backbone {args.model} {sum(p.numel() for p in run.model.backbone.parameters()) / 1e6:.1f}M params; "
               f"{config.objective_summary(args)} montage={run.model.montage_r or 'off'}"
               + (f" (resumed at step {run.step})" if ckpt else ""), flush=True)
     peak_lr = args.lr * run.global_batch / 256
@@ -250,11 +281,13 @@ def train(args, ckpt=None, changed=()):
     with rundir.StopSignals() as signals:
         while run.step < run.total_steps:  # one pass of the loader; with ContrastiveCrop one per localisation
             run.sampler.set_steps(run.step, loader_pass(run, args, rank, device))
-            for x, batch_skipped in augment.device_batches(run.loader, device, run.photometric):
+            loader = run.oracle.tap(run.loader) if run.oracle else run.loader
+            for x, batch_skipped in augment.device_batches(loader, device, run.photometric, args.img_size):
+                labels = run.oracle.next().to(device, non_blocking=True) if run.oracle else None
                 lr = lr_at(run.step, peak_lr, run.warmup_steps, run.total_steps)
                 for group in run.opt.param_groups:
                     group["lr"] = lr
-                loss, terms = train_step(run.model, run.fwd, run.opt, x, args, run.step, run.amp_dtype)
+                loss, terms = train_step(run.model, run.fwd, run.opt, x, args, run.step, run.amp_dtype, labels)
                 run.window.update(loss, terms)
                 for path in set(batch_skipped) - run.skipped:
                     run.skipped.add(path)

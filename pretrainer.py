@@ -119,7 +119,8 @@ class Pretrainer(nn.Module):
         self.lam, self.gamma, self.mu = args.lam, args.gamma, args.mu
         self.tau_g, self.tau_d, self.tau_m = args.tau_g, args.tau_d, args.tau_m
         self.dense = dict(negatives=args.neg, M=args.M, beta=args.beta, N=args.N,
-                          score_tokens=args.score_tokens, xv_exclude=args.xv_exclude)
+                          score_tokens=args.score_tokens, xv_exclude=args.xv_exclude, neg_draw=args.neg_draw)
+        self.detach_neg, self.oracle = args.detach_neg, args.oracle_negatives
         self.recon, self.norm_pix = args.recon, self.backbone.patch_size if args.norm_pix else None
         self.terms = (["global"] + ["dense"] * (self.dense_head is not None)
                       + ["recon"] * (self.decoder is not None) + ["montage"] * bool(self.montage_r))
@@ -159,17 +160,21 @@ class Pretrainer(nn.Module):
                 cells.append(head(methods.cell_means(tokens, grid, r)))
         return u, z, f.detach(), x_hat, cells
 
-    def objective(self, out, x, draws=None, cell_labels=None, lam=None):
+    def objective(self, out, x, draws=None, cell_labels=None, lam=None, token_labels=None):
         """L = (1-lam)*global + lam*dense + gamma*recon + mu*montage (METHOD.md 2) on the outputs `out` of the
         views x, with the step's draws; lam: the dense weight in force (a tensor, so --lam-warmup needs no
-        recompilation; default --lam). Returns (L, its terms detached)."""
+        recompilation; default --lam); token_labels [2B, T]: the class of every token (--oracle-negatives,
+        methods.token_labels). Returns (L, its terms detached)."""
+        if self.oracle and self.dense_head is not None and token_labels is None:
+            raise ValueError("--oracle-negatives: the objective needs token_labels (methods.OracleLabels)")
         u, z, f, x_hat, cells = out
         B = u.shape[0] // 2
         lam = self.lam if lam is None else lam
         terms = {"global": losses.nt_xent(u[:B], u[B:], self.tau_g)}
         if self.dense_head is not None:
             terms["dense"] = losses.dense_loss(z[:B], z[B:], f[:B], f[B:], tau=self.tau_d, draws=draws,
-                                               **self.dense)
+                                               detach_neg=self.detach_neg,
+                                               token_labels=token_labels if self.oracle else None, **self.dense)
         if self.decoder is not None:
             terms["recon"] = losses.recon_loss(x.float(), x_hat.float(), self.recon, self.norm_pix)
         if self.montage_r:
@@ -177,9 +182,9 @@ class Pretrainer(nn.Module):
         weight = {"global": 1 - lam, "dense": lam, "recon": self.gamma, "montage": self.mu}
         return sum(weight[k] * v for k, v in terms.items()), {k: v.detach() for k, v in terms.items()}
 
-    def forward(self, x, canvases=None, cell_labels=None, draws=None, lam=None):
-        """The loss of the views x and the step's draws, and its terms stacked in the order of self.terms.
-        (Returned one by one next to a loss that is 1.0 x a term, the compiled loss came back without grad_fn:
-        torch 2.14.)"""
-        loss, terms = self.objective(self.outputs(x, canvases), x, draws, cell_labels, lam)
+    def forward(self, x, canvases=None, cell_labels=None, draws=None, lam=None, token_labels=None):
+        """The loss of the views x and the step's draws (and the oracle's token labels), and its terms stacked
+        in the order of self.terms. (Returned one by one next to a loss that is 1.0 x a term, the compiled
+        loss came back without grad_fn: torch 2.14.)"""
+        loss, terms = self.objective(self.outputs(x, canvases), x, draws, cell_labels, lam, token_labels)
         return loss, torch.stack([terms[k] for k in self.terms])

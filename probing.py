@@ -110,9 +110,10 @@ class Progress:
 # ------------------------------------------------------------------------------------------------------------
 # COCO files, multi-hot labels, images
 
-def check_flags(args):
-    """The checks of the flags both probes share (--epochs, --batch-size, --device, --workers, --out)."""
-    for flag in ("epochs", "batch_size"):
+def check_flags(args, counts=("epochs", "batch_size")):
+    """The checks of the flags the probes share (the positive integers `counts`, by default --epochs and
+    --batch-size, then --device, --workers, --out)."""
+    for flag in counts:
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a positive integer")
     try:
@@ -128,6 +129,17 @@ def check_flags(args):
         raise ValueError(f"--out {args.out}: expected a file path in an existing folder")
 
 
+def check_output_path(path, flag, folder=False):
+    """Refuse an output flag whose target cannot be written: a file path must lie in an existing folder and not
+    be a folder; with folder=True the path must be a folder (made if missing) inside an existing one."""
+    if path is None:
+        return
+    parent_ok = os.path.isdir(os.path.dirname(os.path.abspath(path)))
+    if not parent_ok or (os.path.isdir(path) != folder and os.path.exists(path)):
+        raise ValueError(f"{flag} {path}: expected a {'folder (made if missing)' if folder else 'file path'} "
+                         f"in an existing folder")
+
+
 def require_files(paths, what):
     """Raise a ValueError naming how many of `paths` are missing and the first few."""
     missing = [p for p in paths if not os.path.isfile(p)]
@@ -135,9 +147,10 @@ def require_files(paths, what):
         raise ValueError(f"{what}: {len(missing)} of {len(paths)} files missing, e.g. {missing[:3]}")
 
 
-def load_coco(json_path, images_dir):
-    """A pycocotools COCO index of `json_path` after checking that it is COCO instances JSON and that every
-    image it names is in `images_dir`; images sorted by id (a fixed order for features and labels)."""
+def load_coco(json_path, images_dir, check_images=True):
+    """A pycocotools COCO index of `json_path` after checking that it is COCO instances JSON and (unless
+    check_images=False: the caller skips missing files) that every image it names is in `images_dir`; images
+    sorted by id (a fixed order for features and labels)."""
     from pycocotools.coco import COCO
     if not os.path.isfile(json_path):
         raise FileNotFoundError(f"annotation file {json_path}: no such file")
@@ -165,7 +178,8 @@ def load_coco(json_path, images_dir):
     if bad:
         raise ValueError(f"annotation file {json_path}: {len(bad)} annotations name an unknown image or "
                          f"category, e.g. ids {bad[:3]}")
-    require_files(paths, f"images of {json_path} in {images_dir}")
+    if check_images:
+        require_files(paths, f"images of {json_path} in {images_dir}")
     return coco
 
 

@@ -1,6 +1,6 @@
 """
-Run the DenseCL++ poster's tables end to end: pretraining of every row and seed, both probes, one results
-table.
+Run the DenseCL++ poster's tables end to end: pretraining of every row and seed, the probes, one results table
+with the paired differences to the table's reference row.
 
     python reproduce.py --table main --seeds 0 1 2                 # the demo set (data/demo), CPU-sized
     python reproduce.py --quick                                    # a tiny two-row table in a few CPU minutes
@@ -11,186 +11,339 @@ table.
         --seg-root VOCdevkit/VOC2012
 
 Tables (METHOD.md; the poster's numbers beside ours where it gives them):
-    main       SimCLR, DenseCL, DenseCL++ (random), guided, DenseCL++* (M 256, beta 0.5, N 64); CLS and GAP
+    main       random init, SimCLR, DenseCL, DenseCL++ (random), guided, DenseCL++* (M 256, beta 0.5, N 64); CLS
+               and GAP
     agg-pair   the poster's first table: SimCLR at CLS / GAP, DenseCL with CLS + backbone / head pairing, GAP
     lambda     DenseCL++ at lam 0.1 ... 0.9, CLS and GAP
     negatives  DenseCL++ guided over the 3 x 3 x 4 grid M x beta x N (the poster averages mAP over it)
     recon      DenseCL++ at gamma 0, 0.1, 0.5, 1 with the conv and the transformer decoder
+    controls   one change each to SimCLR, DenseCL, DenseCL++ and DenseCL++* (GAP), paired with the unchanged row:
+               independent draws, the full sum (--neg all), detached negatives, oracle false negatives (a
+               diagnostic with labels), --tau-d, lam (METHOD.md 13)
 
-Every run lives in its own folder under --out-dir (<row>/seed<k>/: pretrain/, ml.json, seg.json). A finished
-step is skipped and an interrupted pretraining resumed (--resume), so the same command continues a stopped
-table. Pretraining starts as users start it: `python pretrain.py ...`, or `torchrun --nproc_per_node N
-pretrain.py ...` when N > 1.
-Writes <out-dir>/results.md, results.json and one PNG plot per table (drawn with PIL).
+Every run lives in its own folder, <out-dir>/<preset>/<row>/seed<k>/: pretrain/ (pretrain.py's run), one JSON per
+probe, log.txt, and run.json: the command line of the pretraining and of every probe, the checkpoint each probe
+scored (its SHA-256), and the provenance of each attempt (commit, uncommitted changes, machine, times). The same
+command continues a stopped table: pretraining always runs with --resume (a run killed before its first
+checkpoint starts again, one killed later continues from it), a finished step is skipped. A folder made by
+another command (other preset, flags, --extra, probe flags or data) is refused before anything runs, naming both
+commands; a probe result is reused only for the checkpoint it scored. Pretraining starts as users start it:
+`python pretrain.py --preset P ...`, or `torchrun --nproc_per_node N pretrain.py ...` when N > 1.
+Writes <out-dir>/results_<table>_<preset>.md, .json and .png (--quick: results_quick.*): every finished run of
+the table in the out-dir, mean ± std over seeds, and per row the paired difference to the reference row (same
+seeds) with its sign count.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
+import platform
 import re
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 
-from PIL import Image, ImageDraw
+import torch
+from PIL import Image, ImageDraw, ImageFont
 
-import demo
+import config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DENSECLPP = ["--neg", "random", "--N", "0"]  # the poster's DenseCL++ row: dense-dense random negatives
-TOKENS = {"demo": 64, "demo-large": 64, "coco": 196, "quick": 16}  # patch tokens a view at each scale
-# --preset demo-large: a demo set 5x larger, 10x the validation images
-LARGE = ("data/demo_large", 2000, 1000)
-POSTER = {  # (table, row) -> (COCO mAP, F1, VOC mIoU, COCO mIoU), None where the poster gives no number
-    ("main", "SimCLR cls"): (59.6, 37.8, None, None), ("main", "SimCLR gap"): (None, None, 69.3, 61.5),
-    ("main", "DenseCL cls"): (59.9, 38.1, None, None), ("main", "DenseCL++ gap"): (63.4, 39.0, 70.0, 63.3),
-    ("main", "DenseCL++* gap"): (64.1, 39.1, None, None),
-    ("agg-pair", "SimCLR cls"): (57.8, 37.5, None, None),
-    ("agg-pair", "SimCLR gap"): (59.6, 37.9, None, None),
-    ("agg-pair", "DenseCL cls backbone"): (59.9, 38.1, None, None),
-    ("agg-pair", "DenseCL cls head"): (59.8, 38.1, None, None),
-    ("agg-pair", "DenseCL gap"): (58.1, 37.3, None, None)}
-PRESETS = {  # pretraining flags of the scale (the demo's come from pretrain.py's own demo preset; demo-large
-    # trains on its own generated set, the default of --data)
-    "demo": [],
-    "demo-large": ["--model", "vit_demo", "--img-size", "64", "--batch-size", "64", "--epochs", "20",
-                   "--lr", "1e-3", "--warmup", "2", "--wd", "0.05", "--head-hidden", "512", "--workers", "2"],
-    "coco": ["--model", "vit_small", "--img-size", "224", "--batch-size", "32", "--epochs", "300",
-             "--lr", "1.5e-4"],
-    "quick": ["--model", "vit_test", "--img-size", "32", "--head-hidden", "64", "--max-steps", "12",
-              "--log-every", "4"]}
-
-
-def cross_view(n, tokens):
-    """The poster's N cross-view negatives (of T = 196 tokens) at another number of tokens: the same share of
-    them [ours: the poster gives N at 224 px only]."""
-    return str(min(tokens - 1, round(n * tokens / 196)))
-
-
-def star(tokens):
-    return ["--neg", "guided", "--M", "256", "--beta", "0.5", "--N", cross_view(64, tokens)]  # DenseCL++*
+# patch tokens a view at each scale
+TOKENS = {"demo": 64, "demo-large": 64, "demo-clutter": 64, "coco": 196, "quick": 16}
+# --quick: the demo recipe on the 32 px test ViT for 12 steps
+QUICK = ["--model", "vit_test", "--img-size", "32", "--head-hidden", "64", "--max-steps", "12", "--log-every", "4"]
+POSTER = {  # (table, row) -> {metric: the poster's number}: COCO mAP and F1, VOC and COCO mIoU
+    ("main", "SimCLR cls"): {"mAP": 59.6, "F1": 37.8},
+    ("main", "SimCLR gap"): {"VOC mIoU": 69.3, "COCO mIoU": 61.5},
+    ("main", "DenseCL cls"): {"mAP": 59.9, "F1": 38.1},
+    ("main", "DenseCL++ gap"): {"mAP": 63.4, "F1": 39.0, "VOC mIoU": 70.0, "COCO mIoU": 63.3},
+    ("main", "DenseCL++* gap"): {"mAP": 64.1, "F1": 39.1},
+    ("agg-pair", "SimCLR cls"): {"mAP": 57.8, "F1": 37.5}, ("agg-pair", "SimCLR gap"): {"mAP": 59.6, "F1": 37.9},
+    ("agg-pair", "DenseCL cls backbone"): {"mAP": 59.9, "F1": 38.1},
+    ("agg-pair", "DenseCL cls head"): {"mAP": 59.8, "F1": 38.1}, ("agg-pair", "DenseCL gap"): {"mAP": 58.1, "F1": 37.3}}
+# probe -> (script, result file, {our metric name: key in its JSON}, the poster's metric plotted beside it)
+PROBES = {"ml": ("probe_multilabel.py", "ml.json", {"mAP": "mAP", "CF1": "CF1", "OF1": "OF1"}, "mAP"),
+          "seg": ("probe_segment.py", "seg.json", {"mIoU": "mIoU"}, "VOC mIoU"),
+          "det": ("probe_detect.py", "det.json", {"AP": "box_AP", "AP50": "box_AP50"}, None)}
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add = parser.add_argument
-    add("--table", choices=["main", "agg-pair", "lambda", "negatives", "recon"], default="main")
-    add("--seeds", type=int, nargs="+", default=[0, 1, 2], help="pretraining (and probe) seeds of every row")
-    add("--rows", nargs="+", default=None, help="only these rows of the table (names as in results.md)")
-    add("--quick", action="store_true", help="a tiny two-row table (SimCLR, DenseCL++*) on the test ViT, "
-        "one seed: the harness end to end in a few CPU minutes; its numbers mean nothing")
-    add("--preset", choices=sorted(PRESETS), default="demo",
-        help="scale of the pretraining: demo (the demo set, pretrain.py's demo preset), demo-large (a "
-        "generated set of 2000 + 1000 images, 20 epochs: 2x the demo's steps; probes on 1000 val images), "
-        "coco (ViT-S/16, 224 px, 300 epochs, batch 32 per GPU x 8 GPUs = 256)")
-    add("--data", default=None, help="pretraining data (pretrain.py --data; default: the demo set)")
+    add("--table", choices=["main", "agg-pair", "lambda", "negatives", "recon", "controls"], default="main")
+    add("--seeds", type=int, nargs="+", default=None,
+        help="pretraining (and probe) seeds of every row (default 0 1 2; --quick: 0)")
+    add("--rows", nargs="+", default=None, help="only these rows of the table (names as in the results)")
+    add("--probes", nargs="+", choices=sorted(PROBES), default=None, help="probes of every run (default: ml "
+        "seg det for --table main, ml seg otherwise and with --quick)")
+    add("--quick", action="store_true", help="a tiny two-row table (SimCLR, DenseCL++*) on the test ViT: the "
+        "harness end to end in a few CPU minutes; its numbers mean nothing")
+    add("--preset", choices=sorted(config.PRESETS), default="demo",
+        help="the recipe of pretrain.py --preset: demo (the demo set), demo-large (a generated set of 2000 + "
+        "1000 images, 20 epochs: 2x the demo's steps; probes on 1000 val images), coco (ViT-S/16, 224 px, "
+        "300 epochs, a global batch of 256 on any number of GPUs)")
+    add("--data", default=None, help="pretraining data (pretrain.py --data; default: the preset's set)")
     add("--extra", default="", help="more pretrain.py flags for every row, e.g. \"--epochs 100\"")
+    add("--threads", type=int, default=None, help="OMP_NUM_THREADS of every run (default: inherited); part of "
+        "a run's command, so a rerun at another count measures what rounding alone changes")
     add("--nproc-per-node", type=int, default=None, help="processes per node for pretraining (default: the "
         "number of GPUs, 1 without; > 1 launches torchrun)")
-    add("--train-json",
-        help="multi-label probe: COCO instances file of the training split (default: the demo set)")
-    add("--train-images", help="multi-label probe: folder of the training images")
-    add("--val-json", help="multi-label probe: COCO instances file of the evaluation split")
-    add("--val-images", help="multi-label probe: folder of the evaluation images")
-    add("--seg-root", help="segmentation probe: VOC folder (default: the demo set's VOC layout)")
+    add("--train-json", help="multi-label and detection probes: COCO instances file of the training split "
+        "(default: the preset's set)")
+    add("--train-images", help="multi-label and detection probes: folder of the training images")
+    add("--val-json", help="multi-label and detection probes: COCO instances file of the evaluation split")
+    add("--val-images", help="multi-label and detection probes: folder of the evaluation images")
+    add("--seg-root", help="segmentation probe: VOC folder (default: the preset's VOC layout)")
     add("--seg-flags", default="",
         help="more probe_segment.py flags, e.g. \"--train-split train_aug --mask-dir SegmentationClassAug\"")
-    add("--probe-flags", default="", help="more flags for both probes, e.g. \"--epochs 100\"")
+    add("--det-flags", default="", help="more probe_detect.py flags, e.g. \"--finetune\"")
+    add("--probe-flags", default="", help="more flags for the multi-label and segmentation probes")
     add("--out-dir", default="repro",
         help="folder of all runs and the results (continued, never overwritten)")
     return parser
 
 
+# ------------------------------------------------------------------------------------------------------------
+# the tables: rows and their reference
+
 def rows_of(table, quick=False, tokens=196):
-    """[(row name, pretrain.py flags)] of a table, at `tokens` patch tokens a view (cross_view scales N)."""
+    """[(row name, pretrain.py flags or None for a random init, reference row or None)] of a table, at `tokens`
+    patch tokens a view (the cross-view negatives keep the poster's share of them). The reference of a row is
+    the row its paired differences are taken to: SimCLR at the same aggregation, lam 0.5, the default grid
+    point, gamma 0."""
+    def n(k):
+        return str(config.cross_view(k, tokens))
     if quick:
-        return [("SimCLR gap", ["--lam", "0", "--agg", "gap"]),  # DenseCL++* at the test ViT's 16 tokens
-                ("DenseCL++* gap", ["--neg", "guided", "--M", "8", "--beta", "0.5", "--N", "3",
-                                    "--agg", "gap"])]
+        return [("SimCLR gap", ["--lam", "0", "--agg", "gap"], None),  # DenseCL++* at the test ViT's 16 tokens
+                ("DenseCL++* gap", ["--neg", "guided", "--M", "8", "--beta", "0.5", "--N", "3", "--agg", "gap"],
+                 "SimCLR gap")]
     if table == "main":
         methods = [("SimCLR", ["--lam", "0"]), ("DenseCL", ["--neg", "densecl", "--N", "0"]),
                    ("DenseCL++", DENSECLPP),
                    ("DenseCL++ guided", ["--neg", "guided", "--M", "256", "--beta", "-2", "--N", "0"]),
-                   ("DenseCL++*", star(tokens))]
-        return [(f"{name} {agg}", flags + ["--agg", agg]) for name, flags in methods
-                for agg in ("cls", "gap")]
+                   ("DenseCL++*", ["--neg", "guided", "--M", "256", "--beta", "0.5", "--N", n(64)])]
+        return [("random init", None, None)] + [
+            (f"{name} {agg}", flags + ["--agg", agg], None if name == "SimCLR" else f"SimCLR {agg}")
+            for name, flags in methods for agg in ("cls", "gap")]
     if table == "agg-pair":
-        return [("SimCLR cls", ["--lam", "0", "--agg", "cls"]),
-                ("SimCLR gap", ["--lam", "0", "--agg", "gap"]),
-                ("DenseCL cls backbone", ["--neg", "densecl", "--N", "0", "--agg", "cls",
-                                          "--pair", "backbone"]),
-                ("DenseCL cls head", ["--neg", "densecl", "--N", "0", "--agg", "cls", "--pair", "head"]),
-                ("DenseCL gap", ["--neg", "densecl", "--N", "0", "--agg", "gap"])]
+        return [("SimCLR cls", ["--lam", "0", "--agg", "cls"], None),
+                ("SimCLR gap", ["--lam", "0", "--agg", "gap"], None),
+                ("DenseCL cls backbone", ["--neg", "densecl", "--N", "0", "--agg", "cls", "--pair", "backbone"],
+                 "SimCLR cls"),
+                ("DenseCL cls head", ["--neg", "densecl", "--N", "0", "--agg", "cls", "--pair", "head"],
+                 "SimCLR cls"),
+                ("DenseCL gap", ["--neg", "densecl", "--N", "0", "--agg", "gap"], "SimCLR gap")]
     if table == "lambda":
-        return [(f"lam {lam} {agg}", DENSECLPP + ["--lam", str(lam), "--agg", agg])
+        return [(f"lam {lam} {agg}", DENSECLPP + ["--lam", str(lam), "--agg", agg],
+                 None if lam == 0.5 else f"lam 0.5 {agg}")
                 for agg in ("cls", "gap") for lam in (0.1, 0.3, 0.5, 0.7, 0.9)]
     if table == "negatives":
-        return [(f"M {M} beta {beta} N {N}", ["--neg", "guided", "--M", str(M), "--beta", str(beta), "--N",
-                                              cross_view(N, tokens)])
+        ref = f"M 256 beta 0.5 N {n(64)}"
+        return [(f"M {M} beta {beta} N {n(N)}", ["--neg", "guided", "--M", str(M), "--beta", str(beta), "--N",
+                                                 n(N)], None if (M, beta, N) == (256, 0.5, 64) else ref)
                 for M in (64, 128, 256) for beta in (0.3, 0.5, 0.7) for N in (0, 16, 32, 64)]
-    return [(f"gamma {gamma} {dec}", DENSECLPP + (["--gamma", str(gamma), "--decoder", dec] if gamma else []))
-            for dec in ("conv", "transformer") for gamma in (0, 0.1, 0.5, 1.0)]
+    if table == "controls":
+        base = [("SimCLR", ["--lam", "0"]), ("DenseCL", ["--neg", "densecl", "--N", "0"]), ("DenseCL++", DENSECLPP),
+                ("DenseCL++*", ["--neg", "guided", "--M", "256", "--beta", "0.5", "--N", n(64)])]
+        f = dict(base)
+        changes = [("DenseCL++", "independent", DENSECLPP + ["--neg-draw", "independent"]),
+                   ("DenseCL++", "all", ["--neg", "all", "--N", "0"]),
+                   ("DenseCL", "detached", f["DenseCL"] + ["--detach-neg"]),
+                   ("DenseCL++", "detached", DENSECLPP + ["--detach-neg"]),
+                   ("DenseCL++", "oracle", DENSECLPP + ["--oracle-negatives"]),
+                   ("DenseCL++*", "oracle", f["DenseCL++*"] + ["--oracle-negatives"])]
+        changes += [(m, f"{k} {v}", f[m] + [f"--{k}", v]) for m in ("DenseCL", "DenseCL++")
+                    for k, vs in (("tau-d", ("0.1", "0.5")), ("lam", ("0.1", "0.3"))) for v in vs]
+        return [(f"{m} gap", flags + ["--agg", "gap"], None if m == "SimCLR" else "SimCLR gap")
+                for m, flags in base] + [(f"{m} {what} gap", flags + ["--agg", "gap"], f"{m} gap")
+                                         for m, what, flags in changes]
+    return [("gamma 0", DENSECLPP, None)] + [
+        (f"gamma {gamma} {dec}", DENSECLPP + ["--gamma", str(gamma), "--decoder", dec], "gamma 0")
+        for dec in ("conv", "transformer") for gamma in (0.1, 0.5, 1.0)]
 
 
 def slug(name):
     return re.sub(r"[^a-z0-9]+", "-", name.lower().replace("++*", "ppstar").replace("++", "pp")).strip("-")
 
 
-def run(cmd, log_path):
-    """Run cmd with its output appended to log_path; returns the exit code."""
-    with open(log_path, "a") as log:
-        log.write(f"\n$ {' '.join(cmd)}\n")
-        log.flush()
-        return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
-
+# ------------------------------------------------------------------------------------------------------------
+# one run: its commands, its record (run.json), pretraining and probes
 
 def pretrain_cmd(args, flags, seed, out):
-    argv = [os.path.join(HERE, "pretrain.py")] + (["--data", args.data] if args.data else []) + \
-        PRESETS["quick" if args.quick else args.preset] + args.extra.split() + flags + \
-        ["--seed", str(seed), "--out-dir", out]
+    """The launcher and pretrain.py's argv of one run (always --resume: a killed run starts or continues)."""
+    argv = ["pretrain.py", "--preset", args.recipe] + (["--data", args.data] if args.data else []) + \
+        (QUICK if args.quick else []) + args.extra.split() + flags + ["--seed", str(seed), "--out-dir", out,
+                                                                     "--resume"]
     n = args.nproc_per_node
     return ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
-            if n > 1 else [sys.executable]) + argv
+            if n > 1 else [sys.executable]), argv
 
 
-def probe_cmds(args, ckpt, seed, folder):
-    ml = [k for flag in ("train_json", "train_images", "val_json", "val_images") if getattr(args, flag)
-          for k in (f"--{flag.replace('_', '-')}", getattr(args, flag))]
-    seg = (["--root", args.seg_root] if args.seg_root else []) + args.seg_flags.split()
-    common = [ckpt, "--seed", str(seed)] + args.probe_flags.split()
-    return [("ml.json", [sys.executable, os.path.join(HERE, "probe_multilabel.py")] + common + ml +
-             (["--epochs", "20"] if args.quick else []) +
-             ["--out", os.path.join(folder, "ml.json"), "--cache", os.path.join(folder, "probe_cache")]),
-            ("seg.json", [sys.executable, os.path.join(HERE, "probe_segment.py")] + common + seg +
-             (["--epochs", "1"] if args.quick else []) + ["--out", os.path.join(folder, "seg.json")])]
+def probe_cmds(args, flags, seed, folder):
+    """{probe: argv} of one run's probes; a random init (flags None) is probed at the preset's model and
+    size."""
+    ckpt = os.path.join(folder, "pretrain", "ckpt.pt")
+    if flags is None:
+        model, size = ("vit_test", "32") if args.quick else (
+            config.PRESETS[args.recipe].get("model", "vit_small"), str(config.PRESETS[args.recipe].get(
+                "img_size", 224)))
+        source = ["--random-init", "--model", model, "--img-size", size]
+    else:
+        source = [ckpt]
+    coco = [k for flag in ("train_json", "train_images", "val_json", "val_images") if getattr(args, flag)
+            for k in (f"--{flag.replace('_', '-')}", getattr(args, flag))]
+    common = source + ["--seed", str(seed)]
+    agg = ["--agg", "gap"] if flags is None else []
+    cmds = {"ml": common + agg + coco + args.probe_flags.split() + (["--epochs", "20"] if args.quick else []) +
+            ["--cache", os.path.join(folder, "probe_cache")],
+            "seg": common + (["--root", args.seg_root] if args.seg_root else []) + args.probe_flags.split() +
+            args.seg_flags.split() + (["--epochs", "1"] if args.quick else []),
+            "det": common + coco + args.det_flags.split()}
+    return {p: [PROBES[p][0]] + cmds[p] + ["--out", os.path.join(folder, PROBES[p][1])] for p in args.probes}
+
+
+def key(argv, folder):
+    """A command as stored in run.json: its argv with the run's own folder written as <run>."""
+    return [a.replace(folder, "<run>") for a in argv]
+
+
+def provenance():
+    """Where a step ran: the commit of this checkout and whether its code (.py, requirements.txt) has
+    uncommitted changes, the machine, the versions, the time."""
+    def git(*cmd):
+        r = subprocess.run(["git", *cmd], cwd=HERE, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+    status = git("status", "--porcelain")
+    dirty = None if status is None else any(line[3:].endswith(".py") or line[3:] == "requirements.txt"
+                                            for line in status.splitlines())
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"commit": git("rev-parse", "HEAD"), "dirty": dirty, "host": platform.node(), "cpu": cpu,
+            "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__, "python": platform.python_version(),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_record(folder):
+    path = os.path.join(folder, "run.json")
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def write_record(folder, record):
+    tmp = os.path.join(folder, "run.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, os.path.join(folder, "run.json"))
+
+
+def conflict(args, name, flags, seed):
+    """Why the folder of (row, seed) holds another run than this command's, or None."""
+    folder = run_folder(args, name, seed)
+    record = read_record(folder)
+    if record is None:
+        made = os.path.isdir(folder) and any(f != "log.txt" for f in os.listdir(folder))
+        return f"{folder} holds a run without run.json (made by an older reproduce.py)" if made else None
+    launch, argv = pretrain_cmd(args, flags, seed, os.path.join(folder, "pretrain"))
+    want = {"pretrain": key(argv, folder) if flags else None, "launch": key(launch, folder)[1:],
+            "threads": args.threads,
+            **{p: key(c, folder) for p, c in probe_cmds(args, flags, seed, folder).items()}}
+    have = {"pretrain": record["pretrain"]["cmd"], "launch": record["pretrain"].get("launch"),
+            "threads": record.get("threads"),
+            **{p: r["cmd"] for p, r in record["probes"].items()}}
+    for part in want:
+        if part in have and have[part] != want[part]:
+            return (f"{folder}: its {part} was\n    {words(have[part])}\n  this command's is\n    "
+                    f"{words(want[part])}")
+    return None
+
+
+def words(cmd):
+    return "(none)" if cmd is None else " ".join(map(str, cmd)) if isinstance(cmd, list) else str(cmd)
+
+
+def run_folder(args, name, seed):
+    return os.path.join(args.out_dir, "quick" if args.quick else args.preset, slug(name), f"seed{seed}")
+
+
+def run(cmd, log_path, threads=None):
+    """Run cmd (at OMP_NUM_THREADS=threads when given) with its output appended to log_path; returns the exit
+    code."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {'OMP_NUM_THREADS=%d ' % threads if threads else ''}{' '.join(cmd)}\n")
+        log.flush()
+        return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def run_row(args, name, flags, seed):
-    """Pretrain (or resume, or skip when done) and probe one row at one seed; returns its metrics or an
-    error."""
-    folder = os.path.join(args.out_dir, slug(name), f"seed{seed}")
-    out = os.path.join(folder, "pretrain")
+    """Pretrain (resume, or skip when done) and probe one row at one seed; returns its metrics and
+    provenance, or an error."""
+    folder = run_folder(args, name, seed)
+    out, log = os.path.join(folder, "pretrain"), os.path.join(folder, "log.txt")
     os.makedirs(folder, exist_ok=True)
-    log = os.path.join(folder, "log.txt")
-    if not os.path.exists(os.path.join(out, "DONE")):
-        resume = ["--resume"] if os.path.exists(os.path.join(out, "ckpt.pt")) else []
-        print(f"  {name} seed {seed}: pretraining{' (resumed)' if resume else ''} -> {out}", flush=True)
-        code = run(pretrain_cmd(args, flags, seed, out) + resume, log)
+    launch, argv = pretrain_cmd(args, flags, seed, out)
+    record = read_record(folder) or {"pretrain": {"cmd": key(argv, folder) if flags else None,
+                                                  "launch": key(launch, folder)[1:], "done": flags is None,
+                                                  "attempts": []}, "probes": {}, "threads": args.threads}
+    ckpt = os.path.join(out, "ckpt.pt")
+    if not record["pretrain"]["done"] or not os.path.exists(ckpt) and flags:
+        print(f"  {name} seed {seed}: pretraining -> {out}", flush=True)
+        record["pretrain"].update(done=False)
+        record["pretrain"]["attempts"].append(provenance())
+        write_record(folder, record)
+        code = run(launch + [os.path.join(HERE, argv[0])] + argv[1:], log, args.threads)
+        record["pretrain"]["attempts"][-1]["exit"] = code
+        if code == 0:
+            record["pretrain"].update(done=True, ckpt_sha256=sha256(ckpt))
+        write_record(folder, record)
         if code != 0:
             return {"error": f"pretrain.py exited with {code}; see {log}"}
-        open(os.path.join(out, "DONE"), "w").write("done\n")
-    for result, cmd in probe_cmds(args, os.path.join(out, "ckpt.pt"), seed, folder):
-        if not os.path.exists(os.path.join(folder, result)):
-            print(f"  {name} seed {seed}: {os.path.basename(cmd[1])}", flush=True)
-            code = run(cmd, log)
-            if code != 0:
-                return {"error": f"{os.path.basename(cmd[1])} exited with {code}; see {log}"}
-    ml, seg = (json.load(open(os.path.join(folder, f))) for f in ("ml.json", "seg.json"))
-    return {"mAP": ml["mAP"], "CF1": ml["CF1"], "OF1": ml["OF1"], "mIoU": seg["mIoU"]}
+    scored = record["pretrain"].get("ckpt_sha256")
+    for probe, cmd in probe_cmds(args, flags, seed, folder).items():
+        done = record["probes"].get(probe)
+        result = os.path.join(folder, PROBES[probe][1])
+        if done and done.get("ckpt_sha256") == scored and done.get("exit") == 0 and os.path.exists(result):
+            continue
+        print(f"  {name} seed {seed}: {cmd[0]}", flush=True)
+        record["probes"][probe] = {"cmd": key(cmd, folder), "ckpt_sha256": scored, **provenance()}
+        code = run([sys.executable, os.path.join(HERE, cmd[0])] + cmd[1:], log, args.threads)
+        record["probes"][probe]["exit"] = code
+        write_record(folder, record)
+        if code != 0:
+            return {"error": f"{cmd[0]} exited with {code}; see {log}"}
+    return collect(folder, record, args.probes)
 
+
+def collect(folder, record, probes):
+    """The metrics of a finished run (None where a probe has not run) and where its steps ran."""
+    metrics = {}
+    for probe in probes:
+        path = os.path.join(folder, PROBES[probe][1])
+        done = record["probes"].get(probe, {})
+        result = json.load(open(path)) if os.path.exists(path) and done.get("exit") == 0 and \
+            done.get("ckpt_sha256") == record["pretrain"].get("ckpt_sha256") else {}
+        metrics.update({m: result.get(k) for m, k in PROBES[probe][2].items()})
+    attempts = record["pretrain"]["attempts"]
+    return {**metrics, "provenance": {"pretrain": attempts,
+                                      **{p: {k: v for k, v in r.items() if k != "cmd"}
+                                         for p, r in record["probes"].items()}}}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the results: mean ± std, paired differences, markdown, plot
 
 def mean_std(values):
     values = [v for v in values if v is not None and not math.isnan(v)]
@@ -199,129 +352,234 @@ def mean_std(values):
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def paired(a, b):
+    """{metric: (mean, std, seeds with a positive difference, seeds)} of a - b over the seeds both have."""
+    out = {}
+    for m in metric_names(a, b):
+        d = [a[s][m] - b[s][m] for s in sorted(set(a) & set(b)) if a[s].get(m) is not None and
+             b[s].get(m) is not None]
+        if d:
+            mean, std = mean_std(d)
+            out[m] = (mean, std, sum(x > 0 for x in d), len(d))
+    return out
+
+
+def metric_names(*runs):
+    names = [m for p in PROBES.values() for m in p[2]]
+    return [m for m in names if any(r.get(m) is not None for per in runs for r in per.values())]
+
+
 def summarise(table, rows, runs):
-    """Per row: mean and std over seeds of every metric, the poster's numbers and the flags."""
+    """Per row: mean and std over its finished seeds of every metric, the paired difference to its reference
+    row, the poster's numbers, the flags and the provenance of each seed."""
+    ok = {name: {s: r for s, r in per.items() if "error" not in r} for name, per in runs.items()}
     out = []
-    for name, flags in rows:
-        per_seed = runs[name]
-        entry = {"row": name, "flags": flags, "seeds": sorted(per_seed),
-                 "errors": {s: r["error"] for s, r in per_seed.items() if "error" in r}}
-        for k in ("mAP", "CF1", "OF1", "mIoU"):
-            entry[k] = mean_std([r.get(k) for r in per_seed.values()])
-        entry["poster"] = dict(zip(("mAP", "F1", "VOC mIoU", "COCO mIoU"),
-                                   POSTER.get((table, name), (None,) * 4)))
+    for name, flags, ref in rows:
+        entry = {"row": name, "flags": flags, "reference": ref, "seeds": sorted(ok[name]),
+                 "errors": {s: r["error"] for s, r in runs[name].items() if "error" in r},
+                 "poster": POSTER.get((table, name), {}),
+                 "provenance": {s: r["provenance"] for s, r in ok[name].items()}}
+        for m in metric_names(ok[name]):
+            entry[m] = mean_std([r.get(m) for r in ok[name].values()])
+        entry["paired"] = paired(ok[name], ok[ref]) if ref else {}
         out.append(entry)
     return out
 
 
 def fmt(ms):
-    return "-" if ms[0] is None else f"{ms[0]:.1f} ± {ms[1]:.1f}"
+    return "-" if ms is None or ms[0] is None else f"{ms[0]:.1f} ± {ms[1]:.1f}"
+
+
+def fmt_paired(p):
+    return "-" if p is None else f"{p[0]:+.1f} ± {p[1]:.1f} ({p[2]}/{p[3]} > 0)"
 
 
 def markdown(table, summary, args):
-    lines = [f"# reproduce.py --table {table}", "",
-             f"Seeds {args.seeds}; preset {'quick' if args.quick else args.preset}; pretraining data "
-             f"{args.data or 'the demo set'}; mean ± std over seeds (std of the sample). Poster: its "
-             f"number for the same row where it gives one (COCO, ViT-S/16; VOC/COCO mIoU only for SimCLR "
-             f"and DenseCL++).", "",
-             "| row | mAP | CF1 | OF1 | mIoU | poster mAP / F1 | poster VOC / COCO mIoU | "
-             "pretrain.py flags |",
-             "|---|---|---|---|---|---|---|---|"]
+    metrics = [m for m in (m for p in PROBES.values() for m in p[2]) if any(m in e for e in summary)]
+    commits = {}
     for e in summary:
-        p = e["poster"]
-        lines.append(f"| {e['row']} | {fmt(e['mAP'])} | {fmt(e['CF1'])} | {fmt(e['OF1'])} | "
-                     f"{fmt(e['mIoU'])} | {p['mAP'] or '-'} / {p['F1'] or '-'} | {p['VOC mIoU'] or '-'} / "
-                     f"{p['COCO mIoU'] or '-'} | `{' '.join(e['flags'])}` |")
+        for per in e["provenance"].values():
+            for a in per["pretrain"]:
+                tag = (a.get("commit") or "?")[:7] + (" (uncommitted changes)" if a.get("dirty") else "")
+                commits.setdefault(tag, set()).add(f"{a.get('host')}: {a.get('cpu')}" +
+                                                   (f", {a['gpu']}" if a.get("gpu") else ""))
+    lines = [f"# reproduce.py --table {table} --preset {args.preset}" + (" --quick" if args.quick else ""), "",
+             f"mean ± std over the seeds of each row (std of the sample); pretraining data "
+             f"{args.data or 'the preset set'}; probes {' '.join(args.probes)}. Poster: its number for the "
+             f"same row where it gives one (COCO, ViT-S/16). Pretraining ran at: "
+             + "; ".join(f"{c} on {', '.join(sorted(m))}" for c, m in sorted(commits.items())) + ".", "",
+             "| row | seeds | " + " | ".join(metrics) + " | poster | pretrain.py flags |",
+             "|---|---|" + "---|" * len(metrics) + "---|---|"]
+    for e in summary:
+        poster = ", ".join(f"{k} {v}" for k, v in e["poster"].items()) or "-"
+        flags = "random init" if e["flags"] is None else f"`{' '.join(e['flags'])}`"
+        lines.append(f"| {e['row']} | {len(e['seeds'])} | " + " | ".join(fmt(e.get(m)) for m in metrics) +
+                     f" | {poster} | {flags} |")
         for seed, err in e["errors"].items():
-            lines.append(f"|   seed {seed}: {err} | | | | | | | |")
+            lines.append(f"|   seed {seed}: {err} |" + " |" * (len(metrics) + 3))
+    lines += ["", "Paired differences to the reference row, seed by seed (a seed fixes the initialisation and "
+              "the augmentation draws): mean ± std of the differences, (k/n > 0) = k of the n seeds both "
+              "rows have are above the reference.", "",
+              "| row | reference | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for e in summary:
+        if e["reference"]:
+            lines.append(f"| {e['row']} | {e['reference']} | " +
+                         " | ".join(fmt_paired(e["paired"].get(m)) for m in metrics) + " |")
     if table == "negatives":
         lines += ["", "Averaged mAP over the grid (each value of one factor, the others averaged):", ""]
         for factor in ("M", "beta", "N"):
             means = {}
             for e in summary:
                 v = re.search(rf"{factor} ([0-9.]+)", e["row"]).group(1)
-                if e["mAP"][0] is not None:
+                if e.get("mAP", (None,))[0] is not None:
                     means.setdefault(v, []).append(e["mAP"][0])
-            lines.append(f"- {factor}: "
-                         + ", ".join(f"{v}: {statistics.mean(m):.1f}" for v, m in means.items()))
+            lines.append(f"- {factor}: " + ", ".join(f"{v}: {fmt(mean_std(m))} ({len(m)} configurations)"
+                                                     for v, m in means.items()))
     return "\n".join(lines) + "\n"
 
 
+def font(size=13):
+    """PIL's own font (FreeType) at `size`; without FreeType its bitmap font."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def text(draw, xy, s, fnt, fill="black", anchor="la"):
+    """draw.text, its words placed one by one with a space of a third of the font size: PIL's own font draws a
+    space 2-3 px wide, so "SimCLR cls" read "SimCLRcls". anchor: l/m/r (x) and a/m (y), as PIL's."""
+    words = s.split(" ")
+    gap = max(draw.textlength(" ", font=fnt), getattr(fnt, "size", 10) / 3)
+    width = sum(draw.textlength(w, font=fnt) for w in words) + gap * (len(words) - 1)
+    x = xy[0] - {"l": 0, "m": width / 2, "r": width}[anchor[0]]
+    for w in words:
+        draw.text((x, xy[1]), w, fill=fill, font=fnt, anchor="l" + anchor[1])
+        x += draw.textlength(w, font=fnt) + gap
+
+
+def ticks(top):
+    """Round tick values from 0 to top."""
+    step = next(s for s in (1, 2, 5, 10, 20, 25, 50) if top / s <= 8)
+    return [step * i for i in range(int(top // step) + 1)]
+
+
 def plot(summary, path, title):
-    """Bars of mAP (mean, with a +-std whisker) per row, the poster's mAP as a red tick where it has one; PIL
-    only."""
-    rows = [e for e in summary if e["mAP"][0] is not None]
-    W, row_h, left = 900, 26, 260
-    img = Image.new("RGB", (W, 60 + row_h * max(1, len(rows))), "white")
+    """One panel per probe (its main metric, %): a bar per row (mean over seeds) with a ±std whisker, each seed
+    a dot, the poster's number as a red mark; axes with ticks and units, a legend. Drawn with PIL alone, so
+    the picture is the same whether or not matplotlib is installed."""
+    panels = [(p[2] and next(iter(p[2])), p[3]) for p in PROBES.values()]
+    panels = [(m, pm) for m, pm in panels if any(e.get(m, (None,))[0] is not None for e in summary)]
+    f, small = font(13), font(11)
+    label_w, panel_w, row_h, top = 250, 330, 24, 70
+    W, H = label_w + panel_w * max(1, len(panels)) + 20, top + row_h * len(summary) + 50
+    img = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(img)
-    draw.text((10, 10), title
-              + "  (bar: our mAP, mean +- std over seeds; red: the poster's mAP)", fill="black")
-    values = [e["mAP"][0] + e["mAP"][1] for e in rows] + [e["poster"]["mAP"] or 0 for e in rows]
-    top = max(values + [1.0]) * 1.05
-    scale = (W - left - 40) / top
-    for i, e in enumerate(rows):
-        y = 40 + i * row_h
-        m, s = e["mAP"]
-        draw.text((10, y + 6), e["row"][:38], fill="black")
-        draw.rectangle([left, y + 4, left + m * scale, y + row_h - 4], fill=(70, 120, 190))
-        draw.line([left + (m - s) * scale, y + row_h // 2, left + (m + s) * scale, y + row_h // 2],
-                  fill="black", width=2)
-        # inside the bar, clear of the marks
-        draw.text((left + 6, y + 6), f"{m:.1f} +- {s:.1f}", fill="white")
-        if e["poster"]["mAP"]:
-            x = left + e["poster"]["mAP"] * scale
-            draw.line([x, y + 2, x, y + row_h - 2], fill=(220, 30, 30), width=3)
+    text(draw, (10, 8), title, font(15))
+    legend = [((70, 120, 190), "ours: mean over seeds, whisker ± std"), ("black", "one seed"),
+              ((220, 30, 30), "the poster (COCO / VOC, ViT-S/16, 300 epochs)")]
+    x = 10
+    for colour, label in legend:
+        draw.rectangle([x, 34, x + 14, 46], fill=colour)
+        text(draw, (x + 20, 33), label, small)
+        x += 30 + draw.textlength(label, font=small)
+    for i, e in enumerate(summary):
+        text(draw, (label_w - 8, top + i * row_h + row_h / 2), e["row"], f, anchor="rm")
+    for k, (metric, poster_metric) in enumerate(panels):
+        x0, x1 = label_w + k * panel_w + 10, label_w + (k + 1) * panel_w - 10
+        values = [v for e in summary for v in [sum(e.get(metric) or (0, 0)), e["poster"].get(poster_metric) or 0]]
+        scale_top = max(values + [1.0]) * 1.08
+        sx = lambda v: x0 + (x1 - x0) * v / scale_top  # noqa: E731 (the panel's x axis)
+        y_axis = top + row_h * len(summary) + 4
+        draw.line([x0, top - 4, x0, y_axis], fill="black")
+        draw.line([x0, y_axis, x1, y_axis], fill="black")
+        for t in ticks(scale_top):
+            draw.line([sx(t), y_axis, sx(t), y_axis + 4], fill="black")
+            draw.line([sx(t), top - 4, sx(t), y_axis], fill=(225, 225, 225))
+            text(draw, (sx(t), y_axis + 6), str(t), small, anchor="ma")
+        text(draw, ((x0 + x1) / 2, y_axis + 22), f"{metric} (%)", f, anchor="ma")
+        for i, e in enumerate(summary):
+            y = top + i * row_h
+            m, s = e.get(metric) or (None, None)
+            if m is not None:
+                draw.rectangle([x0, y + 5, sx(m), y + row_h - 5], fill=(70, 120, 190))
+                draw.line([sx(m - s), y + row_h / 2, sx(m + s), y + row_h / 2], fill="black", width=2)
+                for per in e["values"].get(metric, []):
+                    draw.ellipse([sx(per) - 2, y + row_h / 2 - 2, sx(per) + 2, y + row_h / 2 + 2], fill="black")
+            p = e["poster"].get(poster_metric)
+            if p:
+                draw.line([sx(p), y + 2, sx(p), y + row_h - 2], fill=(220, 30, 30), width=3)
     img.save(path)
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+def results_base(args):
+    """<out-dir>/results_<table>_<preset> (--quick: results_quick): one set of files per table and scale."""
+    return os.path.join(args.out_dir, "results_" + ("quick" if args.quick else f"{args.table}_{args.preset}"))
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    if args.quick:
-        args.seeds = args.seeds if argv and "--seeds" in argv else [0]
-    # its data, generated once, and the probes on it (seg: 4 epochs of 2000 images)
-    if args.preset == "demo-large":
-        root = demo.make_demo(LARGE[0], seed=1, n_train=LARGE[1], n_val=LARGE[2])
-        args.data = args.data or os.path.join(root, "images", "train")
-        for flag, path in (("train_json", "annotations/instances_train.json"),
-                           ("train_images", "images/train"),
-                           ("val_json", "annotations/instances_val.json"), ("val_images", "images/val"),
-                           ("seg_root", "voc")):
-            setattr(args, flag, getattr(args, flag) or os.path.join(root, path))
-        args.seg_flags = args.seg_flags or "--epochs 4"
+    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    args.probes = args.probes or (["ml", "seg", "det"] if args.table == "main" and not args.quick else
+                                  ["ml", "seg"])
+    args.recipe = "demo" if args.quick else args.preset
+    root = config.preset_data(args.recipe)  # the preset's generated set: pretraining data and the probes'
+    if root and args.preset != "demo":
+        for flag, sub in (("train_json", "annotations/instances_train.json"), ("train_images", "images/train"),
+                          ("val_json", "annotations/instances_val.json"), ("val_images", "images/val"),
+                          ("seg_root", "voc")):
+            setattr(args, flag, getattr(args, flag) or os.path.join(root, sub))
+    if args.preset == "demo-large" and not args.quick:
+        args.seg_flags = args.seg_flags or "--epochs 4"  # 2000 training images: 4 epochs of the demo's steps
     if args.nproc_per_node is None:
-        try:
-            import torch
-            args.nproc_per_node = max(1, torch.cuda.device_count())
-        except ImportError:
-            args.nproc_per_node = 1
-    if shutil.which("git"):  # the code version of the results, when this is a checkout
-        args.commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                                     text=True).stdout.strip() or None
+        args.nproc_per_node = max(1, torch.cuda.device_count())
     table = "quick" if args.quick else args.table
     rows = rows_of(args.table, args.quick, TOKENS["quick" if args.quick else args.preset])
     if args.rows:
-        unknown = sorted(set(args.rows) - {name for name, _ in rows})
+        unknown = sorted(set(args.rows) - {name for name, _, _ in rows})
         if unknown:
-            print(f"error: --rows {unknown}: not rows of --table {args.table} ({[name for name, _ in rows]})",
+            print(f"error: --rows {unknown}: not rows of --table {args.table} ({[r[0] for r in rows]})",
                   file=sys.stderr)
             return 2
-        rows = [(name, flags) for name, flags in rows if name in args.rows]
+    chosen = [r for r in rows if not args.rows or r[0] in args.rows]
+    chosen += [r for r in rows if r not in chosen and any(r[0] == c[2] for c in chosen)]  # their references
+    conflicts = [c for name, flags, _ in chosen for s in args.seeds if (c := conflict(args, name, flags, s))]
+    if conflicts:
+        print("error: --out-dir holds runs of another command; choose another --out-dir, or move these "
+              "folders away:\n" + "\n".join(conflicts), file=sys.stderr)
+        return 2
     os.makedirs(args.out_dir, exist_ok=True)
     t0 = time.time()
-    print(f"reproduce.py: table {table}, {len(rows)} rows x {len(args.seeds)} seeds -> {args.out_dir}",
+    print(f"reproduce.py: table {table}, {len(chosen)} rows x {len(args.seeds)} seeds -> {args.out_dir}",
           flush=True)
-    runs = {name: {seed: run_row(args, name, flags, seed) for seed in args.seeds} for name, flags in rows}
+    runs = {name: {} for name, _, _ in rows}
+    for name, flags, _ in chosen:
+        for seed in args.seeds:
+            runs[name][seed] = run_row(args, name, flags, seed)
+    for name, flags, _ in rows:  # every other finished run of the table in the out-dir, made by this command
+        folder = os.path.dirname(run_folder(args, name, 0))
+        for seed in sorted(int(d[4:]) for d in os.listdir(folder) if re.fullmatch(r"seed\d+", d)) \
+                if os.path.isdir(folder) else []:
+            record = read_record(run_folder(args, name, seed))
+            if seed not in runs[name] and record and not conflict(args, name, flags, seed) and \
+                    record["pretrain"]["done"]:
+                runs[name][seed] = collect(run_folder(args, name, seed), record, args.probes)
     summary = summarise(args.table, rows, runs)
-    with open(os.path.join(args.out_dir, f"results_{table}.json"), "w") as f:
-        json.dump({"table": table, "args": vars(args), "rows": summary, "runs": runs}, f, indent=1)
-    with open(os.path.join(args.out_dir, f"results_{table}.md"), "w") as f:
+    for e in summary:
+        e["values"] = {m: [runs[e["row"]][s][m] for s in e["seeds"] if runs[e["row"]][s].get(m) is not None]
+                       for m in metric_names({s: runs[e["row"]][s] for s in e["seeds"]})}
+    summary = [e for e in summary if e["seeds"] or e["errors"]]
+    base = results_base(args)
+    with open(base + ".json", "w") as f:
+        json.dump({"table": table, "args": {k: v for k, v in vars(args).items()}, "rows": summary,
+                   "runs": {n: per for n, per in runs.items() if per}}, f, indent=1)
+    with open(base + ".md", "w") as f:
         f.write(markdown(table, summary, args))
-    plot(summary, os.path.join(args.out_dir, f"results_{table}.png"), f"reproduce.py --table {table}")
-    for name in ("json", "md", "png"):  # the last table run is also results.<ext>
-        shutil.copy(os.path.join(args.out_dir, f"results_{table}.{name}"),
-                    os.path.join(args.out_dir, f"results.{name}"))
-    print(open(os.path.join(args.out_dir, f"results_{table}.md")).read())
-    print(f"{time.time() - t0:.0f} s; results in {args.out_dir}/results_{table}.{{md,json,png}}")
+    plot(summary, base + ".png", f"reproduce.py --table {table} --preset {args.preset}")
+    print(open(base + ".md").read())
+    print(f"{time.time() - t0:.0f} s; results in {base}.{{md,json,png}}")
     return 1 if any("error" in r for per in runs.values() for r in per.values()) else 0
 
 

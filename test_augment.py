@@ -122,3 +122,43 @@ def test_device_batches_are_the_views_of_each_batch():
         assert skipped == [f"bad{k}.jpg"] and x.shape == (6, 3, 16, 16)
         assert torch.equal(x, torch.cat([photometric(batch["view1"], batch["photo1"]),
                                          photometric(batch["view2"], batch["photo2"])]))
+
+
+def test_device_batches_decode_on_the_device_equal_the_workers(tmp_path):
+    """A loader of TwoViews(device_decode=True) through device_batches (decode, crops and photometric ops in
+    this process, here on the CPU) feeds the step exactly the input of the worker-decoding loader, with the
+    same skipped files."""
+    import data
+    from test_data import decode_set
+    files = decode_set(tmp_path)
+
+    def feed(device_decode):
+        ds = data.TwoViews(files, img_size=40, seed=3, device_decode=device_decode)
+        loader = torch.utils.data.DataLoader(ds, batch_size=3, sampler=data.RunSampler(len(files), 3, seed=3),
+                                             collate_fn=data.two_view_batch, num_workers=1)
+        loader.sampler.set_steps(0, 4)
+        return list(augment.device_batches(loader, torch.device('cpu'), size=40))
+    fed, want = feed(True), feed(False)
+    assert len(fed) == 4 and any(skipped for _, skipped in fed)
+    for (x, skipped), (y, skipped_y) in zip(fed, want):
+        assert x.shape == (6, 3, 40, 40) and skipped == skipped_y and torch.equal(x, y)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA decoder's stream hazard needs a GPU")
+def test_cuda_decode_right_after_a_free_leaves_queued_kernels_their_memory(tmp_path):
+    """Queue slow kernels that read a buffer, free it (the caching allocator hands the block out at once on
+    this stream), decode on the GPU: the queued reductions still see their own values (without the drain in
+    augment.decode_images the hardware decoder overwrites them)."""
+    from test_data import noise_image
+    from torchvision.io import read_file
+    jpegs = [read_file(noise_image(tmp_path / f'{k}.jpg', 640, 480, seed=k)) for k in range(8)]
+    device = torch.device('cuda')
+    for _ in range(20):
+        bufs = [torch.full((3 * 640 * 480,), 1, dtype=torch.uint8, device=device) for _ in range(8)]
+        slow = torch.randn(4096, 4096, device=device)
+        for _ in range(20):
+            slow = slow @ slow / 64  # ~tens of ms queued ahead of the sums
+        sums = [b.float().sum() for b in bufs]  # queued behind the products
+        del bufs
+        imgs = augment.decode_images(jpegs, device)
+        assert all(s.item() == 3 * 640 * 480 for s in sums) and len(imgs) == 8

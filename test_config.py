@@ -61,3 +61,33 @@ def test_dense_flags_are_translated_once():
     assert resolved("--beta", "0.5", "--score-tokens", "16") == ("guided", 256, 0.5, 16)
     assert resolved("--beta", "0.5") == ("guided", 256, 0.5, None)
     assert resolved("--neg", "random") == ("random", 1, None, None)
+
+
+def test_one_recipe_per_scale_whichever_script_starts_it(demo_dir, monkeypatch):
+    """`python pretrain.py` and reproduce.py's DenseCL++* row at the demo preset resolve to the same run (the
+    demo preset used to set M 16 and N 8 where the reproduction table ran M 256 and N 21); the demo presets fix
+    the global batch, so 8 processes train the recipe of one (8 images each); demo-large is the demo recipe
+    on its own set (checkpoints every 100 steps: its 620 steps used to write none before step 1000)."""
+    import reproduce
+    monkeypatch.chdir(demo_dir)
+    keys = ("model", "img_size", "epochs", "lr", "warmup", "wd", "head_hidden", "lam", "neg", "M", "beta", "N",
+            "agg", "global_batch", "batch_size", "data", "tau_d", "tau_g")
+    star = dict((r[0], r[1]) for r in reproduce.rows_of("main", tokens=64))["DenseCL++* gap"]
+    plain = config.resolve_args([])
+    row = config.resolve_args(["--preset", "demo"] + star)
+    assert {k: getattr(plain, k) for k in keys} == {k: getattr(row, k) for k in keys}
+    assert (plain.M, plain.N, plain.batch_size, plain.preset) == (256, 21, 64, "demo")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    eight = config.resolve_args(["--preset", "demo"] + star)
+    assert (eight.global_batch, eight.batch_size) == (64, 8)
+    assert config.resolve_args(["--preset", "demo", "--batch-size", "16"]).batch_size == 16  # by hand: per GPU
+    with pytest.raises(ValueError, match="does not divide over 8"):
+        config.resolve_args(["--preset", "demo", "--global-batch", "60"])
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setattr(config.demo, "make_demo", lambda root, **kw: root)  # its 3000 images are not needed
+    large = config.resolve_args(["--preset", "demo-large"])
+    assert (large.ckpt_every, large.log_every, large.montage_r, large.epochs, large.img_size) == (100, 10, [2, 4],
+                                                                                                  20, 64)
+    assert large.data == os.path.join("data", "demo_large", "images", "train")
+    coco = config.resolve_args(["--preset", "coco", "--data", "x.json"])
+    assert (coco.batch_size, coco.N, coco.model) == (256, 64, "vit_small")

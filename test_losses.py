@@ -50,13 +50,17 @@ def naive_match(f1, f2):
             out[b, t] = arg
     return out
 
-def naive_dense(z1, z2, f1, f2, tau, negatives, M=1, beta=None, N=0, seed=0, score_tokens=None, xv_exclude=0):
+def naive_dense(z1, z2, f1, f2, tau, negatives, M=1, beta=None, N=0, seed=0, score_tokens=None, xv_exclude=0,
+                neg_draw="shared", detach_neg=False, labels=None):
+    """labels [2B, T] (-1 unknown): every negative token whose label is its anchor's leaves the sum."""
     g = torch.Generator().manual_seed(seed)
     B, T, _ = z1.shape
     z = [z1, z2]
     f = [f1, f2]
     views = [(a, i) for a in range(2) for i in range(B)]
-    if negatives == "random":
+    if negatives == "random" and neg_draw == "independent":
+        r_each = torch.randint(T, (2, B, T, 2 * B), generator=g, dtype=torch.int32)
+    elif negatives == "random":
         r = torch.randint(T, (2, B), generator=g)
     if negatives == "guided":
         r = torch.randint(T, (M, 2, B), generator=g)
@@ -72,15 +76,24 @@ def naive_dense(z1, z2, f1, f2, tau, negatives, M=1, beta=None, N=0, seed=0, sco
     def qbar(q):
         return q if beta is None or q > beta else -1.0
 
+    def key(x):  # a negative: a constant with detach_neg
+        return x.detach() if detach_neg else x
+
+    def false_neg(a, i, t, a2, i2, t2):
+        return labels is not None and labels[a * B + i, t] >= 0 and labels[a * B + i, t] == labels[a2 * B + i2, t2]
+
     total = 0.0
     for a, i in views:
         others = [(a2, i2) for a2, i2 in views if i2 != i]
+        # negs: (vector, view, image, token or None) of each other-image negative; per anchor token if drawn so
         if negatives == "densecl":
-            negs = [unit(z[a2][i2].mean(0)) for a2, i2 in others]
+            negs = [(unit(key(z[a2][i2]).mean(0)), a2, i2, None) for a2, i2 in others]
+        elif negatives == "random" and neg_draw == "independent":
+            negs = None
         elif negatives == "random":
-            negs = [unit(z[a2][i2, r[a2, i2]]) for a2, i2 in others]
+            negs = [(unit(key(z[a2][i2, r[a2, i2]])), a2, i2, int(r[a2, i2])) for a2, i2 in others]
         elif negatives == "all":
-            negs = [unit(z[a2][i2, t2]) for a2, i2 in others for t2 in range(T)]
+            negs = [(unit(key(z[a2][i2, t2])), a2, i2, t2) for a2, i2 in others for t2 in range(T)]
         else:
             best, best_m = None, 0
             for m in range(M):
@@ -88,12 +101,16 @@ def naive_dense(z1, z2, f1, f2, tau, negatives, M=1, beta=None, N=0, seed=0, sco
                         for t in scored[a, i] for a2, i2 in others) / (len(scored[a, i]) * len(others))
                 if best is None or s > best:
                     best, best_m = s, m
-            negs = [unit(z[a2][i2, r[best_m, a2, i2]]) for a2, i2 in others]
+            negs = [(unit(key(z[a2][i2, r[best_m, a2, i2]])), a2, i2, int(r[best_m, a2, i2])) for a2, i2 in others]
         for t in range(T):
             anchor = unit(z[a][i, t])
             jt = int(j[a][i, t])
             pos = anchor @ unit(z[1 - a][i, jt])
-            terms = [torch.exp(pos / tau)] + [torch.exp(anchor @ n / tau) for n in negs]
+            negs_t = negs if negs is not None else [
+                (unit(key(z[a2][i2, int(r_each[a, i, t, a2 * B + i2])])), a2, i2, int(r_each[a, i, t, a2 * B + i2]))
+                for a2, i2 in others]
+            terms = [torch.exp(pos / tau)] + [torch.exp(anchor @ n / tau) for n, a2, i2, t2 in negs_t
+                                              if t2 is None or not false_neg(a, i, t, a2, i2, t2)]
             sims = {k: float(unit(f[a][i, t]) @ unit(f[1 - a][i, k])) for k in range(T) if k != jt}
             excluded = {jt} | set(sorted(sims, key=lambda k: -sims[k])[:xv_exclude])
             if N == T - 1 - xv_exclude:
@@ -103,7 +120,8 @@ def naive_dense(z1, z2, f1, f2, tau, negatives, M=1, beta=None, N=0, seed=0, sco
                             key=lambda k: -float(keys[a, i, t, k]))[:N]
             else:
                 xv = []
-            terms += [torch.exp(anchor @ unit(z[1 - a][i, k]) / tau) for k in xv]
+            terms += [torch.exp(anchor @ unit(key(z[1 - a][i, k])) / tau) for k in xv
+                      if not false_neg(a, i, t, 1 - a, i, k)]
             total = total - torch.log(terms[0] / sum(terms))
     return total / (2 * B * T)
 
@@ -172,6 +190,65 @@ def test_dense_loss_matches_naive(case):
     for a, b in zip(grads(fast, (z1, z2)), grads(slow, (z1, z2))):
         assert torch.allclose(a, b, atol=1e-10)
 
+def labels_of(B, T, seed, classes=3):
+    """Token labels [2B, T] in {-1 (unknown), 0..classes-1}: many negatives share their anchor's label."""
+    return torch.randint(-1, classes, (2 * B, T), generator=torch.Generator().manual_seed(seed))
+
+ORACLE, DETACH, INDEPENDENT = {"labels": 3}, dict(detach_neg=True), dict(neg_draw="independent")
+OPTION_CASES = [  # negatives, M, beta, N, B, T, options ("labels": random token labels of that many classes)
+    ("random", 1, None, 0, 3, 4, INDEPENDENT),
+    ("random", 1, None, 2, 4, 5, INDEPENDENT),
+    ("random", 1, None, 4, 2, 5, INDEPENDENT),  # N = T-1
+    ("densecl", 1, None, 2, 3, 4, DETACH),
+    ("random", 1, None, 3, 3, 5, DETACH),
+    ("random", 1, None, 2, 3, 5, {**DETACH, **INDEPENDENT}),
+    ("guided", 4, 0.2, 2, 3, 5, DETACH),
+    ("all", 1, None, 3, 2, 4, DETACH),  # N = T-1
+    ("random", 1, None, 2, 3, 5, ORACLE),
+    ("random", 1, None, 0, 4, 4, {"labels": 2, **INDEPENDENT}),  # 2 classes: rows with every negative removed
+    ("guided", 5, 0.1, 3, 3, 5, ORACLE),
+    ("guided", 3, None, 4, 2, 5, ORACLE),  # N = T-1
+    ("all", 1, None, 2, 3, 4, {"labels": 3, **DETACH}),
+]
+
+@pytest.mark.parametrize("case", OPTION_CASES)
+def test_dense_loss_options_match_naive(case):
+    """Independent draws per anchor token, detached negatives and the oracle's token labels against the
+    naive loop with the same draws: values and gradients (detached negatives change the gradients only)."""
+    negatives, M, beta, N, B, T, options = case
+    options = dict(options)
+    labels = labels_of(B, T, seed=B + T, classes=options.pop("labels")) if "labels" in options else None
+    z1, z2, f1, f2 = inputs(B, T, 4, 3, seed=B * 10 + T)
+    kw = dict(tau=0.2, negatives=negatives, M=M, beta=beta, N=N, **options)
+    fast = losses.dense_loss(z1, z2, f1, f2, generator=torch.Generator().manual_seed(3), token_labels=labels, **kw)
+    slow = naive_dense(z1, z2, f1, f2, 0.2, negatives, M, beta, N, seed=3, labels=labels, **options)
+    assert torch.allclose(fast, slow, atol=1e-12), (fast.item(), slow.item())
+    g_fast, g_slow = grads(fast, (z1, z2)), grads(slow, (z1, z2))
+    for a, b in zip(g_fast, g_slow):
+        assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-10)
+    if options.get("neg_draw") == "independent":  # one anchor view a chunk: the same loss
+        one = losses.dense_loss(z1, z2, f1, f2, generator=torch.Generator().manual_seed(3), token_labels=labels,
+                                chunk=1, **kw)
+        assert torch.allclose(one, fast, atol=1e-13)
+        for a, b in zip(grads(one, (z1, z2)), g_fast):
+            assert torch.allclose(a, b, atol=1e-12)
+    if options.get("detach_neg"):
+        attached = losses.dense_loss(z1, z2, f1, f2, generator=torch.Generator().manual_seed(3),
+                                     token_labels=labels, **{**kw, "detach_neg": False})
+        assert torch.allclose(attached, fast, atol=1e-13)
+        assert not torch.allclose(grads(attached, (z1, z2))[0], g_fast[0], atol=1e-6)
+    if labels is not None:  # all labels unknown: nothing removed
+        plain = losses.dense_loss(z1, z2, f1, f2, generator=torch.Generator().manual_seed(3), **kw)
+        unknown = losses.dense_loss(z1, z2, f1, f2, generator=torch.Generator().manual_seed(3),
+                                    token_labels=torch.full_like(labels, -1), **kw)
+        assert torch.equal(plain, unknown) and plain > fast
+
+def test_independent_draws_shape():
+    """A draw per anchor token of this rank and per view of the global batch (int32 to halve the memory)."""
+    d = losses.dense_draws(torch.Generator().manual_seed(0), B=3, T=5, negatives="random", neg_draw="independent")
+    assert d["sets"].shape == (2, 3, 5, 6) and d["sets"].dtype == torch.int32
+    assert d["sets"].min() >= 0 and d["sets"].max() < 5
+
 def test_score_tokens_all_equals_exact():
     z1, z2, f1, f2 = inputs(3, 5, 4, 4, seed=4)
     kw = dict(tau=0.2, negatives="guided", M=5, beta=0.2, N=0)
@@ -222,6 +299,11 @@ def test_guided_picks_the_hardest_set():
     (dict(negatives="random", generator=None), "generator"),
     (dict(negatives="random", N=2, xv_exclude=2), "N"),  # N > T-1-xv_exclude
     (dict(negatives="random", N=0, xv_exclude=1), "xv_exclude"),
+    (dict(negatives="guided", neg_draw="independent"), "neg_draw"),
+    (dict(negatives="random", neg_draw="own"), "neg_draw"),
+    (dict(negatives="densecl", token_labels=torch.zeros(4, 4, dtype=torch.long)), "token_labels"),
+    (dict(negatives="random", token_labels=torch.zeros(2, 4, dtype=torch.long)), "token_labels"),
+    (dict(negatives="random", token_labels=torch.zeros(4, 4)), "token_labels"),
 ])
 def test_dense_loss_bad_arguments(kwargs, word):
     z1, z2, f1, f2 = inputs(2, 4, 3, 3, seed=0)
@@ -322,6 +404,8 @@ def test_dense_draws_replay_the_generator():
 
 DIST_CASES = [("densecl", 1, None, 0), ("random", 1, None, 0), ("guided", 4, 0.3, 0), ("guided", 8, 0.3, 0),
               ("all", 1, None, 4)]  # guided: M < T and M >= T (the two scoring layouts); N = T-1: no draw
+# with the oracle's labels (gathered from every rank) and detached negatives (no gradient across ranks)
+DIST_CASES += [(neg, M, beta, N, True) for neg, M, beta, N in DIST_CASES[1:]]
 
 def _worker(rank, world_size, port, u1, u2, zs, out_dir):
     torch.set_default_dtype(torch.float64)
@@ -334,12 +418,14 @@ def _worker(rank, world_size, port, u1, u2, zs, out_dir):
     loss.backward()
     result = {"nt_xent": (loss.detach(), a.grad, b.grad)}
     z1, z2, f1, f2 = zs
-    for negatives, M, beta, N in DIST_CASES:
+    labels = labels_of(u1.shape[0], z1.shape[1], seed=1).view(2, -1, z1.shape[1])[:, sl].reshape(-1, z1.shape[1])
+    for negatives, M, beta, N, *oracle in DIST_CASES:
         c, d = z1[sl].clone().requires_grad_(), z2[sl].clone().requires_grad_()
         loss = losses.dense_loss(c, d, f1[sl], f2[sl], tau=0.2, negatives=negatives, M=M, beta=beta, N=N,
-                                 generator=torch.Generator().manual_seed(5))
+                                 generator=torch.Generator().manual_seed(5), detach_neg=bool(oracle),
+                                 token_labels=labels if oracle else None)
         loss.backward()
-        result[f"{negatives} M={M}"] = (loss.detach(), c.grad, d.grad)
+        result[f"{negatives} M={M} {oracle}"] = (loss.detach(), c.grad, d.grad)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -363,12 +449,13 @@ def test_two_processes_equal_one():
         assert torch.allclose(ranks[r]["nt_xent"][1], 2 * a.grad[sl], atol=1e-12)
         assert torch.allclose(ranks[r]["nt_xent"][2], 2 * b.grad[sl], atol=1e-12)
     z1, z2, f1, f2 = zs
-    for negatives, M, beta, N in DIST_CASES:
+    for negatives, M, beta, N, *oracle in DIST_CASES:
         c, e = z1.clone().requires_grad_(), z2.clone().requires_grad_()
         full = losses.dense_loss(c, e, f1, f2, tau=0.2, negatives=negatives, M=M, beta=beta, N=N,
-                                 generator=torch.Generator().manual_seed(5))
+                                 generator=torch.Generator().manual_seed(5), detach_neg=bool(oracle),
+                                 token_labels=labels_of(B, T, seed=1) if oracle else None)
         full.backward()
-        key = f"{negatives} M={M}"
+        key = f"{negatives} M={M} {oracle}"
         assert torch.allclose((ranks[0][key][0] + ranks[1][key][0]) / 2, full, atol=1e-12), key
         for r in range(2):
             sl = slice(r * B // 2, (r + 1) * B // 2)
@@ -378,7 +465,8 @@ def test_two_processes_equal_one():
 FUSED_CHECK = """
 import torch, torch.nn.functional as F, losses
 torch.manual_seed(0)
-for A, T, D, K in ((9, 13, 24, 300), (3, 70, 32, 129), (8, 16, 128, 256)):
+# D = 300, 512: D in blocks of 128 (3 with a ragged one, 4), the keys loaded block by block
+for A, T, D, K in ((9, 13, 24, 300), (3, 70, 32, 129), (8, 16, 128, 256), (3, 11, 300, 40), (9, 20, 512, 260)):
     z, keys = F.normalize(torch.randn(A, T, D), dim=-1), F.normalize(torch.randn(K, D), dim=-1)
     got = losses._threshold_sum(z, keys, 0.1, True)
     want = losses._threshold_sum(z.double(), keys.double(), 0.1, False)
@@ -402,9 +490,82 @@ print("fused ok")
 def test_fused_threshold_sum_equals_float64_in_the_triton_interpreter():
     """The Triton kernel of the thresholded set score, run by Triton's CPU interpreter (TRITON_INTERPRET=1, in
     a subprocess: it is read at import), on sizes that are no multiple of its blocks (T, D, keys, anchor
-    views): the table equals float64, and _guided_choice with it picks the float64 sets in both layouts, also
-    compiled in one graph (the custom op)."""
+    views), D up to 512 (--head-out 512: D in blocks): the table equals float64, and _guided_choice with it
+    picks the float64 sets in both layouts, also compiled in one graph (the custom op)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", FUSED_CHECK], env=env, capture_output=True, text=True,
                          timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert out.returncode == 0 and "fused ok" in out.stdout, out.stderr[-3000:]
+
+
+class FakeKernel:
+    """Stands in for losses._threshold_sum_kernel: records the grid and the arguments of each launch."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
+
+
+@pytest.mark.skipif(losses.triton is None, reason="triton not installed (it ships with torch's CUDA builds)")
+@pytest.mark.parametrize("T,D,block_t,block_d,n_d", [(196, 128, 64, 128, 1), (16, 128, 16, 128, 1),
+                                                     (40, 512, 64, 128, 4), (9, 24, 16, 32, 1)])
+def test_bf16_launch_parameters(monkeypatch, T, D, block_t, block_d, n_d):
+    """The bf16 launch training makes on a GPU (the interpreter cannot run bf16 dots), recorded by a fake
+    kernel: bf16 inputs (keys cast to them), a float32 [A, K] output, the grid (keys / 256, views / 8), the
+    blocks of bench.py's sweep (BLOCK_T from T, BLOCK_D <= 128 in N_D blocks covering D), 'tf32' (ignored by
+    Triton for bf16 dots) where float32 inputs get 'ieee'."""
+    fake = FakeKernel()
+    monkeypatch.setattr(losses, "_threshold_sum_kernel", fake)
+    A, K = 20, 600
+    z = torch.randn(A, T, D).to(torch.bfloat16)
+    out = losses._threshold_sum_fused(z, torch.randn(K, D, dtype=torch.float32), 0.5)
+    (grid, args, kw), = fake.launches
+    assert out.shape == (A, K) and out.dtype == torch.float32 and grid == (3, 3)
+    assert args[0].dtype == args[1].dtype == torch.bfloat16 and args[1].is_contiguous()
+    assert args[3:] == (A, T, K, D, 0.5)
+    assert kw == dict(BLOCK_T=block_t, BLOCK_K=256, BLOCK_D=block_d, N_D=n_d, GROUP=8, PRECISION="tf32",
+                      num_warps=8, num_stages=4 if block_t == 16 else 3)
+    assert block_d * n_d >= D > block_d * (n_d - 1)
+    losses._threshold_sum_launch(z.float(), torch.randn(K, D), 0.5, 16, 128, 4, 4, 3)
+    assert fake.launches[1][2]["PRECISION"] == "ieee" and fake.launches[1][0] == (5, 5)
+
+
+def test_fused_without_triton_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(losses, "triton", None)
+    z = torch.nn.functional.normalize(torch.randn(2, 3, 4, 8), dim=-1)
+    with pytest.raises(RuntimeError, match="triton is not installed"):
+        losses._threshold_sum(z[0], z[1].reshape(-1, 8), 0.5, True)
+    own = torch.tensor([[[0, 3], [1, 4], [2, 5]]] * 2)
+    with pytest.raises(RuntimeError, match="fused=True"):
+        losses._guided_choice(z, z.reshape(6, 4, 8), torch.zeros(2, 6, dtype=torch.long), own, 0.5, fused=True)
+
+
+H100_SHARED = 232448  # bytes of shared memory one block may use on an H100 / H200 (227 KB)
+
+
+@pytest.mark.skipif(losses.triton is None, reason="triton not installed (it ships with torch's CUDA builds)")
+@pytest.mark.parametrize("D", [128, 512])
+def test_bf16_kernel_fits_an_h100(monkeypatch, D):
+    """The launch of the bf16 path (recorded by FakeKernel) compiled ahead of time for sm_90 by Triton's own
+    compiler and ptxas, no GPU needed: its tiles fit the 227 KB of shared memory (with D = 512 in one block,
+    the kernel before the loop over D needed 320 KB and could not launch)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    fake = FakeKernel()
+    monkeypatch.setattr(losses, "_threshold_sum_kernel", fake)
+    losses._threshold_sum_fused(torch.randn(16, 196, D).to(torch.bfloat16), torch.randn(512, D), 0.5)
+    (_, _, kw), = fake.launches
+    monkeypatch.undo()
+    options = {k: kw.pop(k) for k in ("num_warps", "num_stages")}
+    types = dict(z_ptr="*bf16", k_ptr="*bf16", out_ptr="*fp32", A="i32", T="i32", K="i32", D="i32", beta="fp32")
+    source = ASTSource(fn=losses._threshold_sum_kernel, signature={**types, **{k: "constexpr" for k in kw}},
+                       constexprs=kw)
+    try:
+        kernel = losses.triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    except RuntimeError as e:  # the environment (no ptxas in this triton), not our kernel
+        if "ptxas" in str(e) and "not found" in str(e):
+            pytest.skip(str(e)[:200])
+        raise
+    assert 0 < kernel.metadata.shared <= H100_SHARED, kernel.metadata.shared

@@ -325,3 +325,51 @@ def test_montage_loss_matches_naive_loop():
         methods.montage_loss(cells, targets, labels + 5, tau)
     with pytest.raises(ValueError, match="labels"):
         methods.montage_loss(cells, targets, labels.int(), tau)
+
+# ------------------------------------------------------------------------------------------------------------
+# oracle false negatives (--oracle-negatives)
+
+
+def test_token_labels_hand_computed():
+    """Image 1 (6x8, pixel value 10*row + col, one void pixel), view 1 box (top 1, left 2, h 4, w 6), grid 2:
+    token centres at rows 1 + (1, 3)*4 // 4 = 2, 4 and columns 2 + (1, 3)*6 // 4 = 3, 6; view 2 the whole
+    image, flipped: rows (1, 3)*6 // 4 = 1, 4, columns (1, 3)*8 // 4 = 2, 6, mirrored. Image 0 (5x5) in
+    between, in the batch order view 1 of every image, then view 2."""
+    big = (torch.arange(6)[:, None] * 10 + torch.arange(8)).to(torch.uint8)
+    big[4, 6] = 255
+    small = torch.full((5, 5), 3, dtype=torch.uint8)
+    small[3, 1], small[4, 1] = 5, 4
+    batch = {"index": torch.tensor([1, 0]), "size": torch.tensor([[6, 8], [5, 5]]),
+             "box1": torch.tensor([[1., 2., 4., 6.], [0., 0., 5., 5.]]), "flip1": torch.tensor([False, False]),
+             "box2": torch.tensor([[0., 0., 6., 8.], [1., 0., 4., 4.]]), "flip2": torch.tensor([True, True])}
+    got = methods.token_labels([small, big], batch, 2)
+    # image 0 (3 but 5 at (3, 1) and 4 at (4, 1)), view 1: rows and columns (1, 3)*5 // 4 = 1, 3; view 2:
+    # rows 1 + (1, 3)*4 // 4 = 2, 4, columns (1, 3)*4 // 4 = 1, 3 -> [[3, 3], [4, 3]], mirrored
+    want = torch.tensor([[23, 26, 43, -1], [3, 3, 5, 3], [16, 12, -1, 42], [3, 3, 3, 4]])
+    assert torch.equal(got, want)
+    batch["size"][0] = torch.tensor([8, 6])
+    with pytest.raises(ValueError, match="oracle-negatives"):
+        methods.token_labels([small, big], batch, 2)
+
+
+def test_oracle_labels_of_a_demo_set(tmp_path):
+    """class_masks reads each image's palette PNG of a demo-layout set; OracleLabels pairs every batch with
+    its own labels however far ahead the loader is read; an image without a mask is an error naming the
+    flag."""
+    import demo
+    root = demo.make_demo(str(tmp_path / "demo"), n_train=4, n_val=1)
+    files = data.list_images(f"{root}/images/train")
+    masks = methods.class_masks(files)
+    png = np.array(Image.open(f"{root}/voc/SegmentationClass/000002.png"))
+    assert len(masks) == 4 and masks[1].shape == (96, 96) and np.array_equal(masks[1].numpy(), png)
+    assert set(np.unique(png)) - {0, 255} and 255 in png
+    views = data.TwoViews(files, img_size=32, seed=0)
+    batches = [data.two_view_batch([views[i], views[(i + 1) % 4]]) for i in (0, 2)]
+    oracle = methods.OracleLabels(files, 4)
+    tapped = list(oracle.tap(batches))  # the loader read to the end first
+    assert tapped == batches
+    for batch in batches:
+        labels = oracle.next()
+        assert labels.shape == (4, 16) and torch.equal(labels, methods.token_labels(masks, batch, 4))
+    with pytest.raises(ValueError, match="--oracle-negatives"):
+        methods.class_masks(data.list_images(make_images(tmp_path / "plain", n=2)))

@@ -20,6 +20,7 @@ CONFIGS = {
     "recon_conv": GUIDED + ["--gamma", "0.5", "--decoder", "conv"],
     "recon_transformer": GUIDED + ["--gamma", "0.5", "--decoder", "transformer", "--norm-pix"],
     "cls_head_pairing": ["--agg", "cls", "--pair", "head", "--neg", "all", "--N", "3", "--xv-exclude", "2"],
+    "independent_detached": ["--neg", "random", "--neg-draw", "independent", "--detach-neg", "--N", "2"],
 }
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -102,7 +103,9 @@ STEP_CONFIGS = {
     "DenseCL++*": GUIDED + ["--beta", "0.5"],
     "scored tokens": GUIDED + ["--beta", "0.5", "--score-tokens", "4", "--lam-warmup", "2"],
     "all + recon": ["--neg", "all", "--N", "3", "--gamma", "0.3", "--decoder", "transformer"],
-    "montage": ["--neg", "random", "--N", "0", "--montage", "--montage-r", "2", "4", "--montage-block-attn"]
+    "montage": ["--neg", "random", "--N", "0", "--montage", "--montage-r", "2", "4", "--montage-block-attn"],
+    "independent + oracle": ["--neg", "random", "--neg-draw", "independent", "--detach-neg", "--oracle-negatives",
+                             "--N", "3"],
 }
 
 @pytest.mark.parametrize("name", sorted(STEP_CONFIGS))
@@ -112,9 +115,10 @@ def test_step_compiles_as_one_graph(name):
     args = config.resolve_args(TINY + ["--data", "unused"] + STEP_CONFIGS[name])
     model, _, _, x = tiny_trainer(args)
     canvases, labels, draws = model.draws(x, pretrain.step_generator(0, 0, torch.device("cpu")))
+    tokens = torch.randint(-1, 3, (x.shape[0], 16)) if args.oracle_negatives else None
     torch._dynamo.reset()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        explained = torch._dynamo.explain(model)(x, canvases, labels, draws, torch.full((), args.lam))
+        explained = torch._dynamo.explain(model)(x, canvases, labels, draws, torch.full((), args.lam), tokens)
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
 
@@ -134,3 +138,38 @@ def test_global_batch_norm_equals_batch_norm_of_the_whole_batch(monkeypatch):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours.running_mean, ref.running_mean)
     torch.testing.assert_close(ours.running_var, ref.running_var)
+
+
+def test_dense_loss_options_reach_the_loss(tmp_path):
+    """--neg-draw, --detach-neg and --oracle-negatives reach losses.dense_loss (the objective's dense term is
+    the loss called with them), are refused where they do nothing, and a demo-layout run with the oracle
+    trains (its token labels from the class masks)."""
+    import demo
+    args = config.resolve_args(TINY + ["--data", "unused", "--neg", "random", "--neg-draw", "independent",
+                                       "--detach-neg", "--oracle-negatives", "--N", "2"])
+    assert "neg_draw=independent detach_neg=True oracle_negatives=True" in config.objective_summary(args)
+    model, _, _, x = tiny_trainer(args)
+    _, _, draws = model.draws(x, pretrain.step_generator(0, 0, torch.device("cpu")))
+    tokens = torch.randint(-1, 3, (12, 16), generator=torch.Generator().manual_seed(0))
+    (u, z, f, _, _), B = model.outputs(x), 6
+    total, terms = model.objective((u, z, f, None, None), x, draws, token_labels=tokens)
+    want = losses.dense_loss(z[:B], z[B:], f[:B], f[B:], tau=0.2, negatives="random", N=2, draws=draws,
+                             neg_draw="independent", detach_neg=True, token_labels=tokens)
+    torch.testing.assert_close(terms["dense"], want.detach())
+    # detached negatives: the same gradient (z reaches the loss through lam * dense alone)
+    torch.testing.assert_close(torch.autograd.grad(total, z, retain_graph=True)[0],
+                               0.5 * torch.autograd.grad(want, z, retain_graph=True)[0])
+    assert draws["sets"].shape == (2, B, 16, 2 * B)  # a draw per anchor token
+    without = losses.dense_loss(z[:B], z[B:], f[:B], f[B:], tau=0.2, negatives="random", N=2, draws=draws,
+                                neg_draw="independent", detach_neg=True)
+    assert without > want  # the oracle removed negatives
+    with pytest.raises(ValueError, match="token_labels"):
+        model.objective((u, z, f, None, None), x, draws)
+    for flags, named in ((["--neg-draw", "independent"], "--neg-draw"), (["--neg", "densecl", "--oracle-negatives"],
+                         "--oracle-negatives"), (["--lam", "0", "--detach-neg"], "--detach-neg")):
+        with pytest.raises(ValueError, match=f"^{named} "):
+            config.resolve_args(TINY + ["--data", "unused"] + flags)
+    root = demo.make_demo(str(tmp_path / "demo"), n_train=8, n_val=1)
+    code = pretrain.main(TINY + GUIDED + ["--data", f"{root}/images/train", "--batch-size", "4", "--max-steps", "2",
+                                          "--oracle-negatives", "--out-dir", str(tmp_path / "run")])
+    assert code == 0

@@ -1,70 +1,178 @@
-"""reproduce.py --quick end to end (two rows, one seed, the test ViT): results.md / .json / .png written,
-every run in its own folder, a second call skips what is done and redoes only what is missing."""
+"""reproduce.py: the --quick table end to end and continued, a run killed by SIGKILL (before and after its first
+checkpoint) continued to the numbers of an uninterrupted one, folders of another command refused, stale probe
+results redone, the paired statistics, one file set per table, seeds, rows, and the plot's text."""
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
-from PIL import Image
+import torch
+from PIL import Image, ImageDraw, ImageFont
 
 import reproduce
+from conftest import HERE
 
 
 def test_quick_table_end_to_end_and_resumed(demo_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(demo_dir)  # the demo set of the session
     out = tmp_path / "repro"
     assert reproduce.main(["--quick", "--out-dir", str(out)]) == 0
-    result = json.loads((out / "results.json").read_text())
+    result = json.loads((out / "results_quick.json").read_text())
     assert [r["row"] for r in result["rows"]] == ["SimCLR gap", "DenseCL++* gap"]
     for row in result["rows"]:
         for k in ("mAP", "CF1", "OF1", "mIoU"):
             mean, std = row[k]
             assert 0 <= mean <= 100 and std == 0.0, (row["row"], k)  # one seed: no spread
-    assert result["rows"][1]["poster"]["mAP"] == 64.1
-    md = (out / "results.md").read_text()
-    assert "| DenseCL++* gap |" in md and "`--neg guided --M 8 --beta 0.5 --N 3 --agg gap`" in md
-    with Image.open(out / "results.png") as img:
-        assert img.width == 900 and len(np.unique(np.asarray(img.convert("RGB")).reshape(-1, 3), axis=0)) > 3
-    run = out / "denseclppstar-gap" / "seed0"
-    assert {"ml.json", "seg.json", "log.txt", "pretrain"} <= set(os.listdir(run))
+        prov = row["provenance"]["0"]
+        assert prov["pretrain"][0]["exit"] == 0 and prov["pretrain"][0]["commit"] and "host" in prov["ml"]
+    star = result["rows"][1]
+    assert star["poster"]["mAP"] == 64.1 and star["reference"] == "SimCLR gap"
+    runs = result["runs"]
+    assert star["paired"]["mAP"][0] == pytest.approx(runs["DenseCL++* gap"]["0"]["mAP"] -
+                                                     runs["SimCLR gap"]["0"]["mAP"])
+    md = (out / "results_quick.md").read_text()
+    assert "| DenseCL++* gap | 1 |" in md and "`--neg guided --M 8 --beta 0.5 --N 3 --agg gap`" in md
+    with Image.open(out / "results_quick.png") as img:
+        assert len(np.unique(np.asarray(img.convert("RGB")).reshape(-1, 3), axis=0)) > 3
+    run = out / "quick" / "denseclppstar-gap" / "seed0"
+    assert {"ml.json", "seg.json", "log.txt", "pretrain", "run.json"} <= set(os.listdir(run))
+    record = json.loads((run / "run.json").read_text())
+    assert record["pretrain"]["cmd"][:3] == ["pretrain.py", "--preset", "demo"]
+    assert record["pretrain"]["cmd"][-5:] == ["--seed", "0", "--out-dir", "<run>/pretrain", "--resume"]
+    assert record["probes"]["ml"]["ckpt_sha256"] == reproduce.sha256(run / "pretrain" / "ckpt.pt")
     stamp = os.path.getmtime(run / "pretrain" / "ckpt.pt")
-    os.remove(run / "seg.json")
+    os.remove(run / "seg.json")  # a missing result, and a stale one (scored another checkpoint)
+    record["probes"]["ml"]["ckpt_sha256"] = "0" * 64
+    (run / "run.json").write_text(json.dumps(record))
     assert reproduce.main(["--quick", "--out-dir", str(out)]) == 0
     assert os.path.getmtime(run / "pretrain" / "ckpt.pt") == stamp  # finished pretraining skipped
-    assert (run / "seg.json").exists() and (run / "log.txt").read_text().count("probe_segment.py") == 2
+    log = (run / "log.txt").read_text()
+    assert (run / "seg.json").exists() and log.count("probe_segment.py") == 2 and \
+        log.count("probe_multilabel.py") == 2
+    # another command into the same folders: refused before anything runs, both commands named
+    assert reproduce.main(["--quick", "--out-dir", str(out), "--extra", "--lr 5e-4"]) == 2
+    assert os.path.getmtime(run / "pretrain" / "ckpt.pt") == stamp
 
 
-def test_an_interrupted_pretraining_is_resumed(demo_dir, tmp_path, monkeypatch):
+def test_folders_of_another_command_are_refused_naming_both(demo_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(demo_dir)
     out = tmp_path / "repro"
-    row = reproduce.rows_of("main", quick=True)[0]
-    args = reproduce.get_args_parser().parse_args(["--quick", "--out-dir", str(out)])
-    args.nproc_per_node = 1
-    folder = out / reproduce.slug(row[0]) / "seed0"
+    folder = out / "quick" / "simclr-gap" / "seed1"
     os.makedirs(folder)
-    cmd = reproduce.pretrain_cmd(args, row[1], 0, str(folder / "pretrain"))
-    i = cmd.index("--max-steps")
-    assert reproduce.run(cmd[:i + 1] + ["4"] + cmd[i + 2:], str(folder / "log.txt")) == 0  # stopped at step 4
-    result = reproduce.run_row(args, row[0], row[1], 0)
-    assert "error" not in result, result
-    assert "resumed at step 4" in (folder / "log.txt").read_text()
+    (folder / "run.json").write_text(json.dumps({"pretrain": {"cmd": ["pretrain.py", "--lam", "0"], "done": True,
+                                                              "attempts": []}, "probes": {}}))
+    # --quick --seeds 0 1 looks at both seeds (seed 1's folder holds another run)
+    assert reproduce.main(["--quick", "--seeds", "0", "1", "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "seed1: its pretrain was\n    pretrain.py --lam 0\n  this command's is\n    pretrain.py --preset demo" \
+        in err and "seed0" not in err
+    os.makedirs(out / "quick" / "denseclppstar-gap" / "seed0" / "pretrain")  # made without a record
+    assert reproduce.main(["--quick", "--seeds", "0", "--out-dir", str(out)]) == 2
+    assert "without run.json" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("table,n", [("main", 10), ("agg-pair", 5), ("lambda", 10),
-                                     ("negatives", 36), ("recon", 8)])
-def test_tables_have_their_rows(table, n):
+def quick_row(out, extra):
+    return [sys.executable, os.path.join(HERE, "reproduce.py"), "--quick", "--rows", "SimCLR gap", "--probes", "ml",
+            "--threads", "1", "--extra", extra, "--out-dir", str(out)]
+
+
+@pytest.mark.parametrize("kill_after", [4, 12])
+def test_a_killed_table_continues_to_the_numbers_of_an_uninterrupted_one(demo_dir, tmp_path, kill_after):
+    """SIGKILL of the harness and its pretraining (the process group, as a lost machine) at step 4 (no
+    checkpoint yet) or 12 (checkpoint of step 10), then the same command: the pretraining continues (starts
+    again / resumes at step 10), and the run ends with the weights and probe numbers of an uninterrupted one."""
+    extra = "--max-steps 30 --ckpt-every 10 --log-every 2"
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert subprocess.run(quick_row(straight, extra), cwd=demo_dir, env=env, capture_output=True).returncode == 0
+    proc = subprocess.Popen(quick_row(killed, extra), cwd=demo_dir, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    run = killed / "quick" / "simclr-gap" / "seed0"
+    log = run / "pretrain" / "log.jsonl"
+    while not (log.exists() and any(json.loads(line)["step"] >= kill_after for line in open(log))):
+        assert proc.poll() is None, "the run ended before the kill"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "ml.json").exists()
+    assert (run / "pretrain" / "ckpt.pt").exists() == (kill_after > 10)
+    assert subprocess.run(quick_row(killed, extra), cwd=demo_dir, env=env, capture_output=True).returncode == 0
+    if kill_after > 10:
+        assert "resumed at step 10" in (run / "log.txt").read_text()
+    a, b = (torch.load(d / "quick" / "simclr-gap" / "seed0" / "pretrain" / "ckpt.pt", weights_only=True)
+            for d in (straight, killed))
+    assert a["step"] == b["step"] == 30
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6), k
+    ml = [json.loads((d / "quick" / "simclr-gap" / "seed0" / "ml.json").read_text()) for d in (straight, killed)]
+    assert ml[0]["mAP"] == pytest.approx(ml[1]["mAP"], abs=1e-3)
+    record = json.loads((run / "run.json").read_text())
+    assert len(record["pretrain"]["attempts"]) == 2 and "exit" not in record["pretrain"]["attempts"][0]
+
+
+def test_paired_differences_and_their_sign_count():
+    rows = [("A", ["--lam", "0"], None), ("B", ["--lam", "0.5"], "A")]
+    runs = {"A": {0: {"mAP": 50.0, "provenance": {}}, 1: {"mAP": 52.0, "provenance": {}},
+                  2: {"mAP": 51.0, "provenance": {}}, 3: {"mAP": 40.0, "provenance": {}}},
+            "B": {0: {"mAP": 51.0, "provenance": {}}, 1: {"mAP": 54.0, "provenance": {}},
+                  2: {"mAP": 50.5, "provenance": {}}, 4: {"mAP": 90.0, "provenance": {}}}}
+    b = reproduce.summarise("main", rows, runs)[1]
+    mean, std, pos, n = b["paired"]["mAP"]  # seeds 0, 1, 2 only: +1, +2, -0.5
+    assert n == 3 and pos == 2 and mean == pytest.approx(2.5 / 3) and std == pytest.approx(np.std([1, 2, -.5],
+                                                                                                     ddof=1))
+    assert reproduce.fmt_paired(b["paired"]["mAP"]) == "+0.8 ± 1.3 (2/3 > 0)"
+    assert b["mAP"] == (pytest.approx(np.mean([51, 54, 50.5, 90])), pytest.approx(np.std([51, 54, 50.5, 90],
+                                                                                          ddof=1)))
+
+
+def test_one_results_file_set_per_table_and_preset():
+    parse = reproduce.get_args_parser().parse_args
+    names = {reproduce.results_base(parse(a + ["--out-dir", "r"])) for a in
+             (["--table", "main"], ["--table", "lambda"], ["--table", "main", "--preset", "demo-large"],
+              ["--quick"])}
+    assert names == {os.path.join("r", n) for n in ("results_main_demo", "results_lambda_demo",
+                                                     "results_main_demo-large", "results_quick")}
+
+
+@pytest.mark.parametrize("table,n", [("main", 11), ("agg-pair", 5), ("lambda", 10),
+                                     ("negatives", 36), ("recon", 7), ("controls", 18)])
+def test_tables_have_their_rows_and_references(table, n):
     rows = reproduce.rows_of(table)
-    assert len(rows) == n and len({reproduce.slug(name) for name, _ in rows}) == n
+    names = [name for name, _, _ in rows]
+    assert len(rows) == n and len({reproduce.slug(name) for name in names}) == n
+    assert all(ref is None or ref in names for _, _, ref in rows)
+    flags = {name: f for name, f, _ in rows}
+    for name, f, ref in rows:  # a controlled row differs from its reference in one flag
+        if table == "controls" and ref not in (None, "SimCLR gap"):
+            assert 1 <= len(set(f) - set(flags[ref])) <= 2 and len(set(flags[ref]) - set(f)) <= 1, name
 
 
 def test_cross_view_negatives_keep_the_posters_share_of_tokens(capsys):
-    # 64/196 of the tokens
-    assert reproduce.cross_view(64, 196) == "64" and reproduce.cross_view(64, 64) == "21"
-    assert reproduce.cross_view(64, 16) == "5" and reproduce.cross_view(0, 64) == "0"
-    assert reproduce.cross_view(196, 64) == "63"  # never all of the partner's tokens (the match is excluded)
-    star = dict(zip(*[iter(dict(reproduce.rows_of("main", tokens=64))["DenseCL++* gap"])] * 2))
+    star = dict(zip(*[iter(dict((r[0], r[1]) for r in reproduce.rows_of("main", tokens=64))["DenseCL++* gap"])] * 2))
     assert star["--N"] == "21" and star["--M"] == "256" and star["--beta"] == "0.5"
-    Ns = {dict(zip(*[iter(f)] * 2))["--N"] for _, f in reproduce.rows_of("negatives", tokens=64)}
+    Ns = {dict(zip(*[iter(f)] * 2))["--N"] for _, f, _ in reproduce.rows_of("negatives", tokens=64)}
     assert Ns == {"0", "5", "10", "21"}
     assert reproduce.main(["--rows", "SimCLR gap", "no such row"]) == 2
     assert "--rows ['no such row']" in capsys.readouterr().err
+
+
+def test_plot_text_keeps_its_spaces():
+    """PIL's own font draws a space 2-3 px wide ("SimCLRcls" in the old plots); text() a third of the font
+    size, with the bitmap font (no FreeType) too."""
+    fonts = [reproduce.font()] + ([ImageFont.load_default_imagefont()]
+                                  if hasattr(ImageFont, "load_default_imagefont") else [])
+
+    def ink_width(s, fnt, ours):
+        img = Image.new("L", (300, 30), 0)
+        draw = ImageDraw.Draw(img)
+        reproduce.text(draw, (5, 5), s, fnt, fill=255) if ours else draw.text((5, 5), s, fill=255, font=fnt)
+        cols = np.nonzero(np.asarray(img).max(0))[0]
+        return cols[-1] - cols[0]
+    for fnt in fonts:
+        joined = ink_width("SimCLRcls", fnt, False)
+        assert ink_width("SimCLRcls", fnt, True) == joined
+        assert ink_width("SimCLR cls", fnt, True) - joined >= 4
