@@ -140,10 +140,10 @@ def get_args_parser(description=None):
     return parser
 
 
-# The recipe of each scale; flags given on the command line win. demo: what `python pretrain.py` without --data
-# runs; demo-large: the demo recipe on a generated set 5x larger for 2x the steps; demo-clutter: the demo recipe on
-# scenes that are mostly objects and labelled stuff (demo.py); coco: the defaults (the full recipe, METHOD.md 10)
-# at DenseCL's global batch. `data` is a generated set (made on first use) unless --data.
+# The recipe of each scale; flags given on the command line win. demo: what `python pretrain.py` without
+# --data runs; demo-large: the demo recipe on a generated set 5x larger for 2x the steps; demo-clutter: the
+# demo recipe on scenes that are mostly objects and labelled stuff (demo.py); coco: the defaults (the full
+# recipe, METHOD.md 10) at DenseCL's global batch. `data` is a generated set (made on first use) unless --data.
 DEMO = dict(model="vit_demo", img_size=64, global_batch=64, epochs=50, lr=1e-3, warmup=5, wd=0.05,
             head_hidden=512, workers=2, ckpt_every=100, log_every=10, ccrop_warmup=10, ccrop_every=10,
             montage_r=[2, 4])
@@ -162,7 +162,8 @@ def preset_data(name):
 
 
 def cross_view(n, tokens):
-    """The poster's n cross-view negatives of T = 196 tokens as the same share of `tokens` (METHOD.md 10.1)."""
+    """The poster's n cross-view negatives of T = 196 tokens as the same share of `tokens` (METHOD.md
+    10.1)."""
     return min(tokens - 1, round(n * tokens / 196))
 
 # Flags that act only in some configurations: given explicitly where they do nothing, they are an error

@@ -272,7 +272,8 @@ def train(args, ckpt=None, changed=()):
     if rank == 0:
         print(f"preset {args.preset or 'none'}; {len(run.files)} images from {args.data}; {world_size} "
               f"process(es) on {device}; global batch {run.global_batch}; {run.steps_per_epoch} steps/epoch, "
-              f"{run.total_steps} steps; backbone {args.model} {sum(p.numel() for p in run.model.backbone.parameters()) / 1e6:.1f}M params; "
+              f"{run.total_steps} steps; backbone {args.model} "
+              f"{sum(p.numel() for p in run.model.backbone.parameters()) / 1e6:.1f}M params; "
               f"{config.objective_summary(args)} montage={run.model.montage_r or 'off'}"
               + (f" (resumed at step {run.step})" if ckpt else ""), flush=True)
     peak_lr = args.lr * run.global_batch / 256

@@ -11,27 +11,28 @@ with the paired differences to the table's reference row.
         --seg-root VOCdevkit/VOC2012
 
 Tables (METHOD.md; the poster's numbers beside ours where it gives them):
-    main       random init, SimCLR, DenseCL, DenseCL++ (random), guided, DenseCL++* (M 256, beta 0.5, N 64); CLS
-               and GAP
+    main       random init, SimCLR, DenseCL, DenseCL++ (random), guided, DenseCL++* (M 256, beta 0.5,
+               N 64); CLS and GAP
     agg-pair   the poster's first table: SimCLR at CLS / GAP, DenseCL with CLS + backbone / head pairing, GAP
     lambda     DenseCL++ at lam 0.1 ... 0.9, CLS and GAP
     negatives  DenseCL++ guided over the 3 x 3 x 4 grid M x beta x N (the poster averages mAP over it)
     recon      DenseCL++ at gamma 0, 0.1, 0.5, 1 with the conv and the transformer decoder
-    controls   one change each to SimCLR, DenseCL, DenseCL++ and DenseCL++* (GAP), paired with the unchanged row:
-               independent draws, the full sum (--neg all), detached negatives, oracle false negatives (a
-               diagnostic with labels), --tau-d, lam (METHOD.md 13)
+    controls   one change each to DenseCL, DenseCL++ and DenseCL++* (GAP), paired with the unchanged row:
+               independent draws, the full sum (--neg all), detached negatives, oracle false negatives
+               (a diagnostic with labels), --tau-d, lam (METHOD.md 4.1, 4.3, 4.7, 4.8)
 
-Every run lives in its own folder, <out-dir>/<preset>/<row>/seed<k>/: pretrain/ (pretrain.py's run), one JSON per
-probe, log.txt, and run.json: the command line of the pretraining and of every probe, the checkpoint each probe
-scored (its SHA-256), and the provenance of each attempt (commit, uncommitted changes, machine, times). The same
-command continues a stopped table: pretraining always runs with --resume (a run killed before its first
-checkpoint starts again, one killed later continues from it), a finished step is skipped. A folder made by
-another command (other preset, flags, --extra, probe flags or data) is refused before anything runs, naming both
-commands; a probe result is reused only for the checkpoint it scored. Pretraining starts as users start it:
-`python pretrain.py --preset P ...`, or `torchrun --nproc_per_node N pretrain.py ...` when N > 1.
+Every run lives in its own folder, <out-dir>/<preset>/<row>/seed<k>/: pretrain/ (pretrain.py's run), one JSON
+per probe, log.txt, and run.json: the command line of the pretraining and of every probe, the checkpoint each
+probe scored (its SHA-256), and the provenance of each attempt (commit, uncommitted changes, machine, times).
+The same command continues a stopped table: pretraining always runs with --resume (a run killed before its
+first checkpoint starts again, one killed later continues from it), a finished step is skipped. A folder made
+by another command (other preset, flags, --extra, probe flags or data) is refused before anything runs, naming
+both commands; a probe result is reused only for the checkpoint it scored. Pretraining starts as users start
+it: `python pretrain.py --preset P ...`, or `torchrun --nproc_per_node N pretrain.py ...` when N > 1.
 Writes <out-dir>/results_<table>_<preset>.md, .json and .png (--quick: results_quick.*): every finished run of
 the table in the out-dir, mean ± std over seeds, and per row the paired difference to the reference row (same
-seeds) with its sign count.
+seeds) with its sign count; the picture (visualize.py) is a bar per row, or for lambda, negatives and recon
+the poster's figure: the metric over the swept value.
 """
 import argparse
 import hashlib
@@ -46,9 +47,9 @@ import sys
 import time
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 import config
+import visualize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DENSECLPP = ["--neg", "random", "--N", "0"]  # the poster's DenseCL++ row: dense-dense random negatives
@@ -65,10 +66,12 @@ POSTER = {  # (table, row) -> {metric: the poster's number}: COCO mAP and F1, VO
     ("agg-pair", "SimCLR cls"): {"mAP": 57.8, "F1": 37.5}, ("agg-pair", "SimCLR gap"): {"mAP": 59.6, "F1": 37.9},
     ("agg-pair", "DenseCL cls backbone"): {"mAP": 59.9, "F1": 38.1},
     ("agg-pair", "DenseCL cls head"): {"mAP": 59.8, "F1": 38.1}, ("agg-pair", "DenseCL gap"): {"mAP": 58.1, "F1": 37.3}}
-# probe -> (script, result file, {our metric name: key in its JSON}, the poster's metric plotted beside it)
-PROBES = {"ml": ("probe_multilabel.py", "ml.json", {"mAP": "mAP", "CF1": "CF1", "OF1": "OF1"}, "mAP"),
-          "seg": ("probe_segment.py", "seg.json", {"mIoU": "mIoU"}, "VOC mIoU"),
-          "det": ("probe_detect.py", "det.json", {"AP": "box_AP", "AP50": "box_AP50"}, None)}
+# probe -> (script, result file, {our metric name (%): (key in its JSON, factor to %)}, the poster's metric)
+PROBES = {"ml": ("probe_multilabel.py", "ml.json", {"mAP": ("mAP", 1), "CF1": ("CF1", 1), "OF1": ("OF1", 1)}, "mAP"),
+          "seg": ("probe_segment.py", "seg.json", {"mIoU": ("mIoU", 1)}, "VOC mIoU"),
+          "det": ("probe_detect.py", "det.json", {"AP": ("box_AP", 1), "AP50": ("box_AP50", 1)}, None),
+          "diag": ("diagnose.py", "diag.json", {"match": ("match_acc", 100), "hubs": ("hub_share", 100),
+                                                "attn J": ("attn_jaccard", 100)}, None)}
 
 
 def get_args_parser():
@@ -79,8 +82,10 @@ def get_args_parser():
     add("--seeds", type=int, nargs="+", default=None,
         help="pretraining (and probe) seeds of every row (default 0 1 2; --quick: 0)")
     add("--rows", nargs="+", default=None, help="only these rows of the table (names as in the results)")
-    add("--probes", nargs="+", choices=sorted(PROBES), default=None, help="probes of every run (default: ml "
-        "seg det for --table main, ml seg otherwise and with --quick)")
+    add("--probes", nargs="+", choices=sorted(PROBES), default=None, help="probes of every run: ml "
+        "(multi-label), seg (segmentation), det (detection), diag (diagnose.py: matching accuracy, hubness, "
+        "attention Jaccard); default: ml seg det for --table main, ml seg diag for controls, ml seg otherwise "
+        "and with --quick")
     add("--quick", action="store_true", help="a tiny two-row table (SimCLR, DenseCL++*) on the test ViT: the "
         "harness end to end in a few CPU minutes; its numbers mean nothing")
     add("--preset", choices=sorted(config.PRESETS), default="demo",
@@ -112,10 +117,10 @@ def get_args_parser():
 # the tables: rows and their reference
 
 def rows_of(table, quick=False, tokens=196):
-    """[(row name, pretrain.py flags or None for a random init, reference row or None)] of a table, at `tokens`
-    patch tokens a view (the cross-view negatives keep the poster's share of them). The reference of a row is
-    the row its paired differences are taken to: SimCLR at the same aggregation, lam 0.5, the default grid
-    point, gamma 0."""
+    """[(row name, pretrain.py flags or None for a random init, reference row or None)] of a table, at
+    `tokens` patch tokens a view (the cross-view negatives keep the poster's share of them). The reference of
+    a row is the row its paired differences are taken to: SimCLR at the same aggregation, lam 0.5, the
+    default grid point, gamma 0, the unchanged row of a control."""
     def n(k):
         return str(config.cross_view(k, tokens))
     if quick:
@@ -192,18 +197,21 @@ def probe_cmds(args, flags, seed, folder):
         model, size = ("vit_test", "32") if args.quick else (
             config.PRESETS[args.recipe].get("model", "vit_small"), str(config.PRESETS[args.recipe].get(
                 "img_size", 224)))
-        source = ["--random-init", "--model", model, "--img-size", size]
+        source, size = ["--random-init", "--model", model], ["--img-size", size]  # (detection: its own sizes)
     else:
-        source = [ckpt]
-    coco = [k for flag in ("train_json", "train_images", "val_json", "val_images") if getattr(args, flag)
-            for k in (f"--{flag.replace('_', '-')}", getattr(args, flag))]
+        source, size = [ckpt], []
+    def flags_of(*names):
+        return [k for flag in names if getattr(args, flag) for k in (f"--{flag.replace('_', '-')}",
+                                                                       getattr(args, flag))]
+    coco = flags_of("train_json", "train_images", "val_json", "val_images")
     common = source + ["--seed", str(seed)]
     agg = ["--agg", "gap"] if flags is None else []
-    cmds = {"ml": common + agg + coco + args.probe_flags.split() + (["--epochs", "20"] if args.quick else []) +
-            ["--cache", os.path.join(folder, "probe_cache")],
-            "seg": common + (["--root", args.seg_root] if args.seg_root else []) + args.probe_flags.split() +
+    cmds = {"ml": common + size + agg + coco + args.probe_flags.split() + (["--epochs", "20"] if args.quick else [])
+            + ["--cache", os.path.join(folder, "probe_cache")],
+            "seg": common + size + (["--root", args.seg_root] if args.seg_root else []) + args.probe_flags.split() +
             args.seg_flags.split() + (["--epochs", "1"] if args.quick else []),
-            "det": common + coco + args.det_flags.split()}
+            "det": common + coco + args.det_flags.split(),
+            "diag": common + size + flags_of("val_json", "val_images")}
     return {p: [PROBES[p][0]] + cmds[p] + ["--out", os.path.join(folder, PROBES[p][1])] for p in args.probes}
 
 
@@ -335,7 +343,7 @@ def collect(folder, record, probes):
         done = record["probes"].get(probe, {})
         result = json.load(open(path)) if os.path.exists(path) and done.get("exit") == 0 and \
             done.get("ckpt_sha256") == record["pretrain"].get("ckpt_sha256") else {}
-        metrics.update({m: result.get(k) for m, k in PROBES[probe][2].items()})
+        metrics.update({m: None if result.get(k) is None else result[k] * f for m, (k, f) in PROBES[probe][2].items()})
     attempts = record["pretrain"]["attempts"]
     return {**metrics, "provenance": {"pretrain": attempts,
                                       **{p: {k: v for k, v in r.items() if k != "cmd"}
@@ -438,80 +446,6 @@ def markdown(table, summary, args):
     return "\n".join(lines) + "\n"
 
 
-def font(size=13):
-    """PIL's own font (FreeType) at `size`; without FreeType its bitmap font."""
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, ImportError, OSError):
-        return ImageFont.load_default()
-
-
-def text(draw, xy, s, fnt, fill="black", anchor="la"):
-    """draw.text, its words placed one by one with a space of a third of the font size: PIL's own font draws a
-    space 2-3 px wide, so "SimCLR cls" read "SimCLRcls". anchor: l/m/r (x) and a/m (y), as PIL's."""
-    words = s.split(" ")
-    gap = max(draw.textlength(" ", font=fnt), getattr(fnt, "size", 10) / 3)
-    width = sum(draw.textlength(w, font=fnt) for w in words) + gap * (len(words) - 1)
-    x = xy[0] - {"l": 0, "m": width / 2, "r": width}[anchor[0]]
-    for w in words:
-        draw.text((x, xy[1]), w, fill=fill, font=fnt, anchor="l" + anchor[1])
-        x += draw.textlength(w, font=fnt) + gap
-
-
-def ticks(top):
-    """Round tick values from 0 to top."""
-    step = next(s for s in (1, 2, 5, 10, 20, 25, 50) if top / s <= 8)
-    return [step * i for i in range(int(top // step) + 1)]
-
-
-def plot(summary, path, title):
-    """One panel per probe (its main metric, %): a bar per row (mean over seeds) with a ±std whisker, each seed
-    a dot, the poster's number as a red mark; axes with ticks and units, a legend. Drawn with PIL alone, so
-    the picture is the same whether or not matplotlib is installed."""
-    panels = [(p[2] and next(iter(p[2])), p[3]) for p in PROBES.values()]
-    panels = [(m, pm) for m, pm in panels if any(e.get(m, (None,))[0] is not None for e in summary)]
-    f, small = font(13), font(11)
-    label_w, panel_w, row_h, top = 250, 330, 24, 70
-    W, H = label_w + panel_w * max(1, len(panels)) + 20, top + row_h * len(summary) + 50
-    img = Image.new("RGB", (W, H), "white")
-    draw = ImageDraw.Draw(img)
-    text(draw, (10, 8), title, font(15))
-    legend = [((70, 120, 190), "ours: mean over seeds, whisker ± std"), ("black", "one seed"),
-              ((220, 30, 30), "the poster (COCO / VOC, ViT-S/16, 300 epochs)")]
-    x = 10
-    for colour, label in legend:
-        draw.rectangle([x, 34, x + 14, 46], fill=colour)
-        text(draw, (x + 20, 33), label, small)
-        x += 30 + draw.textlength(label, font=small)
-    for i, e in enumerate(summary):
-        text(draw, (label_w - 8, top + i * row_h + row_h / 2), e["row"], f, anchor="rm")
-    for k, (metric, poster_metric) in enumerate(panels):
-        x0, x1 = label_w + k * panel_w + 10, label_w + (k + 1) * panel_w - 10
-        values = [v for e in summary for v in [sum(e.get(metric) or (0, 0)), e["poster"].get(poster_metric) or 0]]
-        scale_top = max(values + [1.0]) * 1.08
-        sx = lambda v: x0 + (x1 - x0) * v / scale_top  # noqa: E731 (the panel's x axis)
-        y_axis = top + row_h * len(summary) + 4
-        draw.line([x0, top - 4, x0, y_axis], fill="black")
-        draw.line([x0, y_axis, x1, y_axis], fill="black")
-        for t in ticks(scale_top):
-            draw.line([sx(t), y_axis, sx(t), y_axis + 4], fill="black")
-            draw.line([sx(t), top - 4, sx(t), y_axis], fill=(225, 225, 225))
-            text(draw, (sx(t), y_axis + 6), str(t), small, anchor="ma")
-        text(draw, ((x0 + x1) / 2, y_axis + 22), f"{metric} (%)", f, anchor="ma")
-        for i, e in enumerate(summary):
-            y = top + i * row_h
-            m, s = e.get(metric) or (None, None)
-            if m is not None:
-                draw.rectangle([x0, y + 5, sx(m), y + row_h - 5], fill=(70, 120, 190))
-                draw.line([sx(m - s), y + row_h / 2, sx(m + s), y + row_h / 2], fill="black", width=2)
-                for per in e["values"].get(metric, []):
-                    draw.ellipse([sx(per) - 2, y + row_h / 2 - 2, sx(per) + 2, y + row_h / 2 + 2], fill="black")
-            p = e["poster"].get(poster_metric)
-            if p:
-                draw.line([sx(p), y + 2, sx(p), y + row_h - 2], fill=(220, 30, 30), width=3)
-    img.save(path)
-
-
 # ------------------------------------------------------------------------------------------------------------
 
 def results_base(args):
@@ -522,8 +456,9 @@ def results_base(args):
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    args.probes = args.probes or (["ml", "seg", "det"] if args.table == "main" and not args.quick else
-                                  ["ml", "seg"])
+    args.probes = args.probes or (["ml", "seg"] if args.quick else {"main": ["ml", "seg", "det"],
+                                                                     "controls": ["ml", "seg", "diag"]}.get(
+        args.table, ["ml", "seg"]))
     args.recipe = "demo" if args.quick else args.preset
     root = config.preset_data(args.recipe)  # the preset's generated set: pretraining data and the probes'
     if root and args.preset != "demo":
@@ -577,7 +512,10 @@ def main(argv=None):
                    "runs": {n: per for n, per in runs.items() if per}}, f, indent=1)
     with open(base + ".md", "w") as f:
         f.write(markdown(table, summary, args))
-    plot(summary, base + ".png", f"reproduce.py --table {table} --preset {args.preset}")
+    title = f"reproduce.py --table {table} --preset {args.preset}"
+    picture = visualize.sweep_picture(args.table, summary, title) if args.table in ("lambda", "negatives", "recon") \
+        and not args.quick else visualize.results_picture(summary, title)
+    picture.save(base + ".png")
     print(open(base + ".md").read())
     print(f"{time.time() - t0:.0f} s; results in {base}.{{md,json,png}}")
     return 1 if any("error" in r for per in runs.values() for r in per.values()) else 0

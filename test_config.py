@@ -64,10 +64,11 @@ def test_dense_flags_are_translated_once():
 
 
 def test_one_recipe_per_scale_whichever_script_starts_it(demo_dir, monkeypatch):
-    """`python pretrain.py` and reproduce.py's DenseCL++* row at the demo preset resolve to the same run (the
-    demo preset used to set M 16 and N 8 where the reproduction table ran M 256 and N 21); the demo presets fix
-    the global batch, so 8 processes train the recipe of one (8 images each); demo-large is the demo recipe
-    on its own set (checkpoints every 100 steps: its 620 steps used to write none before step 1000)."""
+    """`python pretrain.py` and reproduce.py's DenseCL++* row at the demo preset resolve to the same run
+    (the demo preset used to set M 16 and N 8 where the reproduction table ran M 256 and N 21); the demo
+    presets fix the global batch, so 8 processes train the recipe of one (8 images each); demo-large is the
+    demo recipe on its own set (checkpoints every 100 steps: its 620 steps used to write none before step
+    1000)."""
     import reproduce
     monkeypatch.chdir(demo_dir)
     keys = ("model", "img_size", "epochs", "lr", "warmup", "wd", "head_hidden", "lam", "neg", "M", "beta", "N",

@@ -1,6 +1,6 @@
-"""reproduce.py: the --quick table end to end and continued, a run killed by SIGKILL (before and after its first
-checkpoint) continued to the numbers of an uninterrupted one, folders of another command refused, stale probe
-results redone, the paired statistics, one file set per table, seeds, rows, and the plot's text."""
+"""reproduce.py: the --quick table end to end and continued, a run killed by SIGKILL (before and after its
+first checkpoint) continued to the numbers of an uninterrupted one, folders of another command refused, stale
+probe results redone, the paired statistics, one file set per table, seeds, rows, and the plot's text."""
 import json
 import os
 import signal
@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import reproduce
+import visualize
 from conftest import HERE
 
 
@@ -84,7 +85,8 @@ def quick_row(out, extra):
 def test_a_killed_table_continues_to_the_numbers_of_an_uninterrupted_one(demo_dir, tmp_path, kill_after):
     """SIGKILL of the harness and its pretraining (the process group, as a lost machine) at step 4 (no
     checkpoint yet) or 12 (checkpoint of step 10), then the same command: the pretraining continues (starts
-    again / resumes at step 10), and the run ends with the weights and probe numbers of an uninterrupted one."""
+    again / resumes at step 10), and the run ends with the weights and probe numbers of an uninterrupted
+    one."""
     extra = "--max-steps 30 --ckpt-every 10 --log-every 2"
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -163,13 +165,13 @@ def test_cross_view_negatives_keep_the_posters_share_of_tokens(capsys):
 def test_plot_text_keeps_its_spaces():
     """PIL's own font draws a space 2-3 px wide ("SimCLRcls" in the old plots); text() a third of the font
     size, with the bitmap font (no FreeType) too."""
-    fonts = [reproduce.font()] + ([ImageFont.load_default_imagefont()]
+    fonts = [visualize.font()] + ([ImageFont.load_default_imagefont()]
                                   if hasattr(ImageFont, "load_default_imagefont") else [])
 
     def ink_width(s, fnt, ours):
         img = Image.new("L", (300, 30), 0)
         draw = ImageDraw.Draw(img)
-        reproduce.text(draw, (5, 5), s, fnt, fill=255) if ours else draw.text((5, 5), s, fill=255, font=fnt)
+        visualize.text(draw, (5, 5), s, fnt, fill=255) if ours else draw.text((5, 5), s, fill=255, font=fnt)
         cols = np.nonzero(np.asarray(img).max(0))[0]
         return cols[-1] - cols[0]
     for fnt in fonts:

@@ -3,6 +3,7 @@ blank; bad input is one error line."""
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -56,3 +57,28 @@ def test_bad_input_is_one_error_line(tmp_path, capsys):
     assert visualize.main(["--log", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("error: ") for line in err)
+
+
+def test_sweep_series_average_the_grid_as_the_poster_and_pictures_draw():
+    """negatives: the mean over the grid points at each level of M, beta and N (the std of those means);
+    lambda: one series per aggregation over lam; both pictures are drawn with the poster's mark where
+    given."""
+    import reproduce
+    rows = reproduce.rows_of("negatives", tokens=64)
+    value = {name: 10 * i for i, (name, _, _) in enumerate(rows)}  # grid point i: 10 i
+    summary = [{"row": name, "mAP": (value[name], 0.0), "values": {"mAP": [value[name]]}, "poster": {}}
+               for name, _, _ in rows]
+    series = visualize.sweep_series("negatives", summary, "mAP")
+    # rows are ordered M (3) x beta (3) x N (4): M 64 holds points 0..11, beta 0.3 holds 0-3, 12-15, 24-27
+    assert [(x, m) for x, m, _, _ in series["M"]] == [(64, 55.0), (128, 175.0), (256, 295.0)]
+    assert series["beta"][0][1] == pytest.approx(sum(10 * i for i in (0, 1, 2, 3, 12, 13, 14, 15, 24, 25, 26, 27))
+                                                 / 12)
+    assert series["N"][0][0] == 0 and len(series["N"][0][3]) == 9
+    lam = [{"row": f"lam {v} {agg}", "mAP": (v * 100, 1.0), "values": {"mAP": [v * 100]}, "poster": {}}
+           for agg in ("cls", "gap") for v in (0.1, 0.5)]
+    assert visualize.sweep_series("lambda", lam, "mAP") == {"cls": [(0.1, 10.0, 1.0, [10.0]), (0.5, 50.0, 1.0, [50.0])],
+                                                            "gap": [(0.1, 10.0, 1.0, [10.0]), (0.5, 50.0, 1.0, [50.0])]}
+    picture = visualize.sweep_picture("lambda", lam, "lambda")
+    bars = visualize.results_picture([dict(lam[0], poster={"mAP": 20.0})], "bars")
+    for img, colour in ((picture, visualize.BLUE), (bars, visualize.RED)):
+        assert (np.asarray(img) == colour).all(-1).any()
