@@ -7,6 +7,9 @@ device, where the photometric augmentation runs batched over all views, with the
     device_batches                the [2B, 3, S, S] input of each batch (upload and decode on a side CUDA
                                   stream)
 """
+import contextlib
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -118,14 +121,17 @@ def decode_images(jpegs, device):
         return []
     try:
         return list(decode(jpegs))
-    except RuntimeError:
-        out = []
-        for x in jpegs:
-            try:
-                out.append(decode([x])[0])
-            except RuntimeError:
-                out.append(None)
-        return out
+    except RuntimeError as e:
+        error, out = e, []
+    for x in jpegs:
+        try:
+            out.append(decode([x])[0])
+        except RuntimeError:
+            out.append(None)
+    if len(jpegs) > 1 and all(img is None for img in out):  # the decoder, not the files (a build without it?)
+        warnings.warn(f"decode_images: the {device} decoder rejected all {len(jpegs)} JPEGs of a batch ({error}); "
+                      f"PIL decodes them in the training process, slowly: --decode cpu is faster")
+    return out
 
 
 def decode_views(batch, size, device):
@@ -136,25 +142,27 @@ def decode_views(batch, size, device):
     worker-decoded views are copied in. A JPEG the device decoder rejects after passing the worker's checks
     is decoded by PIL here (data.load_rgb); if that fails too, its views are mid-grey and its path joins the
     skipped list (the draws of the batch stay as they are)."""
-    jpegs, B = batch["jpeg"], len(batch["jpeg"])
-    left = [i for i, x in enumerate(jpegs) if x is not None]
+    sizes, paths, B = batch["jpeg_sizes"].tolist(), batch["path"], len(batch["path"])
+    jpegs = batch["jpeg"].split(sizes)
+    left = [i for i, n in enumerate(sizes) if n]
     boxes = [batch[f"box{k}"].tolist() for k in (1, 2)]
     flips = [batch[f"flip{k}"].tolist() for k in (1, 2)]
-    sizes, skipped, crops = batch["size"].tolist(), list(batch["skipped"]), []
-    for i, img in zip(left, decode_images([jpegs[i][1] for i in left], device)):
+    shapes, skipped, crops = batch["size"].tolist(), list(batch["skipped"]), []
+    for i, img in zip(left, decode_images([jpegs[i] for i in left], device)):
         if img is None:
             try:
-                img = torch.from_numpy(np.array(data.load_rgb(jpegs[i][0]))).permute(2, 0, 1).to(device)
+                img = torch.from_numpy(np.array(data.load_rgb(paths[i]))).permute(2, 0, 1).to(device)
             except Exception:  # as a worker's failed decode: counted, and the run goes on
-                skipped.append(jpegs[i][0])
-                img = torch.full((3, *sizes[i]), data.BACKGROUND[0], dtype=torch.uint8, device=device)
+                skipped.append(paths[i])
+                img = torch.full((3, *shapes[i]), data.BACKGROUND[0], dtype=torch.uint8, device=device)
         crops.append(data.crop_views(img, [boxes[0][i], boxes[1][i]], [flips[0][i], flips[1][i]], size))
     views = torch.empty(2, B, 3, size, size, dtype=torch.uint8, device=device)
     if crops:
         views[:, torch.tensor(left, device=device)] = torch.stack(crops, 1)
     if len(left) < B:
-        worker = torch.tensor([i for i, x in enumerate(jpegs) if x is None], device=device)
-        views[:, worker] = torch.stack([batch[f"view{k}"] for k in (1, 2)]).to(device, non_blocking=True)
+        worker = torch.tensor([i for i, n in enumerate(sizes) if not n], device=device)
+        for k in (1, 2):  # from pinned memory
+            views[k - 1, worker] = batch[f"view{k}"].to(device, non_blocking=True)
     return views.unbind(), skipped
 
 
@@ -168,30 +176,26 @@ def device_batches(loader, device, photometric=photometric, size=None):
     def to_device(batch):
         photos = [batch[f"photo{k}"].to(device, non_blocking=True) for k in (1, 2)]
         if "jpeg" in batch:
+            if size is None:
+                raise ValueError("device_batches: a batch of TwoViews(device_decode=True) needs size (the view size)")
             return (*decode_views(batch, size, device), photos)
         return [batch[f"view{k}"].to(device, non_blocking=True) for k in (1, 2)], batch["skipped"], photos
 
-    def inputs(views, photos):
-        return torch.cat([photometric(v, p) for v, p in zip(views, photos)])
-    if device.type != "cuda":
-        for batch in loader:
-            views, skipped, photos = to_device(batch)
-            yield inputs(views, photos), skipped
-        return
-    side = torch.cuda.Stream(device)
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def upload(batch):
         if batch is None:
             return None
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side) if side else contextlib.nullcontext():
             return to_device(batch)
     batches = iter(loader)
     pending = upload(next(batches, None))
     while pending is not None:
-        compute = torch.cuda.current_stream(device)
-        compute.wait_stream(side)  # this batch's copy (and decode) is done before the step reads it
         views, skipped, photos = pending
-        for t in (*views, *photos):
-            t.record_stream(compute)  # its memory is not reused before the compute stream is done with it
-        yield inputs(views, photos), skipped
+        if side:
+            compute = torch.cuda.current_stream(device)
+            compute.wait_stream(side)  # this batch's copy (and decode) is done before the step reads it
+            for t in (*views, *photos):
+                t.record_stream(compute)  # its memory is not reused before the compute stream is done with it
+        yield torch.cat([photometric(v, p) for v, p in zip(views, photos)]), skipped
         pending = upload(next(batches, None))  # queued after the step: overlaps with it

@@ -20,8 +20,10 @@ def bench_kernel(cfg, device, rows, median_time, free, beta=0.5, M=256, D=128):
     """Part kernel (CUDA with triton): losses._guided_choice at the bench size, the fused Triton score against
     the two torch ops (bf16 product, float32 sum), on clustered unit tokens (cosines spread over [-0.5, 1], as
     trained features, not the ~0 of random ones): median times, the largest error of each score table against
-    float64 on 8 anchor views, and how often each picks the float64 choice's set; then the kernel alone for
-    every block config of KERNEL_CONFIGS at T tokens and at 16. median_time(fn, device, warmup, steps) and
+    float64 on 8 anchor views, and how often each picks the float64 choice's set (the bf16 path training
+    runs); the fused table's error at D = 512 (--head-out 512: D in blocks), the same features repeated 4 times
+    and halved, so the float64 table is the same; then the kernel alone for every block config of
+    KERNEL_CONFIGS at T tokens and at 16. median_time(fn, device, warmup, steps) and
     free(device) are bench.py's timer and memory reset."""
     if device.type != "cuda" or losses.triton is None:
         rows.append({"part": "kernel", "name": "no CUDA or no triton: skipped"})
@@ -50,6 +52,8 @@ def bench_kernel(cfg, device, rows, median_time, free, beta=0.5, M=256, D=128):
                 row.update({f"{key}_ms": 1e3 * t,
                             f"{key}_max_err": (table.double() - exact).abs().max().item(),
                             f"{key}_same_choice": (best == want).double().mean().item()})
+            wide = torch.cat([z_all[:8]] * 4, -1) / 2, torch.cat([keys] * 4, -1) / 2  # exact in bf16
+            row["fused_max_err_D512"] = (losses._threshold_sum(*wide, beta, True).double() - exact).abs().max().item()
         row["ratio"] = row["fused_ms"] / row["unfused_ms"]
         for T_ in (T, 16):  # every candidate block config: the exact score and the score on 16 tokens
             zt = z_all[:, :T_].contiguous()

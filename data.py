@@ -219,8 +219,9 @@ class TwoViews(torch.utils.data.Dataset):
     is faster), and each crop (its corners rounded to the decoded grid) is resized to img_size x img_size with
     torch's antialiased bilinear interpolation on uint8 (crop_views). With device_decode=True (--decode gpu)
     the draws are the same, but a complete baseline JPEG (device_decodable) is not decoded: the sample holds
-    'jpeg' = (path, its bytes) and no views, and the training process decodes it at full size and crops it
-    with the same crop_views (augment.decode_views); every other file is decoded here as above ('jpeg' None).
+    'jpeg' = its bytes and 'path', no views, and the training process decodes it at full size and crops it
+    with the same crop_views (augment.decode_views); every other file is decoded here as above ('jpeg'
+    empty).
     Where the worker would decode a JPEG DCT-reduced, the device's full-size views differ slightly (the same
     boxes, another resampling). `boxes` ([n_files, 4] normalised (h0, w0, h1, w1),
     METHOD.md 9) is read at __getitem__ time, so a tensor in shared memory updated in place by the trainer is
@@ -297,10 +298,15 @@ class TwoViews(torch.utils.data.Dataset):
                 out[f'flip{k}'] = torch.tensor(flip)
                 out[f'photo{k}'] = photo
             if self.device_decode:
-                jpeg = read_file(path) if device_decodable(im) else None
-                if jpeg is not None and bytes(jpeg[-2:].tolist()) == JPEG_EOI:  # complete: left to the device
-                    return {**out, 'jpeg': (path, jpeg), 'view1': None, 'view2': None}
-                out['jpeg'] = None
+                raw = b''
+                if device_decodable(im):
+                    with open(path, 'rb') as fh:
+                        raw = fh.read()
+                out['path'] = path
+                if raw.endswith(JPEG_EOI):  # a complete file: left to the device
+                    return {**out, 'jpeg': torch.frombuffer(bytearray(raw), dtype=torch.uint8), 'view1': None,
+                            'view2': None}
+                out['jpeg'] = torch.zeros(0, dtype=torch.uint8)
             # largest downscale keeping both crops >= S px
             f = min(min(box[2], box[3]) for box, _, _ in views) / S
             # None: not a JPEG
@@ -344,16 +350,19 @@ def crop_views(img, boxes, flips, size, scale=1):
 
 def two_view_batch(batch_list):
     """collate_fn for TwoViews: stacks every tensor, concatenates the 'skipped' path lists. With
-    device_decode: 'jpeg' stays a list (a (path, bytes) pair, or None where the worker decoded), and
-    'view1'/'view2' stack the worker-decoded views only ([n, 3, S, S], n = the Nones in 'jpeg'; [0] if none)."""
+    device_decode: 'jpeg' is every left JPEG's bytes in one tensor (one shared-memory block, not one a file),
+    'jpeg_sizes' [B] their lengths (0 where the worker decoded), 'path' the list of paths; 'view1'/'view2'
+    stack the worker-decoded views only ([n, 3, S, S], n = the zeros in 'jpeg_sizes'; [0] if none)."""
     out = {k: torch.stack([b[k] for b in batch_list]) for k in batch_list[0]
-           if k not in ('skipped', 'jpeg', 'view1', 'view2')}
+           if k not in ('skipped', 'jpeg', 'view1', 'view2', 'path')}
     out['skipped'] = [p for b in batch_list for p in b['skipped']]
     for k in ('view1', 'view2'):
         views = [b[k] for b in batch_list if b[k] is not None]
         out[k] = torch.stack(views) if views else torch.zeros(0, dtype=torch.uint8)
     if 'jpeg' in batch_list[0]:
-        out['jpeg'] = [b['jpeg'] for b in batch_list]
+        out['jpeg'] = torch.cat([b['jpeg'] for b in batch_list])
+        out['jpeg_sizes'] = torch.tensor([len(b['jpeg']) for b in batch_list])
+        out['path'] = [b['path'] for b in batch_list]
     return out
 
 # ------------------------------------------------------------------------------------------------------------

@@ -27,8 +27,9 @@ CLS attention picks out the objects.
                   visualize_attention.py); Jaccard with the object tokens (a token is an object token when at
                   least half its area lies in the union of the image's instance masks, every category of the
                   instances file); per head the mean over the images with an object token, then the mean over
-                  heads (attn_jaccard) and the best head (attn_jaccard_best). Images are resized to img_size x
-                  img_size, no crop (as the probes).
+                  heads (attn_jaccard) and the best head (attn_jaccard_best); beside it the mean share of the
+                  tokens that are object tokens and that the attention keeps (about 0.6 for a uniform
+                  attention). Images are resized to img_size x img_size, no crop (as the probes).
 """
 import argparse
 import json
@@ -181,13 +182,13 @@ class Readable(Dataset):
 
 def attention_stats(model, coco, image_dir, size, args):
     """Per head, the sum of attn_jaccard over the images with an object token, and their count; the mean
-    object-token share; the unreadable files."""
+    object-token share and the mean share of tokens the thresholded attention keeps; the unreadable files."""
     ids = sorted(coco.imgs)
     paths = [os.path.join(image_dir, coco.imgs[i]["file_name"]) for i in ids]
     grid = size // model.patch_size
     loader = DataLoader(Readable(paths, size), batch_size=args.batch_size, num_workers=args.workers)
     device = next(model.parameters()).device
-    sums, n, objects, skipped, start = 0.0, 0, 0.0, [], 0
+    sums, n, objects, kept_share, skipped, start = 0.0, 0, 0.0, 0.0, [], 0
     for images, ok in loader:
         kept = attention_masks(model.last_cls_attention(images.to(device)).cpu())  # [B, heads, T]
         for k in range(len(images)):
@@ -200,11 +201,13 @@ def attention_stats(model, coco, image_dir, size, args):
                 union |= coco.annToMask(ann).astype(bool)
             obj = object_tokens(union, grid)
             objects += float(obj.double().mean())
+            kept_share += float(kept[k].double().mean())
             if obj.any():
                 sums = sums + jaccard(kept[k], obj[None])
                 n += 1
         start += len(images)
-    return sums, n, objects / max(1, len(ids) - len(skipped)), skipped
+    readable = max(1, len(ids) - len(skipped))
+    return sums, n, objects / readable, kept_share / readable, skipped
 
 
 def matching_stats(model, paths, size, args):
@@ -251,7 +254,7 @@ def main(argv=None):
     paths = [os.path.join(val_dir, coco.imgs[i]["file_name"]) for i in sorted(coco.imgs)]
     grid = size // model.patch_size
     m, skipped = matching_stats(model, paths, size, args)
-    sums, n_obj, object_share, skipped_attn = attention_stats(model, coco, val_dir, size, args)
+    sums, n_obj, object_share, kept_share, skipped_attn = attention_stats(model, coco, val_dir, size, args)
     per_head = (sums / max(1, n_obj)).tolist() if n_obj else []
     result = dict(
         match_acc=m["hits"] / max(1, m["valid"]), match_exact=m["exact"] / max(1, m["valid"]),
@@ -260,13 +263,14 @@ def main(argv=None):
         hub_share_truth=m["hub_truth"] / max(1, m["views_truth"]),
         attn_jaccard=float(np.mean(per_head)) if per_head else float("nan"),
         attn_jaccard_best=max(per_head) if per_head else float("nan"), attn_jaccard_per_head=per_head,
-        object_token_share=object_share)
+        object_token_share=object_share, attn_token_share=kept_share)
     print(f"{backbone}: match_acc {result['match_acc']:.3f} (exact {result['match_exact']:.3f}, chance "
           f"{result['match_chance']:.3f}; {100 * result['outside']:.0f}% of anchors outside the other "
           f"view) | "
           f"hub_share {result['hub_share']:.3f} (one-to-one {result['hub_share_one_to_one']:.3f}, truth "
           f"{result['hub_share_truth']:.3f}) | attn_jaccard {result['attn_jaccard']:.3f} (best head "
-          f"{result['attn_jaccard_best']:.3f}; objects {100 * object_share:.0f}% of tokens)")
+          f"{result['attn_jaccard_best']:.3f}; objects {100 * object_share:.0f}%, attention "
+          f"{100 * kept_share:.0f}% of tokens)")
     skipped = sorted(set(skipped) | set(skipped_attn))
     if skipped:
         print(f"skipped {len(skipped)} unreadable images, e.g. {skipped[:3]}", file=sys.stderr)

@@ -426,8 +426,8 @@ def test_device_decode_same_draws_and_views_as_the_worker(tmp_path):
     for epoch in range(3):
         keys = [(epoch, i) for i in range(len(files))]
         a, b = two_view_batch([cpu[k] for k in keys]), two_view_batch([dev[k] for k in keys])
-        left = [x[0] if x else None for x in b['jpeg']]
-        assert left == [files[0], files[1], None, None, None, None, files[6]]  # trunc.jpg: cmyk.jpg instead
+        left = [p for p, n in zip(b['path'], b['jpeg_sizes']) if n]
+        assert left == [files[0], files[1], files[6]] and b['path'][2] == files[3]  # trunc.jpg: cmyk.jpg instead
         assert b['view1'].shape == (4, 3, 40, 40) and a['skipped'] == b['skipped'] == [files[2]]
         for k in ('box1', 'box2', 'flip1', 'flip2', 'photo1', 'photo2', 'index', 'size'):
             assert torch.equal(a[k], b[k]), k
@@ -444,13 +444,13 @@ def test_device_decode_fallbacks(tmp_path, monkeypatch):
     ds = TwoViews(files, img_size=40, seed=1, device_decode=True)
     batch = two_view_batch([ds[i] for i in (0, 1, 6)])
     want, _ = augment.decode_views(batch, 40, torch.device('cpu'))
-    bad = batch['jpeg'][1][1]
+    bad = batch['jpeg'].split(batch['jpeg_sizes'].tolist())[1]
     decode_jpeg, load_rgb = data.decode_jpeg, data.load_rgb
     calls = []
 
     def picky(x, **kw):
         calls.append(len(x))
-        if any(t is bad for t in x):
+        if any(len(t) == len(bad) and torch.equal(t, bad) for t in x):
             raise RuntimeError('nvjpeg says no')
         return decode_jpeg(x, **kw)
     monkeypatch.setattr(data, 'decode_jpeg', picky)
@@ -462,6 +462,11 @@ def test_device_decode_fallbacks(tmp_path, monkeypatch):
     views, skipped = augment.decode_views(batch, 40, torch.device('cpu'))
     assert skipped == [files[1]] and (views[0][1] == 128).all() and (views[1][1] == 128).all()
     assert torch.equal(views[0][[0, 2]], want[0][[0, 2]])
+    monkeypatch.setattr(data, 'load_rgb', load_rgb)
+    monkeypatch.setattr(data, 'decode_jpeg', lambda x, **kw: (_ for _ in ()).throw(RuntimeError('no nvjpeg')))
+    with pytest.warns(UserWarning, match='rejected all 3 JPEGs.*--decode cpu'):  # a decoder that never works
+        views, skipped = augment.decode_views(batch, 40, torch.device('cpu'))
+    assert skipped == [] and torch.equal(views[1], want[1])
 
 
 def test_crop_views_float_path_within_one_level():

@@ -116,4 +116,4 @@ def test_make_demo_clutter(tmp_path):
             assert (np.isin(label[~union], [0, 255])).all()
     share = counts / counts.sum()
     assert share[0] < 0.10 and share[1:14].sum() > 0.6 and share[14:255].sum() == 0
-    assert kinds == set(stuff) and np.mean(objects) > 4  # the demo: 2.7 objects an image
+    assert kinds == set(stuff) and np.mean(objects) > 4  # the demo: 2.8 objects an image

@@ -92,7 +92,7 @@ def test_match_accuracy_one_for_position_features():
     f2 = torch.stack([position_features(b, f, grid) for b, f in zip(box2.double(), flip2)])
     s = diagnose.match_stats(f1, f2, box1, flip1, box2, flip2, grid)  # float64: exact argmax
     assert s['anchors'] == 2 * 16 * 36 and 0 < s['valid'] < s['anchors']
-    # exact but for ties: 7 anchors' centres (4 + 3 in the two directions) fall exactly on a border of two cells
+    # exact but for ties: 7 anchors' centres (4 + 3 in the two directions) fall on a border of two cells
     assert s['hits'] == s['valid'] and s['exact'] == s['valid'] - 7
     # views of view 1's size; view-2 features that encode the position one token lower-right (two tokens): in
     # both directions every match within one token (Chebyshev, not L1: diagonal), exact only at the borders;
@@ -107,15 +107,13 @@ def test_match_accuracy_one_for_position_features():
     f2_noflip = torch.stack([position_features(b, False, grid) for b in box2.double()])
     s = diagnose.match_stats(f1, f2_noflip, box1, flip1, box2, flip2, grid)
     assert s['hits'] < s['valid']
-    # chance: the 3 x 3 neighbourhood (clipped at the border) over T, for the valid anchors
-    truth = diagnose.token_correspondence(box1, flip1, box2, flip2, grid)
-    want = sum((min(t // grid + 1, grid - 1) - max(t // grid - 1, 0) + 1)
-               * (min(t % grid + 1, grid - 1) - max(t % grid - 1, 0) + 1) / 36 for t in truth.flatten().tolist()
+    # chance: the 3 x 3 neighbourhood (clipped at the border) over T, for the valid anchors, both directions
+    def near(t):
+        return (min(t // grid + 1, grid - 1) - max(t // grid - 1, 0) + 1) * (min(t % grid + 1, grid - 1)
+                                                                           - max(t % grid - 1, 0) + 1)
+    pairs = ((box1, flip1, box2, flip2), (box2, flip2, box1, flip1))
+    want = sum(near(t) / 36 for p in pairs for t in diagnose.token_correspondence(*p, grid).flatten().tolist()
                if t >= 0)
-    truth21 = diagnose.token_correspondence(box2, flip2, box1, flip1, grid)
-    want += sum((min(t // grid + 1, grid - 1) - max(t // grid - 1, 0) + 1)
-                * (min(t % grid + 1, grid - 1) - max(t % grid - 1, 0) + 1) / 36
-                for t in truth21.flatten().tolist() if t >= 0)
     assert s['chance'] == pytest.approx(want)
 
 
@@ -136,7 +134,7 @@ def test_attention_threshold_and_jaccard_by_hand():
     attn = torch.tensor([[[0.4, 0.3, 0.1, 0.1, 0.05, 0.05, 0, 0, 0],
                           [0.05, 0.5, 0.2, 0, 0, 0.25, 0, 0, 0]]])
     keep = diagnose.attention_masks(attn * 0.5)  # the CLS share removed: rows sum to 0.5, normalised first
-    assert keep[0, 0].nonzero().flatten().tolist() == [0, 1] and keep[0, 1].nonzero().flatten().tolist() == [1, 5]
+    assert [keep[0, h].nonzero().flatten().tolist() for h in (0, 1)] == [[0, 1], [1, 5]]
     objects = torch.zeros(9, dtype=torch.bool)
     objects[[1, 2, 5]] = True
     # head 0: {0, 1} & {1, 2, 5} = 1 of 4; head 1: {1, 5} = 2 of 3
@@ -170,19 +168,20 @@ def test_main_end_to_end(tmp_path, capsys):
         assert 0 <= r[k] <= 1
     assert r['match_exact'] <= r['match_acc'] and r['hub_share'] >= 4 / 64
     assert r['attn_jaccard'] == pytest.approx(float(np.mean(r['attn_jaccard_per_head'])))
-    # attn_jaccard by a naive loop: per image with an object token, per head, the tokens in descending attention
-    # while the ones before them hold < 60%, Jaccard with the tokens >= half covered by an annotation
+    # attn_jaccard by a naive loop: per image with an object token, per head, the tokens in descending
+    # attention while the ones before them hold < 60%; Jaccard with the tokens >= half covered by an
+    # annotation
     from pycocotools.coco import COCO
-    coco, model = COCO(f'{root}/annotations/instances_val.json'), vit.load_backbone(str(tmp_path / 'ckpt.pt'))[0]
-    per_head, covered = [], []
+    coco = COCO(f'{root}/annotations/instances_val.json')
+    model = vit.load_backbone(str(tmp_path / 'ckpt.pt'))[0]
+    per_head, covered, kept_share = [], [], []
     for img_id in sorted(coco.imgs):
         union = np.zeros((96, 96), bool)
         for a in coco.loadAnns(coco.getAnnIds(imgIds=img_id, iscrowd=None)):
             union |= coco.annToMask(a).astype(bool)
-        objects = {r * 8 + c for r in range(8) for c in range(8) if union[12 * r:12 * r + 12, 12 * c:12 * c + 12].sum() >= 72}
+        objects = {r * 8 + c for r in range(8) for c in range(8)
+                   if union[12 * r:12 * r + 12, 12 * c:12 * c + 12].sum() >= 72}  # 12 x 12 px a token
         covered.append(len(objects) / 64)
-        if not objects:
-            continue
         image = probing.Images([f"{root}/images/val/{coco.imgs[img_id]['file_name']}"], 64)[0][0]
         row = []
         for attn in model.last_cls_attention(image[None])[0].double():
@@ -192,8 +191,12 @@ def test_main_end_to_end(tmp_path, capsys):
                     kept.add(t)
                 before += attn[t].item()
             row.append(len(kept & objects) / len(kept | objects))
-        per_head.append(row)
-    assert r['n_jaccard_images'] == len(per_head) == 6 and r['object_token_share'] == pytest.approx(np.mean(covered))
+            kept_share.append(len(kept) / 64)
+        if objects:
+            per_head.append(row)
+    assert r['n_jaccard_images'] == len(per_head) == 6  # of 8: one empty image, one without an object token
+    assert r['object_token_share'] == pytest.approx(np.mean(covered))
+    assert r['attn_token_share'] == pytest.approx(np.mean(kept_share))
     assert r['attn_jaccard_per_head'] == pytest.approx(np.mean(per_head, 0).tolist())
     # the same seed gives the same numbers
     assert diagnose.main([str(tmp_path / 'ckpt.pt'), '--out', str(tmp_path / 'again.json')] + flags) == 0

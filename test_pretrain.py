@@ -343,7 +343,7 @@ def test_torchrun_restarts_a_killed_worker_from_the_checkpoint(tmp_path):
 
     def kill_at_step_7(procs, out, rank):
         log = out / "log.jsonl"  # rank 0 logs every step (whichever agent runs it)
-        while not (log.exists() and any(json.loads(line)["step"] >= 7 for line in open(log))):
+        while not (log.exists() and any(line.endswith("\n") and json.loads(line)["step"] >= 7 for line in open(log))):
             assert all(p.poll() is None for p in procs), "a run ended before step 7"
             time.sleep(0.05)
         os.kill(worker_pid(str(out), rank=rank), signal.SIGKILL)
