@@ -17,9 +17,10 @@ Tables (METHOD.md; the poster's numbers beside ours where it gives them):
     lambda     DenseCL++ at lam 0.1 ... 0.9, CLS and GAP
     negatives  DenseCL++ guided over the 3 x 3 x 4 grid M x beta x N (the poster averages mAP over it)
     recon      DenseCL++ at gamma 0, 0.1, 0.5, 1 with the conv and the transformer decoder
-    controls   one change each to DenseCL, DenseCL++ and DenseCL++* (GAP), paired with the unchanged row:
-               independent draws, the full sum (--neg all), detached negatives, oracle false negatives
-               (a diagnostic with labels), --tau-d, lam (METHOD.md 4.1, 4.3, 4.7, 4.8)
+    controls   one change each, paired with the unchanged row (GAP): SimCLR -> DenseCL (a dense loss) ->
+               DenseCL++ (its negatives tokens of other images) -> DenseCL++* (guided, thresholded, cross-view);
+               and to DenseCL / DenseCL++: independent draws, the full sum (--neg all), detached negatives,
+               oracle false negatives (a diagnostic with labels), --tau-d, lam (METHOD.md 4.1, 4.3, 4.7, 4.8)
 
 Every run lives in its own folder, <out-dir>/<preset>/<row>/seed<k>/: pretrain/ (pretrain.py's run), one JSON
 per probe, log.txt, and run.json: the command line of the pretraining and of every probe, the checkpoint each
@@ -81,7 +82,8 @@ def get_args_parser():
     add("--table", choices=["main", "agg-pair", "lambda", "negatives", "recon", "controls"], default="main")
     add("--seeds", type=int, nargs="+", default=None,
         help="pretraining (and probe) seeds of every row (default 0 1 2; --quick: 0)")
-    add("--rows", nargs="+", default=None, help="only these rows of the table (names as in the results)")
+    add("--rows", nargs="+", default=None, help="only these rows of the table (names as in the results; a row's "
+        "paired difference needs its reference row run too)")
     add("--probes", nargs="+", choices=sorted(PROBES), default=None, help="probes of every run: ml "
         "(multi-label), seg (segmentation), det (detection), diag (diagnose.py: matching accuracy, hubness, "
         "attention Jaccard); default: ml seg det for --table main, ml seg diag for controls, ml seg otherwise "
@@ -164,8 +166,8 @@ def rows_of(table, quick=False, tokens=196):
                    ("DenseCL++*", "oracle", f["DenseCL++*"] + ["--oracle-negatives"])]
         changes += [(m, f"{k} {v}", f[m] + [f"--{k}", v]) for m in ("DenseCL", "DenseCL++")
                     for k, vs in (("tau-d", ("0.1", "0.5")), ("lam", ("0.1", "0.3"))) for v in vs]
-        return [(f"{m} gap", flags + ["--agg", "gap"], None if m == "SimCLR" else "SimCLR gap")
-                for m, flags in base] + [(f"{m} {what} gap", flags + ["--agg", "gap"], f"{m} gap")
+        chain = {"SimCLR": None, "DenseCL": "SimCLR gap", "DenseCL++": "DenseCL gap", "DenseCL++*": "DenseCL++ gap"}
+        return [(f"{m} gap", flags + ["--agg", "gap"], chain[m]) for m, flags in base] + [(f"{m} {what} gap", flags + ["--agg", "gap"], f"{m} gap")
                                          for m, what, flags in changes]
     return [("gamma 0", DENSECLPP, None)] + [
         (f"gamma {gamma} {dec}", DENSECLPP + ["--gamma", str(gamma), "--decoder", dec], "gamma 0")
@@ -479,7 +481,6 @@ def main(argv=None):
                   file=sys.stderr)
             return 2
     chosen = [r for r in rows if not args.rows or r[0] in args.rows]
-    chosen += [r for r in rows if r not in chosen and any(r[0] == c[2] for c in chosen)]  # their references
     conflicts = [c for name, flags, _ in chosen for s in args.seeds if (c := conflict(args, name, flags, s))]
     if conflicts:
         print("error: --out-dir holds runs of another command; choose another --out-dir, or move these "

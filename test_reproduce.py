@@ -66,8 +66,9 @@ def test_folders_of_another_command_are_refused_naming_both(demo_dir, tmp_path, 
     os.makedirs(folder)
     (folder / "run.json").write_text(json.dumps({"pretrain": {"cmd": ["pretrain.py", "--lam", "0"], "done": True,
                                                               "attempts": []}, "probes": {}}))
-    # --quick --seeds 0 1 looks at both seeds (seed 1's folder holds another run)
-    assert reproduce.main(["--quick", "--seeds", "0", "1", "--out-dir", str(out)]) == 2
+    # --quick --seeds 0 1 on the command line looks at both seeds (seed 1's folder holds another run)
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--quick", "--seeds", "0", "1", "--out-dir", str(out)])
+    assert reproduce.main() == 2
     err = capsys.readouterr().err
     assert "seed1: its pretrain was\n    pretrain.py --lam 0\n  this command's is\n    pretrain.py --preset demo" \
         in err and "seed0" not in err
@@ -76,22 +77,31 @@ def test_folders_of_another_command_are_refused_naming_both(demo_dir, tmp_path, 
     assert "without run.json" in capsys.readouterr().err
 
 
-def quick_row(out, extra):
+def quick_row(out):
     return [sys.executable, os.path.join(HERE, "reproduce.py"), "--quick", "--rows", "SimCLR gap", "--probes", "ml",
-            "--threads", "1", "--extra", extra, "--out-dir", str(out)]
+            "--threads", "1", "--extra", "--max-steps 40 --ckpt-every 20 --log-every 2", "--out-dir", str(out)]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def straight(demo_dir, tmp_path_factory):
+    """The uninterrupted run of quick_row."""
+    out = tmp_path_factory.mktemp("straight")
+    assert subprocess.run(quick_row(out), cwd=demo_dir, env=ENV, capture_output=True).returncode == 0
+    return out
 
 
 @pytest.mark.parametrize("kill_after", [4, 22])
-def test_a_killed_table_continues_to_the_numbers_of_an_uninterrupted_one(demo_dir, tmp_path, kill_after):
+def test_a_killed_table_continues_to_the_numbers_of_an_uninterrupted_one(demo_dir, straight, tmp_path,
+                                                                         kill_after):
     """SIGKILL of the harness and its pretraining (the process group, as a lost machine) at step 4 (no
     checkpoint yet) or 22 (checkpoint of step 20), then the same command: the pretraining continues (starts
     again / resumes at step 20), and the run ends with the weights and probe numbers of an uninterrupted
     one."""
-    extra = "--max-steps 40 --ckpt-every 20 --log-every 2"
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    assert subprocess.run(quick_row(straight, extra), cwd=demo_dir, env=env, capture_output=True).returncode == 0
-    proc = subprocess.Popen(quick_row(killed, extra), cwd=demo_dir, env=env, stdout=subprocess.DEVNULL,
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(quick_row(killed), cwd=demo_dir, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     run = killed / "quick" / "simclr-gap" / "seed0"
     log = run / "pretrain" / "log.jsonl"
@@ -103,7 +113,7 @@ def test_a_killed_table_continues_to_the_numbers_of_an_uninterrupted_one(demo_di
     proc.wait()
     assert not (run / "ml.json").exists()
     assert (run / "pretrain" / "ckpt.pt").exists() == (kill_after > 20)
-    assert subprocess.run(quick_row(killed, extra), cwd=demo_dir, env=env, capture_output=True).returncode == 0
+    assert subprocess.run(quick_row(killed), cwd=demo_dir, env=ENV, capture_output=True).returncode == 0
     if kill_after > 20:
         assert "resumed at step 20" in (run / "log.txt").read_text()
     a, b = (torch.load(d / "quick" / "simclr-gap" / "seed0" / "pretrain" / "ckpt.pt", weights_only=True)
@@ -149,8 +159,10 @@ def test_tables_have_their_rows_and_references(table, n):
     assert len(rows) == n and len({reproduce.slug(name) for name in names}) == n
     assert all(ref is None or ref in names for _, _, ref in rows)
     flags = {name: f for name, f, _ in rows}
-    for name, f, ref in rows:  # a controlled row differs from its reference in one flag
-        if table == "controls" and ref not in (None, "SimCLR gap"):
+    for name, f, ref in rows:  # no flag given twice; a controlled row differs from its method's row in one flag
+        options = [a for a in f or [] if a.startswith("--")]
+        assert len(options) == len(set(options)), name
+        if table == "controls" and ref is not None and name.split()[0] == ref.split()[0]:
             assert 1 <= len(set(f) - set(flags[ref])) <= 2 and len(set(flags[ref]) - set(f)) <= 1, name
 
 
