@@ -1,6 +1,6 @@
 """
 Detection transfer (METHOD.md 14): the ViT as the backbone of torchvision's Mask R-CNN (Faster R-CNN with
---no-masks, and always on VOC) through ViTDet's simple feature pyramid, scored by pycocotools' COCOeval.
+--no-masks, on VOC and on the demo) through ViTDet's simple feature pyramid, scored by pycocotools' COCOeval.
 
     python probe_detect.py ckpt.pt                             # the demo set, frozen backbone (CPU minutes)
     python probe_detect.py ckpt.pt --finetune                  # the whole network, layer-wise lr decay
@@ -13,10 +13,10 @@ Detection transfer (METHOD.md 14): the ViT as the backbone of torchvision's Mask
 
 Two protocols, reported separately: the default trains the pyramid, RPN and RoI heads on the frozen backbone;
 --finetune trains everything. Flags left unset take the defaults of the data set's protocol (PROTOCOLS, the
-sources in METHOD.md 14). VOC: Annotations/<id>.xml, JPEGImages/<id>.jpg, ImageSets/Main/<split>.txt; boxes only;
-'difficult' objects are trained on and ignored at evaluation. Scores: COCO-style AP, AP50, AP75 of the boxes
-(and masks), on VOC too (as DenseCL reports VOC). Unreadable images, boxes outside the image and crowd regions
-are skipped, clipped or ignored and counted, never fatal.
+sources in METHOD.md 14). VOC: Annotations/<id>.xml, JPEGImages/<id>.jpg, ImageSets/Main/<split>.txt; boxes
+only; 'difficult' objects are trained on and ignored at evaluation. Scores: COCO-style AP, AP50, AP75 of the
+boxes (and masks), on VOC too (as DenseCL reports VOC). Unreadable images, boxes outside the image and crowd
+regions are skipped, clipped or ignored and counted, never fatal.
 """
 import argparse
 import json
@@ -51,10 +51,11 @@ import probing
 # RoIs sampled per image for the box head, width of the pyramid and heads, Mask R-CNN or Faster R-CNN, AdamW
 PROTOCOLS = {
     "coco": dict(img_size=list(range(640, 801, 32)), test_size=800, max_size=1333, iters=90000,
-                 lr_steps=[2 / 3, 8 / 9], warmup=250, batch_size=16, rois=512, channels=256, masks=True, lr=5e-5, wd=0.05),
+                 lr_steps=[2 / 3, 8 / 9], warmup=250, batch_size=16, rois=512, channels=256, masks=True,
+                 lr=5e-5, wd=0.05),
     "voc": dict(img_size=list(range(480, 801, 32)), test_size=800, max_size=1333, iters=24000,
-                lr_steps=[0.75, 11 / 12], warmup=100, batch_size=16, rois=512, channels=256, masks=False, lr=5e-5,
-                wd=0.05),
+                lr_steps=[0.75, 11 / 12], warmup=100, batch_size=16, rois=512, channels=256, masks=False,
+                lr=5e-5, wd=0.05),
     "demo": dict(img_size=[96], test_size=96, max_size=96, iters=300, lr_steps=[2 / 3, 8 / 9], warmup=20,
                  batch_size=8, rois=128, channels=64, masks=False, lr=1e-4, wd=0.05),
 }
@@ -78,9 +79,9 @@ def get_args_parser():
     add("--voc-test-split", default="test", help="VOC: evaluation list in ImageSets/Main/")
     add("--finetune", action="store_true", help="train the whole network (default: the backbone frozen, "
         "the pyramid, RPN and RoI heads trained)")
-    add("--masks", action=argparse.BooleanOptionalAction, default=None, help="Mask R-CNN (--masks) or Faster "
-        "R-CNN (--no-masks, boxes only); default: masks on COCO files, boxes on VOC and on the demo (3x faster "
-        "on the CPU)")
+    add("--masks", action=argparse.BooleanOptionalAction, default=None, help="Mask R-CNN (--masks) or "
+        "Faster R-CNN (--no-masks, boxes only); default: masks on COCO files, boxes on VOC and on the demo "
+        "(3x faster on the CPU)")
     add("--img-size", type=int, nargs="+", default=None, help="training short sides, one drawn per batch "
         "(default: the protocol's, e.g. 640 672 ... 800 on COCO)")
     add("--test-size", type=int, default=None, help="evaluation short side (default: 800, demo 96)")
@@ -118,14 +119,15 @@ class SimplePyramid(nn.Module):
     map, 1/2 = MaxPool(2); each then 1x1 conv + LN, 3x3 conv + LN to `channels`; 'pool' = P6, a stride-2
     subsampling of the last level. Levels '0', '1', '2', '3', 'pool' at strides p/4, p/2, p, 2p, 4p. The
     position embedding is interpolated to every padded input's token grid by the ViT (vit.tokens_in).
-    frozen: the ViT runs without autograd, so its weights cannot change."""
+    frozen: the ViT's parameters do not require gradients, so autograd records nothing in it and no optimiser
+    sees them."""
 
     def __init__(self, vit, frozen, channels=256):
         super().__init__()
         D, p = vit.embed_dim, vit.patch_size
         if p % 4:
             raise ValueError(f"patch size {p}: the pyramid's 4x level needs a multiple of 4")
-        self.body, self.frozen, self.out_channels = vit, frozen, channels
+        self.body, self.out_channels = vit, channels
         self.strides = [p // 4, p // 2, p, 2 * p, 4 * p]
         self.scales = nn.ModuleList([
             nn.Sequential(nn.ConvTranspose2d(D, D // 2, 2, 2), LayerNorm2d(D // 2, eps=1e-6), nn.GELU(),
@@ -133,15 +135,15 @@ class SimplePyramid(nn.Module):
             nn.ConvTranspose2d(D, D // 2, 2, 2), nn.Identity(), nn.MaxPool2d(2)])
         self.convs = nn.ModuleList([
             nn.Sequential(nn.Conv2d(d, channels, 1, bias=False), LayerNorm2d(channels, eps=1e-6),
-                          nn.Conv2d(channels, channels, 3, padding=1, bias=False), LayerNorm2d(channels, eps=1e-6))
+                          nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                          LayerNorm2d(channels, eps=1e-6))
             for d in (D // 4, D // 2, D, D)])
         if frozen:
             vit.requires_grad_(False)
 
     def forward(self, x):
         p = self.body.patch_size
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            fmap = probe_segment.token_map(self.body.forward_features(x), x.shape[2] // p, x.shape[3] // p)
+        fmap = probe_segment.token_map(self.body.forward_features(x), x.shape[2] // p, x.shape[3] // p)
         levels = [conv(scale(fmap)) for scale, conv in zip(self.scales, self.convs)]
         out = OrderedDict((str(i), level) for i, level in enumerate(levels))
         out["pool"] = F.max_pool2d(levels[-1], 1, 2)
@@ -153,7 +155,8 @@ def build_detector(vit, n_classes, masks, args):
     args.channels (C = 256: torchvision's defaults): RPN head, box head 2 fc of 4C on 7x7 RoIs, mask head 4
     convs of C on 14x14 RoIs. One anchor size a level, 8 x its stride, ratios 0.5, 1, 2; inputs
     ImageNet-normalised and zero-padded to a multiple of 4 patches (so that P5 and P6 have exact strides)."""
-    C, pyramid, levels = args.channels, SimplePyramid(vit, not args.finetune, args.channels), ["0", "1", "2", "3"]
+    C, levels = args.channels, ["0", "1", "2", "3"]
+    pyramid = SimplePyramid(vit, not args.finetune, C)
     kw = dict(min_size=tuple(args.img_size), max_size=args.max_size,
               image_mean=data.IMAGENET_MEAN, image_std=data.IMAGENET_STD, size_divisible=4 * vit.patch_size,
               rpn_anchor_generator=AnchorGenerator(tuple((8 * s,) for s in pyramid.strides),
@@ -287,7 +290,9 @@ def records(coco, images_dir, cat_ids, train, masks, counts):
             if masks and not ann.get("segmentation"):
                 raise ValueError(f"annotation {ann['id']} of image {img_id} has no segmentation; "
                                  f"pass --no-masks to train boxes only")
-            boxes.append(box), labels.append(index[ann["category_id"]]), anns.append(ann)
+            boxes.append(box)
+            labels.append(index[ann["category_id"]])
+            anns.append(ann)
         if train and not boxes:
             counts["training images without objects dropped"] += 1
             continue
@@ -318,8 +323,9 @@ class DetData(Dataset):
             return i, None, None
         x, target = TF.to_tensor(img), {"boxes": r["boxes"].clone(), "labels": r["labels"]}
         if self.masks:
-            target["masks"] = torch.from_numpy(np.stack([self.coco.annToMask(a) for a in r["anns"]])
-                                               if r["anns"] else np.zeros((0, r["height"], r["width"]), np.uint8))
+            masks = [self.coco.annToMask(a) for a in r["anns"]]
+            target["masks"] = torch.from_numpy(np.stack(masks) if masks
+                                               else np.zeros((0, r["height"], r["width"]), np.uint8))
         if self.train and torch.rand(()).item() < 0.5:
             x = x.flip(-1)
             target["boxes"][:, [0, 2]] = r["width"] - target["boxes"][:, [2, 0]]
@@ -337,14 +343,15 @@ def datasets(args, demo, masks, counts):
     else:
         tj, ti, vj, vi = probing.DEMO if demo else (args.train_json, args.train_images, args.val_json,
                                                     args.val_images)
-        train, val = probing.load_coco(tj, ti, check_images=False), probing.load_coco(vj, vi, check_images=False)
+        train = probing.load_coco(tj, ti, check_images=False)
+        val = probing.load_coco(vj, vi, check_images=False)
         cat_ids = probing.same_categories(train, val, tj, vj)
         names, folders = [train.cats[c]["name"] for c in cat_ids], (ti, vi)
     try:
         train_recs = records(train, folders[0], cat_ids, True, masks, counts)
         val_recs = records(val, folders[1], cat_ids, False, masks, counts)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"annotations: {e if isinstance(e, ValueError) else f'an entry without {e}'}") from None
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"annotations: an image or annotation entry without a valid {e}") from None
     if not train_recs:
         raise ValueError("no training image with a readable file and a box")
     if not any(not a.get("iscrowd") for r in val_recs for a in val.imgToAnns.get(r["id"], [])):
@@ -356,16 +363,20 @@ def datasets(args, demo, masks, counts):
 # training, evaluation, scores, pictures
 
 def train(model, dataset, args, bad):
-    """args.iters AdamW steps over shuffled batches (reshuffled at each pass), lr of each group =
-    args.lr * its lr_scale * lr_factor; bf16 autocast on CUDA. Unreadable images join `bad` and leave their
+    """args.iters AdamW steps over shuffled batches (reshuffled at each pass; the order and the workers' flip
+    seeds drawn from a generator seeded with args.seed; the training size of each batch from torchvision's
+    transform, on the torch RNG seeded by main), lr of each group = args.lr * its lr_scale * lr_factor; bf16
+    autocast on CUDA. Unreadable images join `bad` and leave their
     batch smaller; a step with a non-finite loss is skipped and counted. Returns the skipped-step count."""
     depth = len(model.backbone.body.blocks)
     opt = torch.optim.AdamW(param_groups(model, args.wd, args.layer_decay or 1.0, depth), lr=args.lr)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                         collate_fn=list, drop_last=len(dataset) >= args.batch_size,
-                        persistent_workers=args.workers > 0)
+                        persistent_workers=args.workers > 0,
+                        generator=torch.Generator().manual_seed(args.seed))
     steps = [round(f * args.iters) for f in args.lr_steps]
-    bar, it, skipped, dev = probing.Progress("training", args.iters, unit="it"), 0, 0, torch.device(args.device)
+    bar, it, skipped = probing.Progress("training", args.iters, unit="it"), 0, 0
+    dev = torch.device(args.device)
     model.train()
     while it < args.iters:
         for batch in loader:
@@ -406,7 +417,8 @@ def detect(model, dataset, cat_ids, names, masks, args, bad):
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             outs = model([x.to(dev) for _, x in batch]) if batch else []
         for (i, x), out in zip(batch, outs):
-            rec, out = dataset.recs[i], {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in out.items()}
+            rec, out = dataset.recs[i], {k: v.float().cpu() if v.is_floating_point() else v.cpu()
+                                         for k, v in out.items()}
             done.append(rec["id"])
             for k, (box, label, score) in enumerate(zip(out["boxes"].tolist(), out["labels"].tolist(),
                                                         out["scores"].tolist())):
@@ -414,7 +426,7 @@ def detect(model, dataset, cat_ids, names, masks, args, bad):
                            bbox=[round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2),
                                  round(box[3] - box[1], 2)])
                 if masks:
-                    rle = mask_utils.encode(np.asfortranarray((out["masks"][k, 0] > 0.5).numpy().astype(np.uint8)))
+                    rle = mask_utils.encode(np.asfortranarray((out["masks"][k, 0] > 0.5).numpy(), np.uint8))
                     res["segmentation"] = dict(size=rle["size"], counts=rle["counts"].decode("ascii"))
                 results.append(res)
             if args.vis and len(done) <= N_VIS:
@@ -430,8 +442,6 @@ def coco_scores(gt, results, img_ids, iou_type):
     from pycocotools.cocoeval import COCOeval
     if not results:
         return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
-    if iou_type == "segm":  # as detectron2: the mask's own area for the size ranges, not the box's
-        results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
     with open(os.devnull, "w") as null, redirect_stdout(null):
         evaluator = COCOeval(gt, gt.loadRes(results), iou_type)
         evaluator.params.imgIds = sorted(img_ids)
@@ -463,7 +473,7 @@ def save_vis(path, x, out, anns, names):
 # ------------------------------------------------------------------------------------------------------------
 
 def resolve_flags(args, demo):
-    """Fill the flags left unset from PROTOCOLS (printed) and check them all; returns the protocol name."""
+    """Fill the flags left unset from PROTOCOLS[demo, voc or coco] and check them all; returns that name."""
     name = "demo" if demo else "voc" if args.voc_root else "coco"
     for flag, value in PROTOCOLS[name].items():
         if getattr(args, flag) is None:
@@ -473,8 +483,7 @@ def resolve_flags(args, demo):
     if args.layer_decay is not None and not args.finetune:
         raise ValueError("--layer-decay needs --finetune (a frozen backbone has no layers to decay)")
     args.layer_decay = args.layer_decay if args.layer_decay is not None else 0.8 if args.finetune else None
-    probing.check_flags(args, counts=("iters", "batch_size", "test_size", "max_size", "rois",
-                                                         "channels"))
+    probing.check_flags(args, counts=("iters", "batch_size", "test_size", "max_size", "rois", "channels"))
     if min(args.img_size) < 1 or args.warmup < 0 or not all(0 < f <= 1 for f in args.lr_steps):
         raise ValueError(f"--img-size {args.img_size}, --warmup {args.warmup}, --lr-steps {args.lr_steps}: "
                          f"expected positive sizes, warm-up >= 0 and fractions in (0, 1]")
@@ -500,50 +509,49 @@ def main(argv=None):
             raise ValueError("--voc-test-root / --voc-train-split / --voc-test-split need --voc-root")
         demo = not (args.voc_root or any(coco_flags))
         protocol = resolve_flags(args, demo)
-        masks = args.masks
         if args.random_init and not args.model:
             args.model = "vit_demo" if demo else "vit_small"
         vit, _ = probing.probe_backbone(args.ckpt, args.random_init, args.model, args.seed, args.device)
         if demo:
             demo_set.make_demo()
-        train_coco, train_recs, val_coco, val_recs, cat_ids, names = datasets(args, demo, masks, counts)
+        train_coco, train_recs, val_coco, val_recs, cat_ids, names = datasets(args, demo, args.masks, counts)
         torch.manual_seed(args.seed)
-        model = build_detector(vit, len(cat_ids), masks, args).to(args.device)
+        model = build_detector(vit, len(cat_ids), args.masks, args).to(args.device)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     mode = "fine-tuned" if args.finetune else "frozen"
-    print(f"backbone {args.ckpt or 'random-init ' + args.model} ({mode}), {'Mask' if masks else 'Faster'} "
-          f"R-CNN, {protocol} protocol: {len(train_recs)} train / {len(val_recs)} val images, {len(names)} "
-          f"classes, {args.iters} iterations of batch {args.batch_size}, lr {args.lr:g}, width {args.channels}, "
-          f"train sizes {args.img_size}, test size {args.test_size}, max {args.max_size}")
+    print(f"backbone {args.ckpt or 'random-init ' + args.model} ({mode}), "
+          f"{'Mask' if args.masks else 'Faster'} R-CNN, {protocol} protocol: {len(train_recs)} train / "
+          f"{len(val_recs)} val images, {len(names)} classes, {args.iters} iterations of batch "
+          f"{args.batch_size}, lr {args.lr:g}, width {args.channels}, train sizes {args.img_size}, test size "
+          f"{args.test_size}, max {args.max_size}")
     print("input: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     if args.vis:
         os.makedirs(args.vis, exist_ok=True)
-    skipped = train(model, DetData(train_recs, train_coco, masks, True), args, bad)
-    results, done = detect(model, DetData(val_recs, val_coco, False, False), cat_ids, names, masks, args, bad)
+    skipped = train(model, DetData(train_recs, train_coco, args.masks, True), args, bad)
+    results, done = detect(model, DetData(val_recs, val_coco, False, False), cat_ids, names, args.masks, args,
+                           bad)
     scores = {f"box_{k}": v for k, v in coco_scores(val_coco, results, done, "bbox").items()}
-    if masks:
+    if args.masks:
         scores.update({f"mask_{k}": v for k, v in coco_scores(val_coco, results, done, "segm").items()})
     counts.update({"unreadable images skipped": len(bad), "non-finite training steps skipped": skipped})
     wall = time.time() - t0
     print("\n" + " ".join(f"{k:>9}" for k in scores) + "\n" + " ".join(f"{v:9.2f}" for v in scores.values()))
-    print(f"{len(results)} detections on {len(done)} val images; " + ", ".join(f"{v} {k}"
-                                                                               for k, v in counts.items() if v)
-          + f"; {wall / 60:.1f} min")
+    print(f"{len(results)} detections on {len(done)} val images; "
+          + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + f"; {wall / 60:.1f} min")
     if args.save_detections:
         with open(args.save_detections, "w") as f:
             json.dump(results, f)
         print(f"wrote {args.save_detections}")
     if args.out:
         context = dict(backbone=args.ckpt or f"random-init {args.model} seed {args.seed}", protocol=mode,
-                       dataset=protocol, detector="Mask R-CNN" if masks else "Faster R-CNN",
+                       dataset=protocol, detector="Mask R-CNN" if args.masks else "Faster R-CNN",
                        img_size=args.img_size, test_size=args.test_size, max_size=args.max_size,
                        iters=args.iters, lr_steps=args.lr_steps, warmup=args.warmup, lr=args.lr, wd=args.wd,
-                       layer_decay=args.layer_decay, batch_size=args.batch_size, rois=args.rois, channels=args.channels,
-                       seed=args.seed,
-                       n_train=len(train_recs), n_val=len(done), n_detections=len(results), input=counts,
-                       wall_s=round(wall, 1))
+                       layer_decay=args.layer_decay, batch_size=args.batch_size, rois=args.rois,
+                       channels=args.channels, seed=args.seed, n_train=len(train_recs), n_val=len(done),
+                       n_detections=len(results), input=counts, wall_s=round(wall, 1))
         with open(args.out, "w") as f:
             json.dump({**scores, **context}, f, indent=1)
         print(f"wrote {args.out}")

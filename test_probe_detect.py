@@ -1,6 +1,6 @@
 """probe_detect.py: COCOeval on detections with known IoUs, the feature pyramid's shapes and strides, the
-position-embedding interpolation against a hand loop, the frozen protocol, the optimiser groups and schedule, the
-VOC XML reader, the cleaning of bad input, and tiny end-to-end runs (COCO with masks, VOC07+12 layout)."""
+position-embedding interpolation against a hand loop, the frozen protocol, the optimiser groups and schedule,
+the VOC XML reader, the cleaning of bad input, and tiny end-to-end runs (COCO with masks, VOC07+12 layout)."""
 import json
 import math
 import os
@@ -47,7 +47,7 @@ def test_coco_scores_on_boxes_with_known_ious():
     gt = gt_index(truth)
     perfect = [dict(image_id=i, category_id=c, bbox=b, score=0.9) for i, c, b in truth]
     assert coco_scores(gt, perfect, [1, 2, 3], "bbox") == {"AP": 100.0, "AP50": 100.0, "AP75": 100.0}
-    # shifted right by 12 px: overlap 40 / union 64 = IoU 0.625, a hit at 0.50, 0.55, 0.60 of the 10 thresholds
+    # shifted right by 12 px: overlap 40 / union 64 = IoU 0.625, a hit at 0.50, 0.55, 0.60 of 10 thresholds
     shifted = [dict(r, bbox=[r["bbox"][0] + 12] + r["bbox"][1:]) for r in perfect]
     iou = (52 - 12) / (52 + 12)
     assert iou == 0.625
@@ -115,7 +115,7 @@ def test_position_embedding_interpolated_to_each_padded_grid():
 
 
 def tiny_args(**kw):
-    base = dict(iters=2, batch_size=2, workers=0, lr=1e-3, wd=0.1, layer_decay=None, lr_steps=[0.5],
+    base = dict(iters=2, batch_size=2, workers=0, seed=0, lr=1e-3, wd=0.1, layer_decay=None, lr_steps=[0.5],
                 warmup=1, device="cpu", finetune=False, channels=16, rois=16, img_size=[32], max_size=64)
     return Namespace(**{**base, **kw})
 
@@ -151,8 +151,10 @@ def test_param_groups_layer_decay_and_no_weight_decay(tmp_path):
     named = dict(model.named_parameters())
     assert len(where) == len(named)
     want = {"backbone.body.pos_embed": (0.125, 0.0), "backbone.body.cls_token": (0.125, 0.0),
-            "backbone.body.patch_embed.proj.weight": (0.125, 0.1), "backbone.body.patch_embed.proj.bias": (0.125, 0),
-            "backbone.body.blocks.0.attn.qkv.weight": (0.25, 0.1), "backbone.body.blocks.1.norm1.weight": (0.5, 0),
+            "backbone.body.patch_embed.proj.weight": (0.125, 0.1),
+            "backbone.body.patch_embed.proj.bias": (0.125, 0.0),
+            "backbone.body.blocks.0.attn.qkv.weight": (0.25, 0.1),
+            "backbone.body.blocks.1.norm1.weight": (0.5, 0.0),
             "backbone.body.blocks.1.mlp.fc2.bias": (0.5, 0.0), "backbone.body.norm.weight": (1.0, 0.0),
             "backbone.convs.0.0.weight": (1.0, 0.1), "backbone.convs.0.1.weight": (1.0, 0.0),
             "roi_heads.box_head.fc6.weight": (1.0, 0.1), "rpn.head.conv.0.0.bias": (1.0, 0.0)}
@@ -217,7 +219,8 @@ def test_records_clean_bad_boxes_crowds_empty_and_missing_images(tmp_path):
     counts = Counter()
     recs = records(coco, str(tmp_path / "img"), [3, 7, 12], True, True, counts)
     assert [r["id"] for r in recs] == [1, 3]  # 2: crowd only, 4: missing file
-    assert recs[0]["boxes"].tolist() == [[5, 5, 9, 9], [2, 2, 12, 12]] and recs[0]["labels"].tolist() == [2, 1]
+    assert recs[0]["boxes"].tolist() == [[5, 5, 9, 9], [2, 2, 12, 12]]
+    assert recs[0]["labels"].tolist() == [2, 1]
     assert recs[1]["boxes"].tolist() == [[15, 0, 20, 5]] and recs[1]["labels"].tolist() == [1]
     assert counts == {"missing images": 1, "crowd regions ignored": 2, "boxes clipped": 1,
                       "empty boxes dropped": 2, "training images without objects dropped": 1}
@@ -227,8 +230,55 @@ def test_records_clean_bad_boxes_crowds_empty_and_missing_images(tmp_path):
     _, x, target = data[0]
     assert x.shape == (3, 20, 20) and target["masks"].shape == (2, 20, 20)
     assert target["masks"][1].sum() == 100 and target["masks"][0, 7, 7] == 1
+    flips = probe_detect.DetData(recs, coco, True, True)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        _, xf, tf = flips[0]
+        flipped = not torch.equal(tf["boxes"], target["boxes"])
+        seen.add(flipped)
+        if flipped:  # the image, its boxes (x -> 20 - x) and its masks mirrored together
+            assert tf["boxes"].tolist() == [[11, 5, 15, 9], [8, 2, 18, 12]]
+        assert torch.equal(xf, x.flip(-1) if flipped else x)
+        assert torch.equal(tf["masks"], target["masks"].flip(-1) if flipped else target["masks"])
+    assert seen == {True, False}
     (tmp_path / "img" / "1.jpg").write_bytes(b"not a jpeg")
-    assert data[0] == (0, None, None)
+    Image.new("RGB", (24, 20)).save(tmp_path / "img" / "3.jpg")  # not the annotated 20 x 20
+    assert data[0] == (0, None, None) and data[1] == (1, None, None)
+
+
+class Oracle(torch.nn.Module):
+    """A stand-in detector answering each image with its truth (xyxy boxes, labels, masks), in call order."""
+
+    def __init__(self, answers):
+        super().__init__()
+        self.answers, self.transform = list(answers), Namespace(min_size=None)
+
+    def forward(self, images):
+        return [self.answers.pop(0) for _ in images]
+
+
+def test_perfect_detections_score_100_through_the_label_and_box_conversions(tmp_path):
+    coco = probing.load_coco(str(tiny_coco(tmp_path)), str(tmp_path / "img"))  # ids 3, 7, 12 -> labels 1..3
+    cat_ids = [3, 7, 12]
+    recs = records(coco, str(tmp_path / "img"), cat_ids, False, True, Counter())
+    answers = []
+    for r in recs:
+        anns = [a for a in coco.imgToAnns.get(r["id"], []) if not a["iscrowd"]]
+        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
+                               a["bbox"][1] + a["bbox"][3]] for a in anns]).reshape(-1, 4)
+        masks = torch.stack([torch.from_numpy(coco.annToMask(a)).float() for a in anns])[:, None] if anns \
+            else torch.zeros(0, 1, 20, 20)
+        labels = torch.tensor([cat_ids.index(a["category_id"]) + 1 for a in anns], dtype=torch.int64)
+        answers.append(dict(boxes=boxes, labels=labels, scores=torch.ones(len(anns)), masks=masks))
+    args = tiny_args(batch_size=1, test_size=20, vis=None)
+    results, done = probe_detect.detect(Oracle(answers), probe_detect.DetData(recs, coco, False, False),
+                                        cat_ids, ["cat", "dog", "cup"], True, args, set())
+    assert done == [1, 2, 3] and len(results) == 2
+    assert sorted((r["category_id"], r["bbox"]) for r in results) == [(3, [2, 2, 10, 10]), (7, [5, 5, 4, 4])]
+    for iou_type in ("bbox", "segm"):
+        scores = coco_scores(coco, results, done, iou_type)
+        assert scores == pytest.approx({"AP": 100, "AP50": 100, "AP75": 100})
 
 
 def demo_subset(demo_dir, tmp_path, n_train=4, n_val=3):
@@ -236,7 +286,8 @@ def demo_subset(demo_dir, tmp_path, n_train=4, n_val=3):
     flags = []
     for split, n in (("train", n_train), ("val", n_val)):
         d = json.loads((demo_dir / "data/demo/annotations" / f"instances_{split}.json").read_text())
-        d["images"] = [im for im in d["images"] if any(a["image_id"] == im["id"] for a in d["annotations"])][:n]
+        labelled = {a["image_id"] for a in d["annotations"]}
+        d["images"] = [im for im in d["images"] if im["id"] in labelled][:n]
         keep = {im["id"] for im in d["images"]}
         d["annotations"] = [a for a in d["annotations"] if a["image_id"] in keep]
         (tmp_path / f"{split}.json").write_text(json.dumps(d))
