@@ -308,8 +308,14 @@ def run_row(args, name, flags, seed):
     record = read_record(folder) or {"pretrain": {"cmd": key(argv, folder) if flags else None,
                                                   "launch": key(launch, folder)[1:], "done": flags is None,
                                                   "attempts": []}, "probes": {}, "threads": args.threads}
-    ckpt = os.path.join(out, "ckpt.pt")
-    if not record["pretrain"]["done"] or not os.path.exists(ckpt) and flags:
+    ckpt, probes = os.path.join(out, "ckpt.pt"), probe_cmds(args, flags, seed, folder)
+
+    def scored(probe):  # its result is there, made from the checkpoint of this pretraining
+        done = record["probes"].get(probe, {})
+        return done.get("ckpt_sha256") == record["pretrain"].get("ckpt_sha256") and done.get("exit") == 0 and \
+            os.path.exists(os.path.join(folder, PROBES[probe][1]))
+    # a finished run whose probes are all scored needs no checkpoint (results are kept without them)
+    if not record["pretrain"]["done"] or flags and not os.path.exists(ckpt) and not all(map(scored, probes)):
         print(f"  {name} seed {seed}: pretraining -> {out}", flush=True)
         record["pretrain"].update(done=False)
         record["pretrain"]["attempts"].append(provenance())
@@ -321,14 +327,12 @@ def run_row(args, name, flags, seed):
         write_record(folder, record)
         if code != 0:
             return {"error": f"pretrain.py exited with {code}; see {log}"}
-    scored = record["pretrain"].get("ckpt_sha256")
-    for probe, cmd in probe_cmds(args, flags, seed, folder).items():
-        done = record["probes"].get(probe)
-        result = os.path.join(folder, PROBES[probe][1])
-        if done and done.get("ckpt_sha256") == scored and done.get("exit") == 0 and os.path.exists(result):
+    for probe, cmd in probes.items():
+        if scored(probe):
             continue
         print(f"  {name} seed {seed}: {cmd[0]}", flush=True)
-        record["probes"][probe] = {"cmd": key(cmd, folder), "ckpt_sha256": scored, **provenance()}
+        record["probes"][probe] = {"cmd": key(cmd, folder), "ckpt_sha256": record["pretrain"].get("ckpt_sha256"),
+                                   **provenance()}
         code = run([sys.executable, os.path.join(HERE, cmd[0])] + cmd[1:], log, args.threads)
         record["probes"][probe]["exit"] = code
         write_record(folder, record)

@@ -49,7 +49,10 @@ def test_quick_table_end_to_end_and_resumed(demo_dir, tmp_path, monkeypatch):
     os.remove(run / "seg.json")  # a missing result, and a stale one (scored another checkpoint)
     record["probes"]["ml"]["ckpt_sha256"] = "0" * 64
     (run / "run.json").write_text(json.dumps(record))
+    simclr = out / "quick" / "simclr-gap" / "seed0"
+    os.remove(simclr / "pretrain" / "ckpt.pt")  # a finished run kept without its checkpoint: nothing to redo
     assert reproduce.main(["--quick", "--out-dir", str(out)]) == 0
+    assert not (simclr / "pretrain" / "ckpt.pt").exists() and "SimCLR gap" in (out / "results_quick.md").read_text()
     assert os.path.getmtime(run / "pretrain" / "ckpt.pt") == stamp  # finished pretraining skipped
     log = (run / "log.txt").read_text()
     assert (run / "seg.json").exists() and log.count("probe_segment.py") == 2 and \
