@@ -32,7 +32,6 @@ CLS attention picks out the objects.
                   attention). Images are resized to img_size x img_size, no crop (as the probes).
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -278,9 +277,7 @@ def main(argv=None):
         context = dict(backbone=backbone, img_size=size, grid=grid, seed=args.seed,
                        val=[val_json, val_dir], n_images=len(paths), n_jaccard_images=n_obj,
                        n_anchors=m["anchors"], skipped=skipped, attn_mass=ATTN_MASS, hub_top=HUB_TOP)
-        with open(args.out, "w") as f:
-            json.dump({**result, **context}, f, indent=1)
-        print(f"wrote {args.out}")
+        probing.write_result(args.out, result, context)
     return 0
 
 

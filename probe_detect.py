@@ -66,11 +66,8 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     probing.add_probe_args(parser)
+    probing.add_coco_args(parser)
     add = parser.add_argument
-    add("--train-json", help="COCO instances file of the training split (default: the demo set)")
-    add("--train-images", help="folder of the training images")
-    add("--val-json", help="COCO instances file of the evaluation split")
-    add("--val-images", help="folder of the evaluation images")
     add("--voc-root", action="append", default=[], metavar="ROOT", help="VOC folder (Annotations/, "
         "JPEGImages/, ImageSets/Main/) to train on; repeat it to join several (VOC2007 + VOC2012)")
     add("--voc-train-split", default="trainval", help="VOC: training list in ImageSets/Main/ of every root")
@@ -552,9 +549,7 @@ def main(argv=None):
                        layer_decay=args.layer_decay, batch_size=args.batch_size, rois=args.rois,
                        channels=args.channels, seed=args.seed, n_train=len(train_recs), n_val=len(done),
                        n_detections=len(results), input=counts, wall_s=round(wall, 1))
-        with open(args.out, "w") as f:
-            json.dump({**scores, **context}, f, indent=1)
-        print(f"wrote {args.out}")
+        probing.write_result(args.out, scores, context)
     return 0
 
 

@@ -30,11 +30,8 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     probing.add_probe_args(parser)
+    probing.add_coco_args(parser)
     add = parser.add_argument
-    add("--train-json", help="COCO instances file of the training split (default: the demo set)")
-    add("--train-images", help="folder of the training images")
-    add("--val-json", help="COCO instances file of the evaluation split")
-    add("--val-images", help="folder of the evaluation images")
     add("--drop-empty", action="store_true", help="drop images without annotations (default: keep them as "
         "all-negative examples)")
     add("--agg", choices=["cls", "gap", "cls+gap"], default=None, help="global feature: CLS token, mean of "
@@ -142,9 +139,7 @@ def main(argv=None):
                        train=[train_json, train_dir], val=[val_json, val_dir], n_train=len(x_train),
                        n_val=len(x_val), epochs=args.epochs, lr=args.lr, wd=args.wd,
                        batch_size=args.batch_size, AP_per_class=per_class)
-        with open(args.out, "w") as f:
-            json.dump({**result, **context}, f, indent=1)
-        print(f"wrote {args.out}")
+        probing.write_result(args.out, result, context)
     return 0
 
 

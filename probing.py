@@ -44,6 +44,21 @@ def add_probe_args(parser):
                         help="torch device (bf16 autocast of the backbone on CUDA)")
 
 
+def add_coco_args(parser):
+    """The COCO data flags of the multi-label and detection probes."""
+    parser.add_argument("--train-json", help="COCO instances file of the training split (default: the demo set)")
+    parser.add_argument("--train-images", help="folder of the training images")
+    parser.add_argument("--val-json", help="COCO instances file of the evaluation split")
+    parser.add_argument("--val-images", help="folder of the evaluation images")
+
+
+def write_result(path, result, context):
+    """A probe's metrics and the settings that made them, as one JSON object."""
+    with open(path, "w") as f:
+        json.dump({**result, **context}, f, indent=1)
+    print(f"wrote {path}")
+
+
 def probe_backbone(ckpt, random_init, name, seed, device):
     """The frozen backbone a probe evaluates -> (model in eval mode, pretraining args or {}).
     CKPT goes through vit.load_backbone (weights_only=True, layout checks); --random-init builds CONFIGS[name]

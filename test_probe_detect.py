@@ -8,7 +8,6 @@ from argparse import Namespace
 from collections import Counter
 from contextlib import redirect_stdout
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
