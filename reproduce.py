@@ -112,6 +112,8 @@ def get_args_parser():
     add("--probe-flags", default="", help="more flags for the multi-label and segmentation probes")
     add("--out-dir", default="repro",
         help="folder of all runs and the results (continued, never overwritten)")
+    add("--report", action="store_true", help="run nothing: write the results of the finished runs of this "
+        "command in --out-dir")
     return parser
 
 
@@ -393,15 +395,21 @@ def summarise(table, rows, runs):
                  "errors": {s: r["error"] for s, r in runs[name].items() if "error" in r},
                  "poster": POSTER.get((table, name), {}),
                  "provenance": {s: r["provenance"] for s, r in ok[name].items()}}
+        entry["n"] = {}
         for m in metric_names(ok[name]):
-            entry[m] = mean_std([r.get(m) for r in ok[name].values()])
+            values = [r[m] for r in ok[name].values() if r.get(m) is not None]
+            entry[m], entry["n"][m] = mean_std(values), len(values)
         entry["paired"] = paired(ok[name], ok[ref]) if ref else {}
         out.append(entry)
     return out
 
 
-def fmt(ms):
-    return "-" if ms is None or ms[0] is None else f"{ms[0]:.1f} ± {ms[1]:.1f}"
+def fmt(ms, n=None, seeds=None):
+    """mean ± std, with the number of seeds where fewer than the row's have this metric (a probe still
+    running)."""
+    if ms is None or ms[0] is None:
+        return "-"
+    return f"{ms[0]:.1f} ± {ms[1]:.1f}" + (f" (n={n})" if n is not None and seeds and n < seeds else "")
 
 
 def fmt_paired(p):
@@ -427,7 +435,8 @@ def markdown(table, summary, args):
     for e in summary:
         poster = ", ".join(f"{k} {v}" for k, v in e["poster"].items()) or "-"
         flags = "random init" if e["flags"] is None else f"`{' '.join(e['flags'])}`"
-        lines.append(f"| {e['row']} | {len(e['seeds'])} | " + " | ".join(fmt(e.get(m)) for m in metrics) +
+        lines.append(f"| {e['row']} | {len(e['seeds'])} | " +
+                     " | ".join(fmt(e.get(m), e["n"].get(m), len(e["seeds"])) for m in metrics) +
                      f" | {poster} | {flags} |")
         for seed, err in e["errors"].items():
             lines.append(f"|   seed {seed}: {err} |" + " |" * (len(metrics) + 3))
@@ -495,7 +504,7 @@ def main(argv=None):
     print(f"reproduce.py: table {table}, {len(chosen)} rows x {len(args.seeds)} seeds -> {args.out_dir}",
           flush=True)
     runs = {name: {} for name, _, _ in rows}
-    for name, flags, _ in chosen:
+    for name, flags, _ in [] if args.report else chosen:
         for seed in args.seeds:
             runs[name][seed] = run_row(args, name, flags, seed)
     for name, flags, _ in rows:  # every other finished run of the table in the out-dir, made by this command
