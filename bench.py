@@ -6,7 +6,8 @@ on CPU):
     vit    our ViT forward+backward against timm's vit_small_patch16_224 (when timm is installed)
     data   our two-view pipeline (TwoViews in the worker + batched photometric) against per-image torchvision
     world  one rank's training step at world sizes 1, 2, 4, 8, simulated in one process: the objective gets
-           the all-gathered shapes, the other ranks' tensors built locally (the communication is not measured)
+           the all-gathered shapes, the other ranks' tensors built locally (the communication is not measured;
+           bench_world.py)
     e2e    the training step fed by the JPEG DataLoader against the same step on batches already on the
            device, with the JPEGs decoded by the loader workers and (--decode gpu) on the device
     run    pretrain.py itself for a few steps on a folder of COCO-sized JPEGs: its last log line (img/s, MFU)
@@ -15,6 +16,8 @@ on CPU):
     prof   torch.profiler of chosen objectives: the kernels that take the most device time
     kernel the thresholded set score of DenseCL++* (CUDA): the fused Triton kernel against the two torch ops,
            time and error against float64, and a sweep of its block sizes (bench_kernel.py)
+    detect a training iteration of probe_detect.py's COCO fine-tuning (Mask R-CNN, ViT of --model, 800x1067
+           images, 2 a GPU): ms, images/s, the GPU-hours of its COCO and VOC protocols (bench_detect.py)
 
     python bench.py                          # GPU: vit_small, 224 px, batch 256, bf16, compiled
     python bench.py --gpu-check --out g.json # the prepared GPU check (~6 min on one H200 with compilation)
@@ -23,7 +26,6 @@ on CPU):
     python bench.py --out bench.json         # also write the rows as JSON (rewritten after every row)
 """
 import argparse
-import contextlib
 import datetime
 import gc
 import itertools
@@ -38,8 +40,10 @@ import time
 
 import torch
 
+import bench_detect
 import bench_input
 import bench_kernel
+import bench_world
 import config
 import demo
 import losses
@@ -60,7 +64,7 @@ def get_args_parser():
     add("--gpu-check", action="store_true", help="the prepared GPU check: the scoring kernel, SimCLR, "
         "DenseCL++* exact (with and without the kernel) and scored on 16 tokens, their step at world size 8, "
         "ours vs timm, e2e from JPEGs with every core (decoded by the workers and on the GPU), a pretrain.py "
-        "run, profiles; no data part")
+        "run, profiles, a detection fine-tuning iteration; no data part")
     add("--model", default=None, help="backbone config of vit.py (default vit_small; --quick: vit_demo)")
     add("--img-size", type=int, default=None, help="view size (default 224; --quick: 64)")
     add("--batch-size", type=int, default=None,
@@ -78,7 +82,7 @@ def get_args_parser():
         help="torch threads of the main process (default: torch's; --quick on CPU: 1, as 2+ OpenMP threads "
         "next to loader workers or another busy process on a small CPU slow down 30x)")
     add("--skip", default="", help="comma-separated parts to leave out: kernel, train, world, vit, data, e2e, "
-        "run, decode, prof (e2e and prof run inside train)")
+        "run, decode, detect, prof (e2e and prof run inside train)")
     add("--run-steps", type=int, default=None,
         help="steps of the pretrain.py run (default 48, --quick: 4; 0 = no run)")
     add("--profile", default=None, help="comma-separated train rows to profile (default: none; --gpu-check: "
@@ -108,8 +112,6 @@ UNFUSED = "DenseCL++* (+N=64) scoring unfused"
 # the rows of --gpu-check
 GPU_CHECK = ("SimCLR", "DenseCL++* (+N=64)", UNFUSED, "DenseCL++* scored on 16 tokens")
 GPU_E2E = ("SimCLR", "DenseCL++* scored on 16 tokens")
-# the rows of part world, at world sizes 1, 2, 4, 8 (--gpu-check: 1 and 8)
-WORLD = ("SimCLR", "DenseCL++* (+N=64)", "DenseCL++* scored on 16 tokens")
 
 
 def median_time(fn, device, warmup, steps):
@@ -245,63 +247,6 @@ def bench_train(cfg, device, files, rows, save):
     free(device)
 
 
-@contextlib.contextmanager
-def simulated_world(world):
-    """The objective as rank 0 of `world` ranks computes it, in one process: losses.world() returns (0, world)
-    and losses.gather(x) returns x followed by world-1 copies built here (x rolled by 1, 2, ... along its
-    first dimension, detached: other values, no gradient). Every gathered shape, and with it all the work of
-    the objective (the global draws, NT-Xent's and the dense loss's negatives, the thresholded scoring over
-    the global batch, the global BatchNorm's sums), is that of one rank at that world size; the all-gather
-    and the all-reduce of its backward are not there and not measured."""
-    world_fn, gather_fn = losses.world, losses.gather
-    losses.world = lambda: (0, world)
-    losses.gather = lambda x: torch.cat([x] + [x.detach().roll(r, 0) for r in range(1, world)])
-    try:
-        yield
-    finally:
-        losses.world, losses.gather = world_fn, gather_fn
-
-
-def bench_world(cfg, device, rows):
-    """Part world: one rank's training step (batch --batch-size) at the world sizes cfg.worlds, in one process
-    (simulated_world), for the objectives of WORLD; ratio: to SimCLR at the same world size, growth: to the
-    objective's own step at the first world size. World 1 is the train part's row where it ran (the same
-    step)."""
-    B, S = cfg.batch_size, cfg.img_size
-    T = (S // vit.CONFIGS[cfg.model]["patch_size"]) ** 2
-    train = {r["objective"]: r["step_ms"] / 1e3 for r in rows if r["part"] == "train" and "step_ms" in r}
-    times = {}
-    for objective, world in itertools.product(WORLD, cfg.worlds):
-        flags, name = objective_flags(objective, T)
-        row, t0 = {"part": "world", "name": f"{name}, world {world}", "objective": objective, "world": world,
-                   "global_batch": world * B, "flags": flags}, time.perf_counter()
-        try:
-            if world == 1 and objective in train:
-                t = train[objective]
-            else:
-                free(device)
-                with simulated_world(world):
-                    _, step, _ = train_step(config.resolve_args(["--data", "unused"] + size_flags(cfg) + flags),
-                                            device)
-                    x = torch.randn(2 * B, 3, S, S, device=device)
-                    t = median_time(lambda: step(x), device, cfg.warmup, cfg.steps)
-                step = x = None
-            times[objective, world] = t
-            simclr, first = times.get(("SimCLR", world)), times.get((objective, cfg.worlds[0]))
-            row.update(img_s=B / t, views_s=2 * B / t, step_ms=1e3 * t, ratio=t / simclr if simclr else None,
-                       growth=t / first if first else None, wall_s=time.perf_counter() - t0,
-                       mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
-        except torch.cuda.OutOfMemoryError:
-            row["oom"] = True
-        except Exception as e:  # one broken row must not cost the rest of a GPU check
-            row["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
-            print(f"error in world row {row['name']}: {row['error'][:400]}", file=sys.stderr, flush=True)
-        rows.append(row)
-        print(f"  [{time.perf_counter() - cfg.t_start:.0f} s] world {row['name']}: "
-              f"{row.get('step_ms', float('nan')):.1f} ms", flush=True)
-    free(device)
-
-
 def bench_profile(cfg, device, name, step, x, rows, n=3, top=25):
     """Part prof: torch.profiler over n steps (after the timed ones, so compiled and warm); the `top` kernels
     by self device time (CPU ops on CPU), each with its share of the profiled total."""
@@ -379,7 +324,7 @@ def print_table(rows, header):
                "that log window)"}
     part = None
     for r in rows:
-        if r["part"] in ("prof", "kernel", "decode"):
+        if r["part"] in ("prof", "kernel", "decode", "detect"):
             continue
         if r["part"] != part:
             part = r["part"]
@@ -392,7 +337,7 @@ def print_table(rows, header):
               f"{fmt(r.get('steps_s'), 9, 2)}{fmt(r.get('mfu'), 7, 1)}{fmt(r.get('mem_gb'), 9, 2)}"
               f"{fmt(r.get('ratio'), 8, 2)}")
     for r in rows:
-        if r["part"] in ("kernel", "decode"):
+        if r["part"] in ("kernel", "decode", "detect"):
             items = (f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
                      if k not in ("part", "name"))
             print(f"{r['part']} {r['name']}: " + ", ".join(items))
@@ -420,7 +365,10 @@ def environment(device):
 def presets(cfg, parser):
     """Sizes (full: ViT-S at 224 px, batch 256; --quick: the demo ViT at 64 px, batch 16) and the parts and
     rows of the full bench or of --gpu-check (fewer timed steps: it must fit in 6 minutes with
-    compilation)."""
+    compilation). Part detect keeps its own sizes and 3 + 5 iterations (bench_detect.py); on an H200 it adds an
+    estimated 10 s to either, not measured yet: 8 eager Mask R-CNN iterations of 2 images (~3.5 TFLOP each, at
+    a guessed 0.1-0.3 s with torchvision's small kernels and host syncs), the build and the first iteration's
+    start-up."""
     for k, full, quick in (("model", "vit_small", "vit_demo"), ("img_size", 224, 64), ("batch_size", 256, 16),
                            ("steps", 20, 3), ("warmup", 5, 1), ("n_jpegs", 512, 64), ("run_steps", 48, 4)):
         if getattr(cfg, k) is None:
@@ -480,11 +428,13 @@ def main(argv=None):
         for part, run in (("kernel", lambda: bench_kernel.bench_kernel(cfg, device, rows, median_time, free)),
                           ("train", lambda: bench_train(cfg, device, [] if "e2e" in skip else files,
                                                         rows, save)),
-                          ("world", lambda: bench_world(cfg, device, rows)),
+                          ("world", lambda: bench_world.bench_world(cfg, device, rows, median_time, free, train_step,
+                                                                    objective_flags, size_flags)),
                           ("vit", lambda: bench_vit(cfg, device, rows)),
                           ("run", lambda: bench_input.bench_run(cfg, device, folder, rows, *run_flags(cfg))),
                           ("data", lambda: bench_input.bench_data(cfg, device, files, rows)),
-                          ("decode", lambda: bench_input.bench_decode(cfg, device, files, rows))):
+                          ("decode", lambda: bench_input.bench_decode(cfg, device, files, rows)),
+                          ("detect", lambda: bench_detect.bench_detect(cfg, device, rows, median_time, free))):
             if part not in skip and (part != "run" or cfg.run_steps):
                 run()
                 save()
@@ -493,7 +443,7 @@ def main(argv=None):
         torch.set_flush_denormal(False)
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    order = ["train", "world", "vit", "data", "e2e", "run", "decode", "kernel", "prof"]
+    order = ["train", "world", "vit", "data", "e2e", "run", "decode", "detect", "kernel", "prof"]
     rows.sort(key=lambda r: order.index(r["part"]))  # stable: e2e rows are measured with the train rows
     print_table(rows, header)
     print(f"bench time {time.perf_counter() - cfg.t_start:.0f} s")

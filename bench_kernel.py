@@ -1,7 +1,7 @@
 """
 Part kernel of bench.py (run through it: python bench.py --gpu-check, or --skip train,vit,data,e2e,run): the
 thresholded set score of DenseCL++* (losses._guided_choice) by the fused Triton kernel against the two torch
-ops, and the kernel's block sizes swept (the fastest on an H200 is the one losses.py launches).
+ops, and the kernel's block sizes swept (the fastest on an H200 is the one fused_score.py launches).
 """
 import time
 
@@ -60,7 +60,7 @@ def bench_kernel(cfg, device, rows, median_time, free, beta=0.5, M=256, D=128):
             for c in KERNEL_CONFIGS:
                 kw = dict(zip(("BLOCK_T", "BLOCK_K", "GROUP", "num_warps", "num_stages"), c))
                 try:
-                    t = median_time(lambda: losses._threshold_sum_launch(zt, keys, beta, *c), device, 2, 10)
+                    t = median_time(lambda: losses.fused_score.launch(zt, keys, beta, *c), device, 2, 10)
                     row.setdefault("configs", []).append(dict(T=T_, ms=1e3 * t, **kw))
                 except Exception as e:
                     row.setdefault("configs", []).append(dict(T=T_, error=str(e)[:300], **kw))

@@ -161,3 +161,22 @@ def labelled_images(root, n=16, size=40):
     path.write_text(json.dumps(dict(images=images, annotations=anns,
                                     categories=[dict(id=c, name=f"c{c}") for c in (1, 2, 5)])))
     return str(path)
+
+
+VOC_XML = """<annotation><filename>{stem}.jpg</filename><size><width>{w}</width><height>{h}</height>
+<depth>3</depth></size>
+<object><name>dog</name><difficult>0</difficult><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>40</xmax>
+<ymax>50</ymax></bndbox></object>
+<object><name>cat</name><difficult>1</difficult><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>10</xmax>
+<ymax>12</ymax></bndbox></object></annotation>"""
+
+
+def write_voc(root, stems, size=(64, 56), xml=VOC_XML, split="trainval"):
+    """A VOC root (Annotations, JPEGImages, ImageSets/Main/<split>.txt) of one image per stem."""
+    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        os.makedirs(root / d, exist_ok=True)
+    for k, stem in enumerate(stems):
+        Image.new("RGB", size, (30 * k, 90, 160)).save(root / "JPEGImages" / f"{stem}.jpg")
+        (root / "Annotations" / f"{stem}.xml").write_text(xml.format(stem=stem, w=size[0], h=size[1]))
+    (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(stems) + "\n")
+    return str(root)

@@ -19,11 +19,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-try:  # the fused thresholded set score on CUDA (triton ships with torch's CUDA builds); else two torch ops
+try:  # triton ships with torch's CUDA builds; losses.triton = None turns the kernel off (bench.py does)
     import triton
-    import triton.language as tl
 except ImportError:
     triton = None
+try:  # the fused thresholded set score on CUDA (its Triton kernel); without it, two torch ops
+    import fused_score
+except ImportError:  # no triton, or fused_score.py not copied along
+    fused_score = None
 
 NEGATIVES = ("densecl", "random", "guided", "all")
 NEG_DRAWS = ("shared", "independent")  # 'random': one draw per view for all anchors, or one per anchor token
@@ -198,77 +201,17 @@ def dense_draws(generator, *, B, T, negatives, M=1, beta=None, N=0, score_tokens
     return draws
 
 
-MAX_BLOCK_D = 128  # the fused kernel's largest block of the feature dimension
-
-if triton is not None:
-    @triton.jit
-    def _threshold_sum_kernel(z_ptr, k_ptr, out_ptr, A, T, K, D, beta, BLOCK_T: tl.constexpr,
-                              BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, N_D: tl.constexpr,
-                              GROUP: tl.constexpr, PRECISION: tl.constexpr):
-        """out[a, w] = sum_t qbar(z[a, t] . k[w]) for BLOCK_K keys (program axis 0) and GROUP anchor views
-        (axis 1): the product tiles stay in registers, thresholded and summed there. The feature dimension D
-        comes in N_D blocks of BLOCK_D (the tiles fit in shared memory at any D); with one block the keys stay
-        loaded for every tile, with several they are loaded block by block."""
-        w = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-        d = tl.arange(0, BLOCK_D)
-        if N_D == 1:
-            keys = tl.load(k_ptr + w[:, None] * D + d[None, :], mask=(w[:, None] < K) & (d[None, :] < D),
-                           other=0.0)
-        n_t = tl.cdiv(T, BLOCK_T)
-        total = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for i in range(0, GROUP * n_t):
-            a, t = tl.program_id(1) * GROUP + i // n_t, (i % n_t) * BLOCK_T + tl.arange(0, BLOCK_T)
-            s = tl.zeros([BLOCK_K, BLOCK_T], dtype=tl.float32)
-            for j in range(0, N_D):
-                dj = j * BLOCK_D + d
-                q = tl.load(z_ptr + (a * T + t[:, None]) * D + dj[None, :],
-                            mask=(t[:, None] < T) & (dj[None, :] < D) & (a < A), other=0.0)
-                if N_D > 1:
-                    keys = tl.load(k_ptr + w[:, None] * D + dj[None, :],
-                                   mask=(w[:, None] < K) & (dj[None, :] < D), other=0.0)
-                s += tl.dot(keys, tl.trans(q), input_precision=PRECISION)  # float32 [BLOCK_K, BLOCK_T]
-            total += tl.sum(tl.where(t[None, :] < T, tl.where(s > beta, s, -1.0), 0.0), 1)
-            last = i % n_t == n_t - 1  # the view's last tile: write its sums, start the next view's
-            tl.store(out_ptr + a * K + w, total, mask=(w < K) & (a < A) & last)
-            total = tl.where(last, 0.0, total)
-
-    def _threshold_sum_launch(z, keys, beta, block_t, block_k, group, num_warps, num_stages):
-        """_threshold_sum_kernel on z [A, T, D] and keys [K, D] with one block config -> float32 [A, K]. D
-        comes in blocks of at most MAX_BLOCK_D (a [256 x 512] bf16 key tile alone would fill an H100's 228
-        KB of shared memory). PRECISION 'ieee' for float32 inputs: full float32 products, no TF32 (for
-        bf16/fp16 inputs Triton ignores the flag: their products are exact in the float32 accumulator)."""
-        (A, T, D), K = z.shape, keys.shape[0]
-        z, keys = z.contiguous(), keys.to(z.dtype).contiguous()
-        out = torch.empty(A, K, dtype=torch.float32, device=z.device)
-        block_d = min(MAX_BLOCK_D, max(16, triton.next_power_of_2(D)))
-        _threshold_sum_kernel[(triton.cdiv(K, block_k), triton.cdiv(A, group))](
-            z, keys, out, A, T, K, D, beta, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_D=block_d,
-            N_D=triton.cdiv(D, block_d), GROUP=group,
-            PRECISION="ieee" if z.dtype == torch.float32 else "tf32", num_warps=num_warps,
-            num_stages=num_stages)
-        return out
-
-    @torch.library.custom_op("losses::threshold_sum", mutates_args=())
-    def _threshold_sum_fused(z: torch.Tensor, keys: torch.Tensor, beta: float) -> torch.Tensor:
-        """_threshold_sum by _threshold_sum_kernel; a custom op, so torch.compile treats it as one opaque
-        call. Blocks: the fastest of bench.py's sweep on an H200."""
-        block_t = min(64, max(16, triton.next_power_of_2(z.shape[1])))
-        return _threshold_sum_launch(z, keys, beta, block_t, 256, 8, 8, 4 if block_t == 16 else 3)
-
-    @_threshold_sum_fused.register_fake
-    def _(z, keys, beta):
-        return z.new_empty(z.shape[0], keys.shape[0], dtype=torch.float32)
-
-
 def _threshold_sum(z, keys, beta, fused):
     """sum_t qbar(z[a, t] . keys[w]) for z [A, T, D] and keys [K, D] -> float32 [A, K], qbar(q) = q if q >
-    beta else -1 (METHOD.md 4.5). fused: one Triton kernel, products in float32 from the inputs' dtype; else
-    the [A, T, K] product in the inputs' dtype, summed in float32 (bf16 sums would reorder the sets)."""
-    if fused and triton is None:
-        raise RuntimeError("losses: fused=True runs a Triton kernel, and triton is not installed (it ships "
-                           "with torch's CUDA builds); pass fused=False or None")
+    beta else -1 (METHOD.md 4.5). fused: fused_score.py's Triton kernel, products in float32 from the inputs'
+    dtype; else the [A, T, K] product in the inputs' dtype, summed in float32 (bf16 sums would reorder the
+    sets)."""
+    if fused and (triton is None or fused_score is None):
+        missing = ("triton is not installed (it ships with torch's CUDA builds)" if triton is None
+                   else "fused_score.py, which holds it, cannot be imported")
+        raise RuntimeError(f"losses: fused=True runs a Triton kernel, and {missing}; pass fused=False or None")
     if fused:
-        return _threshold_sum_fused(z, keys, float(beta))
+        return fused_score.threshold_sum(z, keys, float(beta))
     q = z @ keys.T
     return q.masked_fill_(q <= beta, -1.0).sum(1, dtype=_acc(q.dtype))
 
@@ -284,9 +227,9 @@ def _guided_choice(z, z_all, r, own, beta, chunk=None, fused=None):
     Ties go to the smallest m. The thresholded score needs sum_t qbar(z_t^v . w) for every candidate token w:
     with M >= T' it is cheaper to compute it once for all 2Bg*T' tokens and pick the sets' members from that
     table than for the M*2Bg set members (fewer columns in the product). fused (None: bf16/fp16 on CUDA with
-    triton) computes that table by a kernel that never writes the [2B*T, columns] product out, else by one
-    product per chunk; c = chunk anchor views at a time (default: by memory). z may hold a subset of each
-    view's tokens (score_tokens)."""
+    triton and fused_score.py) computes that table by a kernel that never writes the [2B*T, columns] product
+    out, else by one product per chunk; c = chunk anchor views at a time (default: by memory). z may hold a
+    subset of each view's tokens (score_tokens)."""
     M, n_cols = r.shape
     _, B, T, D = z.shape
     cols = torch.arange(n_cols, device=z.device)
@@ -301,7 +244,8 @@ def _guided_choice(z, z_all, r, own, beta, chunk=None, fused=None):
             s_own = torch.einsum("abd,abmkd->abm", zbar, members)
             return (s_all - s_own).argmax(-1)
     if fused is None:
-        fused = triton is not None and z.is_cuda and z.dtype in (torch.bfloat16, torch.float16)
+        fused = (triton is not None and fused_score is not None and z.is_cuda
+                 and z.dtype in (torch.bfloat16, torch.float16))
     per_token = M >= z_all.shape[1]
     keys = z_all.reshape(-1, D) if per_token else z_all[cols, r].reshape(M * n_cols, D)
     flat, own = z.reshape(2 * B, T, D), own.reshape(2 * B, 2)

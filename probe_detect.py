@@ -23,7 +23,6 @@ import json
 import os
 import sys
 import time
-import xml.etree.ElementTree as ET
 from collections import OrderedDict
 from contextlib import redirect_stdout
 
@@ -33,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import ImageDraw
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision.models.convnext import LayerNorm2d
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -43,6 +42,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 import data
 import demo as demo_set
+import detect_data
 import probe_segment
 import probing
 
@@ -197,167 +197,26 @@ def lr_factor(it, warmup, steps):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Data: COCO files and VOC XMLs, both as pycocotools indexes; cleaned training records
-
-def read_voc_xml(path):
-    """(file name, width, height, [(class name, [x0, y0, x1, y1], difficult)]) of a VOC Annotations XML. VOC
-    corners are 1-based pixel indices: box = (xmin - 1, ymin - 1, xmax, ymax) in continuous pixel coordinates,
-    as detectron2 reads them."""
-    try:
-        root = ET.parse(path).getroot()
-        size = root.find("size")
-        w, h = int(size.findtext("width")), int(size.findtext("height"))
-        objects = []
-        for obj in root.iter("object"):
-            b = obj.find("bndbox")
-            x0, y0, x1, y1 = (float(b.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
-            objects.append((obj.findtext("name").strip(), [x0 - 1, y0 - 1, x1, y1],
-                            int(obj.findtext("difficult") or 0)))
-        return root.findtext("filename") or os.path.basename(path)[:-4] + ".jpg", w, h, objects
-    except ET.ParseError as e:
-        raise ValueError(f"VOC annotation {path}: not XML ({e})") from None
-    except (AttributeError, TypeError, ValueError):
-        raise ValueError(f"VOC annotation {path}: expected <size> with <width>/<height> and objects with "
-                         f"<name> and <bndbox> xmin/ymin/xmax/ymax numbers") from None
-
-
-def voc_coco(roots, split, difficult_as_crowd, names=None):
-    """A pycocotools COCO index of the images of ImageSets/Main/<split>.txt in every root (file_name = the
-    full image path, ids 1..N in list order). Categories 1..K = `names`, else the 20 VOC classes when every
-    name is one of them, else the sorted names found. difficult_as_crowd: difficult objects get iscrowd=1, so
-    that COCOeval ignores what matches them (evaluation); else they are ordinary objects (training)."""
-    from pycocotools.coco import COCO
-    images, found = [], []
-    for root in roots:
-        list_file = os.path.join(root, "ImageSets", "Main", f"{split}.txt")
-        if not os.path.isfile(list_file):
-            raise FileNotFoundError(f"VOC list {list_file}: no such file (is {root} a VOC folder?)")
-        with open(list_file) as f:
-            ids = [line.split()[0] for line in f if line.strip()]
-        probing.require_files([os.path.join(root, "Annotations", i + ".xml") for i in ids],
-                              f"annotations of {list_file}")
-        for i in ids:
-            fname, w, h, objects = read_voc_xml(os.path.join(root, "Annotations", i + ".xml"))
-            images.append(dict(id=len(images) + 1, file_name=os.path.join(root, "JPEGImages", fname), width=w,
-                               height=h))
-            found.append(objects)
-    seen = sorted({o[0] for objects in found for o in objects})
-    if names is None:
-        names = probe_segment.VOC_NAMES[1:] if set(seen) <= set(probe_segment.VOC_NAMES) else seen
-    unknown = sorted(set(seen) - set(names))
-    if unknown:
-        raise ValueError(f"VOC {split} of {roots}: classes {unknown[:5]} are not among the training classes")
-    anns = []
-    for img, objects in zip(images, found):
-        for name, (x0, y0, x1, y1), difficult in objects:
-            anns.append(dict(id=len(anns) + 1, image_id=img["id"], category_id=names.index(name) + 1,
-                             bbox=[x0, y0, x1 - x0, y1 - y0], area=(x1 - x0) * (y1 - y0),
-                             iscrowd=int(difficult and difficult_as_crowd)))
-    coco = COCO()
-    coco.dataset = dict(images=images, annotations=anns, categories=[dict(id=k + 1, name=n)
-                                                                     for k, n in enumerate(names)])
-    with open(os.devnull, "w") as null, redirect_stdout(null):
-        coco.createIndex()
-    return coco, names
-
-
-def records(coco, images_dir, cat_ids, train, masks, counts):
-    """[{path, id, width, height, boxes [n, 4] xyxy float32, labels [n] int64, anns}] of the images of `coco`
-    whose file exists, in sorted-id order. Training: crowd regions left out (COCO ignores them), boxes clipped
-    to the image and dropped when empty, images left without a box dropped (detectron2's default); each
-    counted in `counts`."""
-    index, out = {c: i + 1 for i, c in enumerate(cat_ids)}, []
-    for img_id in sorted(coco.imgs):
-        info = coco.imgs[img_id]
-        path = os.path.join(images_dir, info["file_name"])
-        if not os.path.isfile(path):
-            counts["missing images"] += 1
-            continue
-        w, h, boxes, labels, anns = info["width"], info["height"], [], [], []
-        for ann in coco.imgToAnns.get(img_id, []) if train else []:
-            if ann.get("iscrowd"):
-                counts["crowd regions ignored"] += 1
-                continue
-            x, y, bw, bh = ann["bbox"]
-            box = [min(max(v, 0.0), lim) for v, lim in zip((x, y, x + bw, y + bh), (w, h, w, h))]
-            if box[2] <= box[0] or box[3] <= box[1]:
-                counts["empty boxes dropped"] += 1
-                continue
-            counts["boxes clipped"] += box != [x, y, x + bw, y + bh]
-            if masks and not ann.get("segmentation"):
-                raise ValueError(f"annotation {ann['id']} of image {img_id} has no segmentation; "
-                                 f"pass --no-masks to train boxes only")
-            boxes.append(box)
-            labels.append(index[ann["category_id"]])
-            anns.append(ann)
-        if train and not boxes:
-            counts["training images without objects dropped"] += 1
-            continue
-        out.append(dict(path=path, id=img_id, width=w, height=h, anns=anns,
-                        boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                        labels=torch.tensor(labels, dtype=torch.int64)))
-    return out
-
-
-class DetData(Dataset):
-    """Items (index, image [3, H, W] in [0, 1], target {boxes, labels, masks [n, H, W] uint8 if masks}), or
-    (index, None, None) for an image that cannot be read or whose size is not the annotated one. Training
-    flips horizontally with p = 0.5 (the torch RNG, which DataLoader seeds per worker)."""
-
-    def __init__(self, recs, coco, masks, train):
-        self.recs, self.coco, self.masks, self.train = recs, coco, masks, train
-
-    def __len__(self):
-        return len(self.recs)
-
-    def __getitem__(self, i):
-        r = self.recs[i]
-        try:
-            img = data.load_rgb(r["path"])
-        except Exception:  # unreadable, truncated, not an image: skipped and counted by the caller
-            return i, None, None
-        if img.size != (r["width"], r["height"]):
-            return i, None, None
-        x, target = TF.to_tensor(img), {"boxes": r["boxes"].clone(), "labels": r["labels"]}
-        if self.masks:
-            masks = [self.coco.annToMask(a) for a in r["anns"]]
-            target["masks"] = torch.from_numpy(np.stack(masks) if masks
-                                               else np.zeros((0, r["height"], r["width"]), np.uint8))
-        if self.train and torch.rand(()).item() < 0.5:
-            x = x.flip(-1)
-            target["boxes"][:, [0, 2]] = r["width"] - target["boxes"][:, [2, 0]]
-            if self.masks:
-                target["masks"] = target["masks"].flip(-1)
-        return i, x, target
-
-
-def datasets(args, demo, masks, counts):
-    """(train COCO index, its records, val COCO index, its records, category ids, class names)."""
-    if args.voc_root:
-        train, names = voc_coco(args.voc_root, args.voc_train_split, difficult_as_crowd=False)
-        val, _ = voc_coco([args.voc_test_root or args.voc_root[0]], args.voc_test_split, True, names)
-        folders, cat_ids = ("", ""), list(range(1, len(names) + 1))
-    else:
-        tj, ti, vj, vi = probing.DEMO if demo else (args.train_json, args.train_images, args.val_json,
-                                                    args.val_images)
-        train = probing.load_coco(tj, ti, check_images=False)
-        val = probing.load_coco(vj, vi, check_images=False)
-        cat_ids = probing.same_categories(train, val, tj, vj)
-        names, folders = [train.cats[c]["name"] for c in cat_ids], (ti, vi)
-    try:
-        train_recs = records(train, folders[0], cat_ids, True, masks, counts)
-        val_recs = records(val, folders[1], cat_ids, False, masks, counts)
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"annotations: an image or annotation entry without a valid {e}") from None
-    if not train_recs:
-        raise ValueError("no training image with a readable file and a box")
-    if not any(not a.get("iscrowd") for r in val_recs for a in val.imgToAnns.get(r["id"], [])):
-        raise ValueError("the evaluation split has no object to score")
-    return train, train_recs, val, val_recs, cat_ids, names
-
-
-# ------------------------------------------------------------------------------------------------------------
 # training, evaluation, scores, pictures
+
+def optimizer(model, args):
+    """AdamW over param_groups (layer decay args.layer_decay, 1 when unset), at args.lr before the schedule."""
+    depth = len(model.backbone.body.blocks)
+    return torch.optim.AdamW(param_groups(model, args.wd, args.layer_decay or 1.0, depth), lr=args.lr)
+
+
+def train_step(model, opt, images, targets, dev):
+    """One iteration: the detector's summed losses (bf16 autocast on CUDA), backward and an AdamW step, skipped
+    when the loss is not finite. Returns the loss."""
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        losses = model(images, targets)
+    loss = sum(losses.values())
+    if torch.isfinite(loss):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return loss
+
 
 def train(model, dataset, args, bad):
     """args.iters AdamW steps over shuffled batches (reshuffled at each pass; the order and the workers' flip
@@ -365,8 +224,7 @@ def train(model, dataset, args, bad):
     transform, on the torch RNG seeded by main), lr of each group = args.lr * its lr_scale * lr_factor; bf16
     autocast on CUDA. Unreadable images join `bad` and leave their
     batch smaller; a step with a non-finite loss is skipped and counted. Returns the skipped-step count."""
-    depth = len(model.backbone.body.blocks)
-    opt = torch.optim.AdamW(param_groups(model, args.wd, args.layer_decay or 1.0, depth), lr=args.lr)
+    opt = optimizer(model, args)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                         collate_fn=list, drop_last=len(dataset) >= args.batch_size,
                         persistent_workers=args.workers > 0,
@@ -382,15 +240,8 @@ def train(model, dataset, args, bad):
             for g in opt.param_groups:
                 g["lr"] = args.lr * g["lr_scale"] * lr_factor(it, args.warmup, steps)
             if batch:
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                    losses = model([x for x, _ in batch], [t for _, t in batch])
-                loss = sum(losses.values())
-                if torch.isfinite(loss):
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                else:
-                    skipped += 1
+                loss = train_step(model, opt, [x for x, _ in batch], [t for _, t in batch], dev)
+                skipped += not torch.isfinite(loss)
             it += 1
             bar.update(1, f"loss {loss.item():.3f}" if batch else "")
             if it == args.iters:
@@ -511,7 +362,8 @@ def main(argv=None):
         vit, _ = probing.probe_backbone(args.ckpt, args.random_init, args.model, args.seed, args.device)
         if demo:
             demo_set.make_demo()
-        train_coco, train_recs, val_coco, val_recs, cat_ids, names = datasets(args, demo, args.masks, counts)
+        train_coco, train_recs, val_coco, val_recs, cat_ids, names = detect_data.datasets(
+            args, demo, args.masks, counts)
         torch.manual_seed(args.seed)
         model = build_detector(vit, len(cat_ids), args.masks, args).to(args.device)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
@@ -526,9 +378,9 @@ def main(argv=None):
     print("input: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     if args.vis:
         os.makedirs(args.vis, exist_ok=True)
-    skipped = train(model, DetData(train_recs, train_coco, args.masks, True), args, bad)
-    results, done = detect(model, DetData(val_recs, val_coco, False, False), cat_ids, names, args.masks, args,
-                           bad)
+    skipped = train(model, detect_data.DetData(train_recs, train_coco, args.masks, True), args, bad)
+    results, done = detect(model, detect_data.DetData(val_recs, val_coco, False, False), cat_ids, names,
+                           args.masks, args, bad)
     scores = {f"box_{k}": v for k, v in coco_scores(val_coco, results, done, "bbox").items()}
     if args.masks:
         scores.update({f"mask_{k}": v for k, v in coco_scores(val_coco, results, done, "segm").items()})

@@ -30,19 +30,17 @@ first checkpoint starts again, one killed later continues from it), a finished s
 by another command (other preset, flags, --extra, probe flags or data) is refused before anything runs, naming
 both commands; a probe result is reused only for the checkpoint it scored. Pretraining starts as users start
 it: `python pretrain.py --preset P ...`, or `torchrun --nproc_per_node N pretrain.py ...` when N > 1.
-Writes <out-dir>/results_<table>_<preset>.md, .json and .png (--quick: results_quick.*): every finished run of
-the table in the out-dir, mean ± std over seeds, and per row the paired difference to the reference row (same
-seeds) with its sign count; the picture (visualize.py) is a bar per row, or for lambda, negatives and recon
-the poster's figure: the metric over the swept value.
+Writes (results.py) <out-dir>/results_<table>_<preset>.md, .json and .png (--quick: results_quick.*): every
+finished run of the table in the out-dir, mean ± std over seeds, and per row the paired difference to the
+reference row (same seeds) with its sign count; the picture (visualize.py) is a bar per row, or for lambda,
+negatives and recon the poster's figure: the metric over the swept value.
 """
 import argparse
 import hashlib
 import json
-import math
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -50,7 +48,7 @@ import time
 import torch
 
 import config
-import visualize
+import results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DENSECLPP = ["--neg", "random", "--N", "0"]  # the poster's DenseCL++ row: dense-dense random negatives
@@ -58,21 +56,6 @@ DENSECLPP = ["--neg", "random", "--N", "0"]  # the poster's DenseCL++ row: dense
 TOKENS = {"demo": 64, "demo-large": 64, "demo-clutter": 64, "coco": 196, "quick": 16}
 # --quick: the demo recipe on the 32 px test ViT for 12 steps
 QUICK = ["--model", "vit_test", "--img-size", "32", "--head-hidden", "64", "--max-steps", "12", "--log-every", "4"]
-POSTER = {  # (table, row) -> {metric: the poster's number}: COCO mAP and F1, VOC and COCO mIoU
-    ("main", "SimCLR cls"): {"mAP": 59.6, "F1": 37.8},
-    ("main", "SimCLR gap"): {"VOC mIoU": 69.3, "COCO mIoU": 61.5},
-    ("main", "DenseCL cls"): {"mAP": 59.9, "F1": 38.1},
-    ("main", "DenseCL++ gap"): {"mAP": 63.4, "F1": 39.0, "VOC mIoU": 70.0, "COCO mIoU": 63.3},
-    ("main", "DenseCL++* gap"): {"mAP": 64.1, "F1": 39.1},
-    ("agg-pair", "SimCLR cls"): {"mAP": 57.8, "F1": 37.5}, ("agg-pair", "SimCLR gap"): {"mAP": 59.6, "F1": 37.9},
-    ("agg-pair", "DenseCL cls backbone"): {"mAP": 59.9, "F1": 38.1},
-    ("agg-pair", "DenseCL cls head"): {"mAP": 59.8, "F1": 38.1}, ("agg-pair", "DenseCL gap"): {"mAP": 58.1, "F1": 37.3}}
-# probe -> (script, result file, {our metric name (%): (key in its JSON, factor to %)}, the poster's metric)
-PROBES = {"ml": ("probe_multilabel.py", "ml.json", {"mAP": ("mAP", 1), "CF1": ("CF1", 1), "OF1": ("OF1", 1)}, "mAP"),
-          "seg": ("probe_segment.py", "seg.json", {"mIoU": ("mIoU", 1)}, "VOC mIoU"),
-          "det": ("probe_detect.py", "det.json", {"AP": ("box_AP", 1), "AP50": ("box_AP50", 1)}, None),
-          "diag": ("diagnose.py", "diag.json", {"match": ("match_acc", 100), "hubs": ("hub_share", 100),
-                                                "attn J": ("attn_jaccard", 100)}, None)}
 
 
 def get_args_parser():
@@ -84,7 +67,7 @@ def get_args_parser():
         help="pretraining (and probe) seeds of every row (default 0 1 2; --quick: 0)")
     add("--rows", nargs="+", default=None, help="only these rows of the table (names as in the results; a row's "
         "paired difference needs its reference row run too)")
-    add("--probes", nargs="+", choices=sorted(PROBES), default=None, help="probes of every run: ml "
+    add("--probes", nargs="+", choices=sorted(results.PROBES), default=None, help="probes of every run: ml "
         "(multi-label), seg (segmentation), det (detection), diag (diagnose.py: matching accuracy, hubness, "
         "attention Jaccard); default: ml seg det for --table main, ml seg diag for controls, ml seg otherwise "
         "and with --quick")
@@ -169,8 +152,8 @@ def rows_of(table, quick=False, tokens=196):
         changes += [(m, f"{k} {v}", f[m] + [f"--{k}", v]) for m in ("DenseCL", "DenseCL++")
                     for k, vs in (("tau-d", ("0.1", "0.5")), ("lam", ("0.1", "0.3"))) for v in vs]
         chain = {"SimCLR": None, "DenseCL": "SimCLR gap", "DenseCL++": "DenseCL gap", "DenseCL++*": "DenseCL++ gap"}
-        return [(f"{m} gap", flags + ["--agg", "gap"], chain[m]) for m, flags in base] + [(f"{m} {what} gap", flags + ["--agg", "gap"], f"{m} gap")
-                                         for m, what, flags in changes]
+        return [(f"{m} gap", flags + ["--agg", "gap"], chain[m]) for m, flags in base] + [
+            (f"{m} {what} gap", flags + ["--agg", "gap"], f"{m} gap") for m, what, flags in changes]
     return [("gamma 0", DENSECLPP, None)] + [
         (f"gamma {gamma} {dec}", DENSECLPP + ["--gamma", str(gamma), "--decoder", dec], "gamma 0")
         for dec in ("conv", "transformer") for gamma in (0.1, 0.5, 1.0)]
@@ -216,7 +199,8 @@ def probe_cmds(args, flags, seed, folder):
             args.seg_flags.split() + (["--epochs", "1"] if args.quick else []),
             "det": common + coco + args.det_flags.split(),
             "diag": common + size + flags_of("val_json", "val_images")}
-    return {p: [PROBES[p][0]] + cmds[p] + ["--out", os.path.join(folder, PROBES[p][1])] for p in args.probes}
+    return {p: [results.PROBES[p][0]] + cmds[p] + ["--out", os.path.join(folder, results.PROBES[p][1])]
+            for p in args.probes}
 
 
 def key(argv, folder):
@@ -315,7 +299,7 @@ def run_row(args, name, flags, seed):
     def scored(probe):  # its result is there, made from the checkpoint of this pretraining
         done = record["probes"].get(probe, {})
         return done.get("ckpt_sha256") == record["pretrain"].get("ckpt_sha256") and done.get("exit") == 0 and \
-            os.path.exists(os.path.join(folder, PROBES[probe][1]))
+            os.path.exists(os.path.join(folder, results.PROBES[probe][1]))
     # a finished run whose probes are all scored needs no checkpoint (results are kept without them)
     if not record["pretrain"]["done"] or flags and not os.path.exists(ckpt) and not all(map(scored, probes)):
         print(f"  {name} seed {seed}: pretraining -> {out}", flush=True)
@@ -347,11 +331,12 @@ def collect(folder, record, probes):
     """The metrics of a finished run (None where a probe has not run) and where its steps ran."""
     metrics = {}
     for probe in probes:
-        path = os.path.join(folder, PROBES[probe][1])
+        path = os.path.join(folder, results.PROBES[probe][1])
         done = record["probes"].get(probe, {})
         result = json.load(open(path)) if os.path.exists(path) and done.get("exit") == 0 and \
             done.get("ckpt_sha256") == record["pretrain"].get("ckpt_sha256") else {}
-        metrics.update({m: None if result.get(k) is None else result[k] * f for m, (k, f) in PROBES[probe][2].items()})
+        metrics.update({m: None if result.get(k) is None else result[k] * f
+                        for m, (k, f) in results.PROBES[probe][2].items()})
     attempts = record["pretrain"]["attempts"]
     return {**metrics, "provenance": {"pretrain": attempts,
                                       **{p: {k: v for k, v in r.items() if k != "cmd"}
@@ -359,114 +344,6 @@ def collect(folder, record, probes):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# the results: mean ± std, paired differences, markdown, plot
-
-def mean_std(values):
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return None, None
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def paired(a, b):
-    """{metric: (mean, std, seeds with a positive difference, seeds)} of a - b over the seeds both have."""
-    out = {}
-    for m in metric_names(a, b):
-        d = [a[s][m] - b[s][m] for s in sorted(set(a) & set(b)) if a[s].get(m) is not None and
-             b[s].get(m) is not None]
-        if d:
-            mean, std = mean_std(d)
-            out[m] = (mean, std, sum(x > 0 for x in d), len(d))
-    return out
-
-
-def metric_names(*runs):
-    names = [m for p in PROBES.values() for m in p[2]]
-    return [m for m in names if any(r.get(m) is not None for per in runs for r in per.values())]
-
-
-def summarise(table, rows, runs):
-    """Per row: mean and std over its finished seeds of every metric, the paired difference to its reference
-    row, the poster's numbers, the flags and the provenance of each seed."""
-    ok = {name: {s: r for s, r in per.items() if "error" not in r} for name, per in runs.items()}
-    out = []
-    for name, flags, ref in rows:
-        entry = {"row": name, "flags": flags, "reference": ref, "seeds": sorted(ok[name]),
-                 "errors": {s: r["error"] for s, r in runs[name].items() if "error" in r},
-                 "poster": POSTER.get((table, name), {}),
-                 "provenance": {s: r["provenance"] for s, r in ok[name].items()}}
-        entry["n"] = {}
-        for m in metric_names(ok[name]):
-            values = [r[m] for r in ok[name].values() if r.get(m) is not None]
-            entry[m], entry["n"][m] = mean_std(values), len(values)
-        entry["paired"] = paired(ok[name], ok[ref]) if ref else {}
-        out.append(entry)
-    return out
-
-
-def fmt(ms, n=None, seeds=None):
-    """mean ± std, with the number of seeds where fewer than the row's have this metric (a probe still
-    running)."""
-    if ms is None or ms[0] is None:
-        return "-"
-    return f"{ms[0]:.1f} ± {ms[1]:.1f}" + (f" (n={n})" if n is not None and seeds and n < seeds else "")
-
-
-def fmt_paired(p):
-    return "-" if p is None else f"{p[0]:+.1f} ± {p[1]:.1f} ({p[2]}/{p[3]} > 0)"
-
-
-def markdown(table, summary, args):
-    metrics = [m for m in (m for p in PROBES.values() for m in p[2]) if any(m in e for e in summary)]
-    commits = {}
-    for e in summary:
-        for per in e["provenance"].values():
-            for a in per["pretrain"]:
-                tag = (a.get("commit") or "?")[:7] + (" (uncommitted changes)" if a.get("dirty") else "")
-                commits.setdefault(tag, set()).add(f"{a.get('host')}: {a.get('cpu')}" +
-                                                   (f", {a['gpu']}" if a.get("gpu") else ""))
-    lines = [f"# reproduce.py --table {table} --preset {args.preset}" + (" --quick" if args.quick else ""), "",
-             f"mean ± std over the seeds of each row (std of the sample); pretraining data "
-             f"{args.data or 'the preset set'}; probes {' '.join(args.probes)}. Poster: its number for the "
-             f"same row where it gives one (COCO, ViT-S/16). Pretraining ran at: "
-             + "; ".join(f"{c} on {', '.join(sorted(m))}" for c, m in sorted(commits.items())) + ".", "",
-             "| row | seeds | " + " | ".join(metrics) + " | poster | pretrain.py flags |",
-             "|---|---|" + "---|" * len(metrics) + "---|---|"]
-    for e in summary:
-        poster = ", ".join(f"{k} {v}" for k, v in e["poster"].items()) or "-"
-        flags = "random init" if e["flags"] is None else f"`{' '.join(e['flags'])}`"
-        lines.append(f"| {e['row']} | {len(e['seeds'])} | " +
-                     " | ".join(fmt(e.get(m), e["n"].get(m), len(e["seeds"])) for m in metrics) +
-                     f" | {poster} | {flags} |")
-        for seed, err in e["errors"].items():
-            lines.append(f"|   seed {seed}: {err} |" + " |" * (len(metrics) + 3))
-    lines += ["", "Paired differences to the reference row, seed by seed (a seed fixes the initialisation and "
-              "the augmentation draws): mean ± std of the differences, (k/n > 0) = k of the n seeds both "
-              "rows have are above the reference.", "",
-              "| row | reference | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
-    for e in summary:
-        if e["reference"]:
-            lines.append(f"| {e['row']} | {e['reference']} | " +
-                         " | ".join(fmt_paired(e["paired"].get(m)) for m in metrics) + " |")
-    if table == "negatives":
-        lines += ["", "Averaged mAP over the grid (each value of one factor, the others averaged):", ""]
-        for factor in ("M", "beta", "N"):
-            means = {}
-            for e in summary:
-                v = re.search(rf"{factor} ([0-9.]+)", e["row"]).group(1)
-                if e.get("mAP", (None,))[0] is not None:
-                    means.setdefault(v, []).append(e["mAP"][0])
-            lines.append(f"- {factor}: " + ", ".join(f"{v}: {fmt(mean_std(m))} ({len(m)} configurations)"
-                                                     for v, m in means.items()))
-    return "\n".join(lines) + "\n"
-
-
-# ------------------------------------------------------------------------------------------------------------
-
-def results_base(args):
-    """<out-dir>/results_<table>_<preset> (--quick: results_quick): one set of files per table and scale."""
-    return os.path.join(args.out_dir, "results_" + ("quick" if args.quick else f"{args.table}_{args.preset}"))
-
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
@@ -515,21 +392,7 @@ def main(argv=None):
             if seed not in runs[name] and record and not conflict(args, name, flags, seed) and \
                     record["pretrain"]["done"]:
                 runs[name][seed] = collect(run_folder(args, name, seed), record, args.probes)
-    summary = summarise(args.table, rows, runs)
-    for e in summary:
-        e["values"] = {m: [runs[e["row"]][s][m] for s in e["seeds"] if runs[e["row"]][s].get(m) is not None]
-                       for m in metric_names({s: runs[e["row"]][s] for s in e["seeds"]})}
-    summary = [e for e in summary if e["seeds"] or e["errors"]]
-    base = results_base(args)
-    with open(base + ".json", "w") as f:
-        json.dump({"table": table, "args": {k: v for k, v in vars(args).items()}, "rows": summary,
-                   "runs": {n: per for n, per in runs.items() if per}}, f, indent=1)
-    with open(base + ".md", "w") as f:
-        f.write(markdown(table, summary, args))
-    title = f"reproduce.py --table {table} --preset {args.preset}"
-    picture = visualize.sweep_picture(args.table, summary, title) if args.table in ("lambda", "negatives", "recon") \
-        and not args.quick else visualize.results_picture(summary, title)
-    picture.save(base + ".png")
+    base = results.write(args, table, rows, runs)
     print(open(base + ".md").read())
     print(f"{time.time() - t0:.0f} s; results in {base}.{{md,json,png}}")
     return 1 if any("error" in r for per in runs.values() for r in per.values()) else 0

@@ -3,7 +3,10 @@ bench.py)."""
 import json
 import math
 
+import pytest
+
 import bench
+import bench_world
 
 
 def test_bench_quick_writes_every_row(tmp_path):
@@ -30,15 +33,15 @@ def test_bench_quick_writes_every_row(tmp_path):
 
 
 def check_world(rows, worlds):
-    """The world rows: every objective of bench.WORLD at every world size, world 1 as the train row, SimCLR
+    """The world rows: every objective of bench_world.WORLD at every world size, world 1 as the train row, SimCLR
     the reference of each world size."""
     world = {(r["objective"], r["world"]): r for r in rows if r["part"] == "world"}
     train = {r["objective"]: r for r in rows if r["part"] == "train"}
-    assert set(world) == {(o, w) for o in bench.WORLD for w in worlds}
+    assert set(world) == {(o, w) for o in bench_world.WORLD for w in worlds}
     for (objective, w), r in world.items():
         assert "error" not in r and r["step_ms"] > 0 and r["global_batch"] == 8 * w, r
         assert r["ratio"] == r["step_ms"] / world["SimCLR", w]["step_ms"]
-    for o in bench.WORLD:
+    for o in bench_world.WORLD:
         assert world[o, 1]["step_ms"] == train[o]["step_ms"] and world[o, 1]["growth"] == 1.0
 
 
@@ -66,10 +69,28 @@ def test_gpu_check_runs_every_part_at_a_tiny_size(tmp_path):
     prof = [r for r in rows if r["part"] == "prof"]
     assert len(prof) == 2 and all(r["kernels"] and r["kernels"][0]["ms_per_step"] > 0 for r in prof)
     assert not [r for r in rows if r["part"] == "data"]
+    detect = [r for r in rows if r["part"] == "detect"]
+    assert len(detect) == 1 and detect[0]["img_s"] > 0 and "error" not in detect[0], detect
+
+
+def test_detect_row_converts_its_speed_to_gpu_hours(tmp_path):
+    """Part detect alone at the --quick size (seconds on a CPU), through bench.main and its JSON: one row, its
+    ms, iterations/s and images/s one measurement at 2 images an iteration (16 over 8 GPUs), and each
+    protocol's GPU-hours on one GPU = its iterations x 16 images / images/s."""
+    out = tmp_path / "d.json"
+    assert bench.main(["--quick", "--out", str(out), "--model", "vit_test", "--threads", "1",
+                       "--skip", "kernel,train,world,vit,data,e2e,run,decode,prof"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["part"] for r in rows] == ["detect"] and "error" not in rows[0], rows
+    r = rows[0]
+    assert r["batch"] == 2 and r["step_ms"] > 0
+    assert r["steps_s"] == pytest.approx(1e3 / r["step_ms"]) and r["img_s"] == pytest.approx(2 * r["steps_s"])
+    for protocol, iters in (("coco", 90000), ("voc", 24000)):
+        assert r[f"{protocol}_gpu_h"] == pytest.approx(iters * 16 / r["img_s"] / 3600), r
 
 
 def test_simulated_world_gathers_local_copies():
-    """bench.simulated_world(W): losses.world() is (0, W), a gather returns x then W-1 rolled copies without
+    """bench_world.simulated_world(W): losses.world() is (0, W), a gather returns x then W-1 rolled copies without
     gradient, the step's draws are global (Bg = W*B), NT-Xent is rank 0's over the gathered batch (written out
     here); leaving the context restores one process."""
     import torch
@@ -78,7 +99,7 @@ def test_simulated_world_gathers_local_copies():
     import losses
     g = torch.Generator().manual_seed(0)
     u1, u2 = (torch.randn(3, 5, generator=g, requires_grad=True) for _ in range(2))
-    with bench.simulated_world(4):
+    with bench_world.simulated_world(4):
         assert losses.world() == (0, 4)
         y = losses.gather_images(torch.stack([u1, u2]))
         assert y.shape == (2, 12, 5)

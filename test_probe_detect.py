@@ -1,6 +1,6 @@
 """probe_detect.py: COCOeval on detections with known IoUs, the feature pyramid's shapes and strides, the
 position-embedding interpolation against a hand loop, the frozen protocol, the optimiser groups and schedule,
-the VOC XML reader, the cleaning of bad input, and tiny end-to-end runs (COCO with masks, VOC07+12 layout)."""
+and tiny end-to-end runs (COCO with masks, VOC07+12 layout). The data (detect_data.py): test_detect_data.py."""
 import json
 import math
 import os
@@ -12,20 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
+import detect_data
 import probe_detect
 import probing
 import vit
-from conftest import error_of, tiny_coco
-from probe_detect import coco_scores, lr_factor, read_voc_xml, records
+from conftest import VOC_XML, error_of, tiny_coco, write_voc
+from detect_data import records
+from probe_detect import coco_scores, lr_factor
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools")  # numpy-2 copy= notice
 
-VOC_XML = """<annotation><filename>{stem}.jpg</filename><size><width>{w}</width><height>{h}</height>
-<depth>3</depth></size>
-<object><name>dog</name><difficult>0</difficult><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>40</xmax>
-<ymax>50</ymax></bndbox></object>
-<object><name>cat</name><difficult>1</difficult><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>10</xmax>
-<ymax>12</ymax></bndbox></object></annotation>"""
 
 
 def gt_index(boxes):
@@ -125,7 +121,7 @@ def tiny_detector(tmp_path, args, masks=True):
     recs = records(coco, str(tmp_path / "img"), [3, 7, 12], True, masks, Counter())
     torch.manual_seed(0)
     model = probe_detect.build_detector(vit.create_vit("vit_test"), 3, masks, args)
-    return model, probe_detect.DetData(recs, coco, masks, True)
+    return model, detect_data.DetData(recs, coco, masks, True)
 
 
 @pytest.mark.parametrize("finetune", [False, True])
@@ -172,80 +168,6 @@ def test_lr_schedule():
     assert lr_factor(0, 0, [5]) == 1
 
 
-def write_voc(root, stems, size=(64, 56), xml=VOC_XML, split="trainval"):
-    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
-        os.makedirs(root / d, exist_ok=True)
-    for k, stem in enumerate(stems):
-        Image.new("RGB", size, (30 * k, 90, 160)).save(root / "JPEGImages" / f"{stem}.jpg")
-        (root / "Annotations" / f"{stem}.xml").write_text(xml.format(stem=stem, w=size[0], h=size[1]))
-    (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(stems) + "\n")
-    return str(root)
-
-
-def test_voc_xml_reader_and_difficult_objects(tmp_path):
-    root = write_voc(tmp_path / "VOC2007", ["000005"])
-    name, w, h, objects = read_voc_xml(os.path.join(root, "Annotations", "000005.xml"))
-    assert (name, w, h) == ("000005.jpg", 64, 56)
-    assert objects == [("dog", [10.0, 20.0, 40.0, 50.0], 0), ("cat", [0.0, 0.0, 10.0, 12.0], 1)]
-    train, names = probe_detect.voc_coco([root], "trainval", difficult_as_crowd=False)
-    test, _ = probe_detect.voc_coco([root], "trainval", True, names)
-    assert names == probe_detect.probe_segment.VOC_NAMES[1:]
-    cat, dog = names.index("cat") + 1, names.index("dog") + 1
-    assert [(a["category_id"], a["bbox"], a["area"], a["iscrowd"]) for a in train.dataset["annotations"]] == [
-        (dog, [10.0, 20.0, 30.0, 30.0], 900.0, 0), (cat, [0.0, 0.0, 10.0, 12.0], 120.0, 0)]
-    assert [a["iscrowd"] for a in test.dataset["annotations"]] == [0, 1]  # difficult: ignored by COCOeval
-    assert train.imgs[1]["file_name"] == os.path.join(root, "JPEGImages", "000005.jpg")
-    (tmp_path / "bad.xml").write_text("<annotation><size><width>4</width></size>")
-    with pytest.raises(ValueError, match="bad.xml: not XML"):
-        read_voc_xml(str(tmp_path / "bad.xml"))
-    (tmp_path / "bad.xml").write_text("<annotation><object><name>x</name></object></annotation>")
-    with pytest.raises(ValueError, match="bad.xml: expected <size>"):
-        read_voc_xml(str(tmp_path / "bad.xml"))
-
-
-def test_records_clean_bad_boxes_crowds_empty_and_missing_images(tmp_path):
-    path = tiny_coco(tmp_path, n_images=4)  # 20 px images; image 1: cat, dog and a crowd; 2: crowd only
-    d = json.loads(path.read_text())
-    d["annotations"] += [dict(id=5, image_id=3, category_id=3, bbox=[15, -5, 10, 10], area=1, iscrowd=0,
-                              segmentation=[[15, 0, 20, 0, 20, 5]]),  # clipped to [15, 0, 20, 5]
-                         dict(id=6, image_id=3, category_id=7, bbox=[25, 5, 4, 4], area=1, iscrowd=0,
-                              segmentation=[[5, 5, 6, 5, 6, 6]]),  # outside: dropped
-                         dict(id=7, image_id=3, category_id=7, bbox=[5, 5, 0, 4], area=0, iscrowd=0,
-                              segmentation=[[5, 5, 6, 5, 6, 6]])]  # zero width: dropped
-    path.write_text(json.dumps(d))
-    os.remove(tmp_path / "img" / "4.jpg")
-    coco = probing.load_coco(str(path), str(tmp_path / "img"), check_images=False)
-    counts = Counter()
-    recs = records(coco, str(tmp_path / "img"), [3, 7, 12], True, True, counts)
-    assert [r["id"] for r in recs] == [1, 3]  # 2: crowd only, 4: missing file
-    assert recs[0]["boxes"].tolist() == [[5, 5, 9, 9], [2, 2, 12, 12]]
-    assert recs[0]["labels"].tolist() == [2, 1]
-    assert recs[1]["boxes"].tolist() == [[15, 0, 20, 5]] and recs[1]["labels"].tolist() == [1]
-    assert counts == {"missing images": 1, "crowd regions ignored": 2, "boxes clipped": 1,
-                      "empty boxes dropped": 2, "training images without objects dropped": 1}
-    val = records(coco, str(tmp_path / "img"), [3, 7, 12], False, True, Counter())
-    assert [r["id"] for r in val] == [1, 2, 3] and all(len(r["boxes"]) == 0 for r in val)
-    data = probe_detect.DetData(recs, coco, True, False)
-    _, x, target = data[0]
-    assert x.shape == (3, 20, 20) and target["masks"].shape == (2, 20, 20)
-    assert target["masks"][1].sum() == 100 and target["masks"][0, 7, 7] == 1
-    flips = probe_detect.DetData(recs, coco, True, True)
-    torch.manual_seed(0)
-    seen = set()
-    for _ in range(20):
-        _, xf, tf = flips[0]
-        flipped = not torch.equal(tf["boxes"], target["boxes"])
-        seen.add(flipped)
-        if flipped:  # the image, its boxes (x -> 20 - x) and its masks mirrored together
-            assert tf["boxes"].tolist() == [[11, 5, 15, 9], [8, 2, 18, 12]]
-        assert torch.equal(xf, x.flip(-1) if flipped else x)
-        assert torch.equal(tf["masks"], target["masks"].flip(-1) if flipped else target["masks"])
-    assert seen == {True, False}
-    (tmp_path / "img" / "1.jpg").write_bytes(b"not a jpeg")
-    Image.new("RGB", (24, 20)).save(tmp_path / "img" / "3.jpg")  # not the annotated 20 x 20
-    assert data[0] == (0, None, None) and data[1] == (1, None, None)
-
-
 class Oracle(torch.nn.Module):
     """A stand-in detector answering each image with its truth (xyxy boxes, labels, masks), in call order."""
 
@@ -271,7 +193,7 @@ def test_perfect_detections_score_100_through_the_label_and_box_conversions(tmp_
         labels = torch.tensor([cat_ids.index(a["category_id"]) + 1 for a in anns], dtype=torch.int64)
         answers.append(dict(boxes=boxes, labels=labels, scores=torch.ones(len(anns)), masks=masks))
     args = tiny_args(batch_size=1, test_size=20, vis=None)
-    results, done = probe_detect.detect(Oracle(answers), probe_detect.DetData(recs, coco, False, False),
+    results, done = probe_detect.detect(Oracle(answers), detect_data.DetData(recs, coco, False, False),
                                         cat_ids, ["cat", "dog", "cup"], True, args, set())
     assert done == [1, 2, 3] and len(results) == 2
     assert sorted((r["category_id"], r["bbox"]) for r in results) == [(3, [2, 2, 10, 10]), (7, [5, 5, 4, 4])]

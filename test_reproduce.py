@@ -1,6 +1,6 @@
 """reproduce.py: the --quick table end to end and continued, a run killed by SIGKILL (before and after its
 first checkpoint) continued to the numbers of an uninterrupted one, folders of another command refused, stale
-probe results redone, the paired statistics, one file set per table, seeds, rows, and the plot's text."""
+probe results redone, seeds, rows, and the plot's text."""
 import json
 import os
 import signal
@@ -119,30 +119,6 @@ def test_a_killed_table_continues_to_the_numbers_of_an_uninterrupted_one(demo_di
     assert ml[0]["mAP"] == pytest.approx(ml[1]["mAP"], abs=1e-3)
     record = json.loads((run / "run.json").read_text())
     assert len(record["pretrain"]["attempts"]) == 3 and "exit" not in record["pretrain"]["attempts"][0]
-
-
-def test_paired_differences_and_their_sign_count():
-    rows = [("A", ["--lam", "0"], None), ("B", ["--lam", "0.5"], "A")]
-    runs = {"A": {0: {"mAP": 50.0, "provenance": {}}, 1: {"mAP": 52.0, "provenance": {}},
-                  2: {"mAP": 51.0, "provenance": {}}, 3: {"mAP": 40.0, "provenance": {}}},
-            "B": {0: {"mAP": 51.0, "provenance": {}}, 1: {"mAP": 54.0, "provenance": {}},
-                  2: {"mAP": 50.5, "provenance": {}}, 4: {"mAP": 90.0, "provenance": {}}}}
-    b = reproduce.summarise("main", rows, runs)[1]
-    mean, std, pos, n = b["paired"]["mAP"]  # seeds 0, 1, 2 only: +1, +2, -0.5
-    assert n == 3 and pos == 2 and mean == pytest.approx(2.5 / 3) and std == pytest.approx(np.std([1, 2, -.5],
-                                                                                                     ddof=1))
-    assert reproduce.fmt_paired(b["paired"]["mAP"]) == "+0.8 ± 1.3 (2/3 > 0)"
-    assert b["mAP"] == (pytest.approx(np.mean([51, 54, 50.5, 90])), pytest.approx(np.std([51, 54, 50.5, 90],
-                                                                                          ddof=1)))
-
-
-def test_one_results_file_set_per_table_and_preset():
-    parse = reproduce.get_args_parser().parse_args
-    names = {reproduce.results_base(parse(a + ["--out-dir", "r"])) for a in
-             (["--table", "main"], ["--table", "lambda"], ["--table", "main", "--preset", "demo-large"],
-              ["--quick"])}
-    assert names == {os.path.join("r", n) for n in ("results_main_demo", "results_lambda_demo",
-                                                     "results_main_demo-large", "results_quick")}
 
 
 @pytest.mark.parametrize("table,n", [("main", 11), ("agg-pair", 5), ("lambda", 10),
