@@ -167,7 +167,10 @@ def slug(name):
 # one run: its commands, its record (run.json), pretraining and probes
 
 def pretrain_cmd(args, flags, seed, out):
-    """The launcher and pretrain.py's argv of one run (always --resume: a killed run starts or continues)."""
+    """The launcher and pretrain.py's argv of one run (always --resume: a killed run starts or continues);
+    argv None for the random-init row (flags None), which pretrains nothing."""
+    if flags is None:
+        return [sys.executable], None
     argv = ["pretrain.py", "--preset", args.recipe] + (["--data", args.data] if args.data else []) + \
         (QUICK if args.quick else []) + args.extra.split() + flags + ["--seed", str(seed), "--out-dir", out,
                                                                      "--resume"]

@@ -1,6 +1,6 @@
 """reproduce.py: the --quick table end to end and continued, a run killed by SIGKILL (before and after its
 first checkpoint) continued to the numbers of an uninterrupted one, folders of another command refused, stale
-probe results redone, seeds, rows, and the plot's text."""
+probe results redone, the random-init row, seeds, rows, and the plot's text."""
 import json
 import os
 import signal
@@ -60,6 +60,25 @@ def test_quick_table_end_to_end_and_resumed(demo_dir, tmp_path, monkeypatch):
     # another command into the same folders: refused before anything runs, both commands named
     assert reproduce.main(["--quick", "--out-dir", str(out), "--extra", "--lr 5e-4"]) == 2
     assert os.path.getmtime(run / "pretrain" / "ckpt.pt") == stamp
+
+
+def test_the_random_init_row_is_probed_without_pretraining(demo_dir, tmp_path, monkeypatch):
+    # the main table's first row has no pretraining: its probes run on --random-init at the preset's model,
+    # the run is recorded as done, and the same command again (or --report) finds it finished
+    monkeypatch.chdir(demo_dir)
+    out = tmp_path / "repro"
+    argv = ["--table", "main", "--rows", "random init", "--probes", "ml", "--probe-flags", "--epochs 2",
+            "--out-dir", str(out)]
+    assert reproduce.main(argv + ["--seeds", "0"]) == 0
+    run = out / "demo" / "random-init" / "seed0"
+    record = json.loads((run / "run.json").read_text())
+    assert record["pretrain"]["cmd"] is None and record["pretrain"]["done"] and not (run / "pretrain").exists()
+    assert record["probes"]["ml"]["cmd"][:4] == ["probe_multilabel.py", "--random-init", "--model", "vit_demo"]
+    made = (run / "ml.json").stat().st_mtime_ns
+    assert reproduce.main(argv + ["--seeds", "0"]) == 0 and (run / "ml.json").stat().st_mtime_ns == made
+    assert reproduce.main(argv + ["--report"]) == 0
+    result = json.loads((out / "results_main_demo.json").read_text())
+    assert [r["row"] for r in result["rows"]] == ["random init"] and 0 <= result["rows"][0]["mAP"][0] <= 100
 
 
 def test_folders_of_another_command_are_refused_naming_both(demo_dir, tmp_path, monkeypatch, capsys):
