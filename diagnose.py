@@ -33,13 +33,12 @@ CLS attention picks out the objects.
 """
 import argparse
 import math
-import os
 import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 import augment
 import data
@@ -162,30 +161,13 @@ def object_tokens(mask, grid):
 # ------------------------------------------------------------------------------------------------------------
 # the run
 
-class Readable(Dataset):
-    """probing.Images that yields (image, True), or (zeros, False) for a file that fails to load (counted by
-    the caller, never the end of a run)."""
-
-    def __init__(self, paths, size):
-        self.images, self.size = probing.Images(paths, size), size
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        try:
-            return self.images[i][0], True
-        except Exception:  # any decode failure: skipped and counted
-            return torch.zeros(3, self.size, self.size), False
-
-
 def attention_stats(model, coco, image_dir, size, args):
     """Per head, the sum of attn_jaccard over the images with an object token, and their count; the mean
     object-token share and the mean share of tokens the thresholded attention keeps; the unreadable files."""
     ids = sorted(coco.imgs)
-    paths = [os.path.join(image_dir, coco.imgs[i]["file_name"]) for i in ids]
+    paths = probing.image_paths(coco, image_dir)
     grid = size // model.patch_size
-    loader = DataLoader(Readable(paths, size), batch_size=args.batch_size, num_workers=args.workers)
+    loader = DataLoader(probing.Images(paths, size), batch_size=args.batch_size, num_workers=args.workers)
     device = next(model.parameters()).device
     sums, n, objects, kept_share, skipped, start = 0.0, 0, 0.0, 0.0, [], 0
     for images, ok in loader:
@@ -250,7 +232,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     backbone = args.ckpt or f"random-init {args.model} seed {args.seed}"
-    paths = [os.path.join(val_dir, coco.imgs[i]["file_name"]) for i in sorted(coco.imgs)]
+    paths = probing.image_paths(coco, val_dir)
     grid = size // model.patch_size
     m, skipped = matching_stats(model, paths, size, args)
     sums, n_obj, object_share, kept_share, skipped_attn = attention_stats(model, coco, val_dir, size, args)

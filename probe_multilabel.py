@@ -57,25 +57,25 @@ def file_id(path):
 
 
 def features(model, backbone_id, split, coco, images_dir, json_path, size, args):
-    """[n_images, 2, D] float32 (CLS token, mean patch token) of every image, read from the cache when the key
-    (backbone file path+mtime+size or random-init config, img size, annotation file, image folder) matches."""
+    """([n_images, 2, D] float32 (CLS token, mean patch token), ok [n_images] bool: False for a file that could
+    not be read) of every image, read from the cache when the key (backbone file path+mtime+size or random-init
+    config, img size, annotation file, image folder) matches."""
     key = json.dumps([backbone_id, size, file_id(json_path), os.path.abspath(images_dir)])
     path = os.path.join(args.cache, f"ml_{split}_{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt")
     if os.path.isfile(path):
         cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached.get("key") == key and len(cached["feats"]) == len(coco.imgs):
+        if cached.get("key") == key and len(cached["feats"]) == len(coco.imgs) and "ok" in cached:
             print(f"{split}: cached features {path}")
-            return cached["feats"]
-    paths = [os.path.join(images_dir, coco.imgs[i]["file_name"]) for i in sorted(coco.imgs)]
-    loader = DataLoader(probing.Images(paths, size), batch_size=args.batch_size, num_workers=args.workers,
-                        pin_memory=args.device.startswith("cuda"))
+            return cached["feats"], cached["ok"]
+    loader = DataLoader(probing.Images(probing.image_paths(coco, images_dir), size), batch_size=args.batch_size,
+                        num_workers=args.workers, pin_memory=args.device.startswith("cuda"))
     # noqa: E731
     both = lambda t: torch.stack([vit.global_feature(t, "cls"), vit.global_feature(t, "gap")], 1)
-    feats = probing.extract_features(model, loader, both, f"{split} features")
+    feats, ok = probing.extract_features(model, loader, both, f"{split} features")
     os.makedirs(args.cache, exist_ok=True)
-    torch.save({"key": key, "feats": feats}, path + ".tmp")
+    torch.save({"key": key, "feats": feats, "ok": ok}, path + ".tmp")
     os.replace(path + ".tmp", path)
-    return feats
+    return feats, ok
 
 
 def select(feats, agg):
@@ -116,14 +116,19 @@ def main(argv=None):
                    else file_id(args.ckpt) + [args.model])
     print(f"backbone {args.ckpt or 'random-init ' + args.model}, feature {agg}, {size}x{size} px, "
           f"{len(train.imgs)} train / {len(val.imgs)} val images, {len(cat_ids)} classes")
-    x_train = select(features(model, backbone_id, "train", train, train_dir, train_json, size, args), agg)
-    x_val = select(features(model, backbone_id, "val", val, val_dir, val_json, size, args), agg)
-    y_train, y_val = torch.from_numpy(probing.multi_hot(train, cat_ids)), probing.multi_hot(val, cat_ids)
-    if args.drop_empty:
-        keep = y_train.sum(1) > 0
-        x_train, y_train = x_train[keep], y_train[keep]
-        keep = y_val.sum(1) > 0
-        x_val, y_val = x_val[torch.from_numpy(keep)], y_val[keep]
+    x, y, skipped = {}, {}, []
+    for split, coco, folder, json_path in (("train", train, train_dir, train_json),
+                                           ("val", val, val_dir, val_json)):
+        feats, ok = features(model, backbone_id, split, coco, folder, json_path, size, args)
+        skipped += probing.readable(ok, probing.image_paths(coco, folder), split)
+        labels = torch.from_numpy(probing.multi_hot(coco, cat_ids))
+        keep = ok & (labels.sum(1) > 0) if args.drop_empty else ok  # unreadable images are left out
+        x[split], y[split] = select(feats, agg)[keep], labels[keep]
+    if not len(y["train"]) or not len(y["val"]):
+        print(f"error: no readable image with labels in the {'train' if not len(y['train']) else 'val'} split",
+              file=sys.stderr)
+        return 2
+    x_train, y_train, x_val, y_val = x["train"], y["train"], x["val"], y["val"].numpy()
 
     torch.manual_seed(args.seed)
     mean, std, head = probing.train_linear_head(x_train, y_train, args.epochs, args.lr, args.wd, args.device)
@@ -137,8 +142,8 @@ def main(argv=None):
         context = dict(backbone=args.ckpt or f"random-init {args.model} seed {args.seed}",
                        agg=agg, img_size=size,
                        train=[train_json, train_dir], val=[val_json, val_dir], n_train=len(x_train),
-                       n_val=len(x_val), epochs=args.epochs, lr=args.lr, wd=args.wd,
-                       batch_size=args.batch_size, AP_per_class=per_class)
+                       n_val=len(x_val), skipped=skipped, epochs=args.epochs, lr=args.lr,
+                       wd=args.wd, batch_size=args.batch_size, AP_per_class=per_class)
         probing.write_result(args.out, result, context)
     return 0
 

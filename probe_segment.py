@@ -96,20 +96,28 @@ def voc_mask(path):
         return np.array(img)
 
 
-def voc_n_classes(items):
-    """1 + the largest class index (255 excluded) in the masks of `items`, checking on the way that every mask
-    is readable and has the size of its image (a header read), so that nothing fails in the middle of
-    training."""
-    top, bar = 0, probing.Progress("scanning masks", len(items))
+def voc_scan(items):
+    """(1 + the largest class index (255 excluded) in the masks, the usable items, [(image, why)] of the pairs
+    left out): every mask is read and every image's header, so that a pair whose mask is not a palette PNG or
+    whose image is missing, unreadable or of another size than its mask is named and skipped here, not met in
+    the middle of training. Raises when no pair is usable."""
+    top, good, bad, bar = 0, [], [], probing.Progress("scanning masks", len(items))
     for img_path, mask_path in items:
-        mask = voc_mask(mask_path)
-        with Image.open(img_path) as img:
-            if img.size != mask.shape[::-1]:
-                raise ValueError(f"{img_path} is {img.size[0]}x{img.size[1]} px but {mask_path} is "
-                                 f"{mask.shape[1]}x{mask.shape[0]}")
-        top = max(top, int(mask[mask != 255].max(initial=0)))
+        try:
+            mask = voc_mask(mask_path)
+            with data._open(img_path) as img:
+                if img.size != mask.shape[::-1]:
+                    raise ValueError(f"{img_path} is {img.size[0]}x{img.size[1]} px but {mask_path} is "
+                                     f"{mask.shape[1]}x{mask.shape[0]}")
+        except Exception as e:  # any unreadable file or mismatch: this pair is skipped
+            bad.append((img_path, str(e)))
+        else:
+            top = max(top, int(mask[mask != 255].max(initial=0)))
+            good.append((img_path, mask_path))
         bar.update()
-    return top + 1
+    if not good:
+        raise ValueError(f"no usable image/mask pair among {len(items)}: {bad[0][1]}")
+    return top + 1, good, bad
 
 
 def coco_mask(coco, img_id, cat_index):
@@ -164,17 +172,24 @@ class SegData(Dataset):
         return coco_mask(self.coco, src, self.cat_index) if self.coco else voc_mask(src)
 
     def __getitem__(self, i):
-        img, label = data.load_rgb(self.items[i][0]), self.label(i)
-        if img.size != label.shape[::-1]:
-            raise ValueError(f"{self.items[i][0]}: image is {img.size[0]}x{img.size[1]} px but its label is "
-                             f"{label.shape[1]}x{label.shape[0]}")
+        """Training (image, label, ok), evaluation (image, label, (h, w), ok); ok is False for a file that
+        cannot be read or an image whose size is not its label's: a blank image with every pixel ignored (255),
+        which adds nothing to the loss or the confusion matrix (skipped and counted by the caller)."""
+        try:
+            img, label = data.load_rgb(self.items[i][0]), self.label(i)
+            if img.size != label.shape[::-1]:
+                raise ValueError("image and label sizes differ")
+        except Exception:  # any decode failure or mismatch
+            n = self.size if self.train else self.patch
+            blank, ignored = torch.zeros(3, n, n), torch.full((n, n), 255, dtype=torch.long)
+            return (blank, ignored, False) if self.train else (blank, ignored, (n, n), False)
         if self.train:
-            return augment(img, label, self.size)
+            return (*augment(img, label, self.size), True)
         w, h = img.size
         nw, nh = max(1, round(w * self.size / min(w, h))), max(1, round(h * self.size / min(w, h)))
         x = normalize(img.resize((nw, nh), Image.BICUBIC))
         x = F.pad(x, (0, -nw % self.patch, 0, -nh % self.patch), value=0.0)
-        return x, torch.from_numpy(label).long(), (nh, nw)
+        return x, torch.from_numpy(label).long(), (nh, nw), True
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -222,14 +237,19 @@ def token_map(tokens, h, w):
 
 def train_head(model, head, loader, args):
     """CE of the head logits, bilinearly upsampled to the label crops, averaged over the pixels that are not
-    255 (a crop of ignored pixels only gives 0); AdamW, lr cosine-decayed to 0."""
+    255 (a crop of ignored pixels only gives 0); AdamW, lr cosine-decayed to 0. Items that could not be read
+    are left out of their batch. Returns how many of the first epoch's items were left out."""
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.wd)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * len(loader))
     bar, p = probing.Progress("training head", args.epochs * len(loader.dataset)), model.patch_size
     head.train()
+    skipped = 0
     for epoch in range(args.epochs):
-        for x, y in loader:
-            y = y.to(args.device)
+        for x, y, ok in loader:
+            skipped += int((~ok).sum()) if epoch == 0 else 0
+            x, y = x[ok], y[ok].to(args.device)
+            if not len(x):
+                continue
             logits = head(token_map(probing.frozen_tokens(model, x), x.shape[2] // p, x.shape[3] // p))
             logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
             loss = F.cross_entropy(logits, y, ignore_index=255,
@@ -239,6 +259,7 @@ def train_head(model, head, loader, args):
             opt.step()
             sched.step()
             bar.update(len(x), f"epoch {epoch + 1}/{args.epochs} loss {loss.item():.3f}")
+    return skipped
 
 
 def save_vis(path, img, truth, pred, names):
@@ -265,13 +286,18 @@ def save_vis(path, img, truth, pred, names):
 
 def evaluate(model, head, dataset, names, args):
     """One confusion matrix over the whole set: logits upsampled to the resized input, the padding cropped
-    off, then upsampled to the original label size and argmaxed. Writes the first N_VIS pictures to --vis."""
+    off, then upsampled to the original label size and argmaxed. Writes the first N_VIS pictures to --vis.
+    Returns (the matrix, the images that could not be read, left out)."""
     loader = DataLoader(dataset, batch_size=1, num_workers=args.workers)
     n, p = len(names), model.patch_size
-    conf, bar = np.zeros((n, n), dtype=np.int64), probing.Progress("evaluating", len(dataset))
+    conf, bar, skipped = np.zeros((n, n), dtype=np.int64), probing.Progress("evaluating", len(dataset)), []
     head.eval()
     with torch.no_grad():
-        for i, (x, y, (nh, nw)) in enumerate(loader):
+        for i, (x, y, (nh, nw), ok) in enumerate(loader):
+            bar.update()
+            if not ok.item():
+                skipped.append(dataset.items[i][0])
+                continue
             logits = head(token_map(probing.frozen_tokens(model, x), x.shape[2] // p, x.shape[3] // p))
             logits = F.interpolate(logits, size=x.shape[2:], mode="bilinear",
                                    align_corners=False)[..., :nh, :nw]
@@ -281,8 +307,7 @@ def evaluate(model, head, dataset, names, args):
             if args.vis and i < N_VIS:
                 save_vis(os.path.join(args.vis, f"vis_{i:03d}.png"), data.load_rgb(dataset.items[i][0]),
                          y[0].numpy().astype(np.uint8), pred[0].numpy().astype(np.uint8), names)
-            bar.update()
-    return conf
+    return conf, skipped
 
 
 def datasets(args, demo, size, patch):
@@ -294,7 +319,15 @@ def datasets(args, demo, size, patch):
             raise FileNotFoundError(f"--root {root}: no such folder")
         train_items, val_items = voc_split(root, args.train_split,
                                            args.mask_dir), voc_split(root, "val", args.mask_dir)
-        n_classes = voc_n_classes(train_items + val_items)
+        n_classes, good, bad = voc_scan(train_items + val_items)
+        if bad:
+            print(f"skipped {len(bad)} of {len(good) + len(bad)} image/mask pairs, e.g. {bad[0][1]}",
+                  file=sys.stderr)
+        good = set(good)
+        train_items, val_items = [i for i in train_items if i in good], [i for i in val_items if i in good]
+        if not train_items or not val_items:
+            raise ValueError(f"--root {root}: no usable image/mask pair in the {'val' if train_items else 'train'}"
+                             f" split")
         names = ["background"] + [f"class {c}" for c in range(1, n_classes)]
         if demo and n_classes == 1 + len(demo_set.DEMO_CATEGORIES):
             names = ["background"] + [c[1] for c in demo_set.DEMO_CATEGORIES]
@@ -356,8 +389,12 @@ def main(argv=None):
                          nn.Conv2d(model.embed_dim, len(names), 1)).to(args.device)
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                         pin_memory=args.device.startswith("cuda"), persistent_workers=args.workers > 0)
-    train_head(model, head, loader, args)
-    score, ious = miou(evaluate(model, head, val_set, names, args))
+    skipped_train = train_head(model, head, loader, args)
+    conf, skipped = evaluate(model, head, val_set, names, args)
+    score, ious = miou(conf)
+    if skipped_train or skipped:
+        print(f"skipped images that could not be read: {skipped_train} of {len(train_set)} train, "
+              f"{len(skipped)} of {len(val_set)} val {skipped[:3]}", file=sys.stderr)
     print(f"\nmIoU {score:.2f}  (" + ", ".join(f"{n} {v:.1f}" for n, v in zip(names, ious)
                                                if v is not None) + ")")
     if args.out:
@@ -365,7 +402,8 @@ def main(argv=None):
                       backbone=args.ckpt or f"random-init {args.model} seed {args.seed}",
                       dataset=args.dataset,
                       img_size=size, epochs=args.epochs, lr=args.lr, wd=args.wd, batch_size=args.batch_size,
-                      n_train=len(train_set), n_val=len(val_set))
+                      n_train=len(train_set) - skipped_train, n_val=len(val_set) - len(skipped),
+                      skipped_train=skipped_train, skipped_val=skipped)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
         print(f"wrote {args.out}")

@@ -83,14 +83,27 @@ def frozen_tokens(model, images):
 
 
 def extract_features(model, loader, fn, what="features", quiet=False):
-    """Run the frozen backbone once over `loader` (batches whose first item is the image tensor) and keep
-    fn(tokens) of every image on the CPU, concatenated in loader order (with a progress line unless quiet)."""
-    out, bar = [], None if quiet else Progress(what, len(loader.dataset))
-    for batch in loader:
-        out.append(fn(frozen_tokens(model, batch[0])).cpu())
+    """Run the frozen backbone once over `loader` (batches (images, ok) of Images) and keep fn(tokens) of
+    every image on the CPU, concatenated in loader order (with a progress line unless quiet). Returns
+    (features [n, ...], ok [n] bool): ok is False for a file that could not be read, whose row holds the
+    features of a blank image; callers drop those rows (see readable)."""
+    out, oks, bar = [], [], None if quiet else Progress(what, len(loader.dataset))
+    for images, ok in loader:
+        out.append(fn(frozen_tokens(model, images)).cpu())
+        oks.append(torch.as_tensor(ok, dtype=torch.bool))
         if bar:
-            bar.update(len(batch[0]))
-    return torch.cat(out)
+            bar.update(len(images))
+    return torch.cat(out), torch.cat(oks)
+
+
+def readable(ok, paths, what):
+    """The files of `paths` that Images could not read (ok False), named on stderr in one line: a probe
+    skips them and goes on instead of stopping on one bad file."""
+    bad = [p for p, good in zip(paths, ok.tolist()) if not good]
+    if bad:
+        print(f"{what}: skipped {len(bad)} of {len(paths)} images that could not be read, e.g. {bad[:3]}",
+              file=sys.stderr)
+    return bad
 
 
 class Progress:
@@ -186,7 +199,7 @@ def load_coco(json_path, images_dir, check_images=True):
             coco.createIndex()
         bad = [a["id"] for a in d["annotations"] if a["category_id"] not in coco.cats
                or a["image_id"] not in coco.imgs]
-        paths = [os.path.join(images_dir, coco.imgs[i]["file_name"]) for i in sorted(coco.imgs)]
+        paths = image_paths(coco, images_dir)
     except (KeyError, TypeError) as e:
         raise ValueError(f"annotation file {json_path}: not COCO instances format (an entry "
                          f"without {e})") from None
@@ -196,6 +209,11 @@ def load_coco(json_path, images_dir, check_images=True):
     if check_images:
         require_files(paths, f"images of {json_path} in {images_dir}")
     return coco
+
+
+def image_paths(coco, images_dir):
+    """The file of every image of a COCO index, in sorted-id order (the order of features and labels)."""
+    return [os.path.join(images_dir, coco.imgs[i]["file_name"]) for i in sorted(coco.imgs)]
 
 
 def same_categories(train, val, train_json, val_json):
@@ -222,10 +240,12 @@ def multi_hot(coco, cat_ids):
 
 
 class Images(Dataset):
-    """Image files resized to size x size (no crop), ImageNet-normalised; items are 1-tuples (the image)."""
+    """Image files resized to size x size (no crop), ImageNet-normalised; items are (image, True), or (a
+    blank image, False) for a file that cannot be read (missing, truncated, not an image, larger than PIL's
+    limit): one bad file is skipped and counted by the caller, never the end of a run."""
 
     def __init__(self, paths, size):
-        self.paths = list(paths)
+        self.paths, self.size = list(paths), size
         self.tf = T.Compose([T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
                              T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
 
@@ -233,7 +253,10 @@ class Images(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return (self.tf(data.load_rgb(self.paths[i])),)
+        try:
+            return self.tf(data.load_rgb(self.paths[i])), True
+        except Exception:  # any decode failure
+            return torch.zeros(3, self.size, self.size), False
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -324,13 +347,17 @@ class OnlineProbe:
         t0 = time.time()
         with torch.random.fork_rng(devices=[]):  # the loader and the head draw from the global generator
             loader = torch.utils.data.DataLoader(self.images, batch_size=64, num_workers=self.workers)
-            feats = extract_features(backbone, loader, lambda t: vit.global_feature(t, self.agg), quiet=True)
-            torch.manual_seed(self.seed)
-            mean, std, head = train_linear_head(feats[:self.n_train], self.train_labels, self.steps, 1e-2,
-                                                1e-4, device, quiet=True)
-        with torch.no_grad():
-            logits = head(((feats[self.n_train:] - mean) / std).to(device))
-            scores = torch.sigmoid(logits).float().cpu().numpy()
-        return {"probe_mAP": round(mean_average_precision(scores, self.heldout_labels), 4),
-                "n_train": self.n_train,
-                "n_heldout": len(self.heldout_labels), "probe_s": round(time.time() - t0, 2)}
+            feats, ok = extract_features(backbone, loader, lambda t: vit.global_feature(t, self.agg), quiet=True)
+            train, held = ok[:self.n_train], ok[self.n_train:]  # unreadable files are left out of both halves
+            readable(ok, self.images.paths, "online probe")
+            mAP = float("nan")
+            if train.any() and held.any():
+                torch.manual_seed(self.seed)
+                mean, std, head = train_linear_head(feats[:self.n_train][train], self.train_labels[train],
+                                                    self.steps, 1e-2, 1e-4, device, quiet=True)
+                with torch.no_grad():
+                    logits = head(((feats[self.n_train:][held] - mean) / std).to(device))
+                    scores = torch.sigmoid(logits).float().cpu().numpy()
+                mAP = mean_average_precision(scores, self.heldout_labels[held.numpy()])
+        return {"probe_mAP": round(mAP, 4), "n_train": int(train.sum()), "n_heldout": int(held.sum()),
+                "probe_s": round(time.time() - t0, 2)}

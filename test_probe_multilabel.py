@@ -10,7 +10,7 @@ import torch
 import probe_multilabel
 import probe_segment
 import vit
-from conftest import RunsCode, error_of, save_demo_backbone, small_run, tiny_coco
+from conftest import RunsCode, error_of, labelled_images, save_demo_backbone, small_run, tiny_coco
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools")  # numpy-2 copy= notice
 
@@ -117,3 +117,34 @@ def test_probes_refuse_bad_inputs(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "images" in err and "Traceback" not in err
     assert not (tmp_path / "res.json").exists()
+
+
+def break_images(folder, names):
+    """Two kinds of unreadable file in place of real images: a header cut after 100 bytes, and text."""
+    (folder / names[0]).write_bytes((folder / names[0]).read_bytes()[:100])
+    (folder / names[1]).write_text("not an image")
+    return [str(folder / n) for n in names]
+
+
+def test_unreadable_images_are_skipped_as_if_absent(tmp_path, capsys):
+    """A cut and a non-image file in a COCO set: the multi-label probe names them, goes on, and scores what a
+    run on the same file without those two images scores (same mAP, same counts)."""
+    path = labelled_images(tmp_path / "coco", n=12, size=32)
+    spec = json.loads(open(path).read())
+    bad = break_images(tmp_path / "coco" / "train", [spec["images"][2]["file_name"], spec["images"][6]["file_name"]])
+    gone = {spec["images"][2]["id"], spec["images"][6]["id"]}
+    kept = dict(spec, images=[i for i in spec["images"] if i["id"] not in gone],
+                annotations=[a for a in spec["annotations"] if a["image_id"] not in gone])
+    (tmp_path / "kept.json").write_text(json.dumps(kept))
+    results = []
+    for k, js in enumerate([path, str(tmp_path / "kept.json")]):
+        argv = ["--random-init", "--model", "vit_test", "--epochs", "30", "--workers", "0", "--cache",
+                str(tmp_path / f"c{k}"), "--out", str(tmp_path / f"ml{k}.json")]
+        for split in ("train", "val"):
+            argv += [f"--{split}-json", js, f"--{split}-images", str(tmp_path / "coco" / "train")]
+        assert probe_multilabel.main(argv) == 0
+        results.append(json.loads((tmp_path / f"ml{k}.json").read_text()))
+    assert "skipped 2 of 12 images" in capsys.readouterr().err
+    assert results[0]["skipped"] == bad + bad and results[1]["skipped"] == []
+    assert (results[0]["n_train"], results[0]["n_val"]) == (results[1]["n_train"], results[1]["n_val"]) == (10, 10)
+    assert results[0]["mAP"] == results[1]["mAP"] and results[0]["OF1"] == results[1]["OF1"]

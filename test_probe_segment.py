@@ -90,5 +90,33 @@ def test_voc_errors(tmp_path, capsys):
     os.remove(root / "SegmentationClass" / "b.png")
     err = error_of(probe_segment.main, argv, capsys)
     assert "masks of" in err and "1 of 2 files missing" in err and "b.png" in err
-    Image.new("P", (16, 20)).save(root / "SegmentationClass" / "b.png")  # transposed
-    assert "b.jpg is 20x16 px but" in error_of(probe_segment.main, argv, capsys)
+    Image.new("P", (16, 20)).save(root / "SegmentationClass" / "b.png")  # transposed: b is skipped, a runs
+    out = tmp_path / "seg.json"
+    assert probe_segment.main(argv + ["--epochs", "1", "--workers", "0", "--img-size", "16", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 1 of 3 image/mask pairs" in err and "b.jpg is 20x16 px but" in err
+    assert json.loads(out.read_text())["n_train"] == 1
+    Image.new("P", (16, 20)).save(root / "SegmentationClass" / "a.png")  # no training pair left
+    assert probe_segment.main(argv) == 2
+    assert "no usable image/mask pair in the train split" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_unreadable_images_are_skipped_and_counted(demo_dir, tmp_path, capsys):
+    """COCO segmentation with a cut training image and a non-image val file: the probe goes on, counts both,
+    and scores the other val images (SegData gives the bad ones as a blank image with every pixel ignored)."""
+    path = tiny_coco(tmp_path, n_images=4, size=32)
+    (tmp_path / "img" / "2.jpg").write_bytes((tmp_path / "img" / "2.jpg").read_bytes()[:100])
+    (tmp_path / "img" / "3.jpg").write_text("not an image")
+    out = tmp_path / "seg.json"
+    argv = ["--random-init", "--model", "vit_test", "--dataset", "coco", "--epochs", "2", "--workers", "0",
+            "--img-size", "16", "--out", str(out)]
+    for split in ("train", "val"):
+        argv += [f"--{split}-json", str(path), f"--{split}-images", str(tmp_path / "img")]
+    assert probe_segment.main(argv) == 0
+    assert "2 of 4 train, 2 of 4 val" in capsys.readouterr().err
+    result = json.loads(out.read_text())
+    assert result["skipped_val"] == [str(tmp_path / "img" / n) for n in ("2.jpg", "3.jpg")]
+    assert (result["skipped_train"], result["n_train"], result["n_val"]) == (2, 2, 2)
+    coco = load_coco(str(path), str(tmp_path / "img"))
+    x, y, size, ok = probe_segment.SegData([(str(tmp_path / "img" / "3.jpg"), 3)], 16, 8, False, coco, {})[0]
+    assert not ok and x.abs().sum() == 0 and (y == 255).all()

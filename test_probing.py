@@ -98,3 +98,18 @@ def test_online_probe_is_deterministic_and_leaves_the_callers_rng(tmp_path):
     with torch.no_grad():
         scores = torch.sigmoid(head((feats[5:] - mean) / std)).numpy()
     assert first["probe_mAP"] == pytest.approx(mean_average_precision(scores, probe.heldout_labels), abs=1e-3)
+
+
+def test_online_probe_leaves_out_an_unreadable_image(tmp_path, capsys):
+    """A file of the online probe's subset that cannot be read is left out of its half (named on stderr),
+    the probe still scores; probing.Images gives it as a blank image flagged False."""
+    data_json = labelled_images(tmp_path / "coco", n=12)
+    probe = probing.OnlineProbe(data_json, None, 10, 32, "gap", seed=3, workers=0, steps=20)
+    with open(probe.images.paths[7], "w") as f:
+        f.write("not an image")  # in the held-out half (5 + 5)
+    x, ok = probe.images[7]
+    assert not ok and x.shape == (3, 32, 32) and x.abs().sum() == 0 and probe.images[0][1]
+    torch.manual_seed(0)
+    result = probe(vit.create_vit("vit_test").eval(), torch.device("cpu"))
+    assert (result["n_train"], result["n_heldout"]) == (5, 4) and 0 <= result["probe_mAP"] <= 100
+    assert "online probe: skipped 1 of 10" in capsys.readouterr().err
