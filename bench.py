@@ -196,11 +196,11 @@ def bench_train(cfg, device, files, rows, save):
         pargs = config.resolve_args(["--data", "unused"] + size_flags(cfg) + flags)
         row, model, step, x = {"part": "train", "name": name, "objective": objective,
                                "flags": flags}, None, None, None
-        t0, kernel = time.perf_counter(), losses.triton
+        t0, kernel = time.perf_counter(), losses.fused_score
         try:
             free(device)
             # the fused scoring off for this row only
-            losses.triton = None if objective == UNFUSED else kernel
+            losses.fused_score = None if objective == UNFUSED else kernel
             model, step, photometric = train_step(pargs, device)
             x = torch.randn(2 * B, 3, S, S, device=device)
             t = median_time(lambda: step(x), device, cfg.warmup, cfg.steps)
@@ -224,7 +224,7 @@ def bench_train(cfg, device, files, rows, save):
             rows.append(row)
             print(f"error in train row {name}: {row['error'][:400]}", file=sys.stderr, flush=True)
         finally:
-            losses.triton = kernel
+            losses.fused_score = kernel
         print(f"  [{time.perf_counter() - cfg.t_start:.0f} s] train {name}: "
               f"{row.get('step_ms', float('nan')):.1f} ms", flush=True)
         model = step = x = None

@@ -25,7 +25,7 @@ def bench_kernel(cfg, device, rows, median_time, free, beta=0.5, M=256, D=128):
     and halved, so the float64 table is the same; then the kernel alone for every block config of
     KERNEL_CONFIGS at T tokens and at 16. median_time(fn, device, warmup, steps) and
     free(device) are bench.py's timer and memory reset."""
-    if device.type != "cuda" or losses.triton is None:
+    if device.type != "cuda" or losses.fused_score is None:
         rows.append({"part": "kernel", "name": "no CUDA or no triton: skipped"})
         return
     B, T = cfg.batch_size, (cfg.img_size // vit.CONFIGS[cfg.model]["patch_size"]) ** 2

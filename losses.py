@@ -14,17 +14,15 @@ global layout is that of one process holding the concatenated batch. Each rank r
 anchors: the mean over ranks is the single-process loss, and DDP's gradient averaging then gives exactly the
 single-process gradients (the gather's backward sums every rank's gradient into the features it came from).
 """
+import importlib.util
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-try:  # triton ships with torch's CUDA builds; losses.triton = None turns the kernel off (bench.py does)
-    import triton
-except ImportError:
-    triton = None
-try:  # the fused thresholded set score on CUDA (its Triton kernel); without it, two torch ops
-    import fused_score
+try:  # the fused thresholded set score on CUDA, a Triton kernel (triton ships with torch's CUDA builds); without
+    import fused_score  # it, two torch ops. losses.fused_score = None turns it off (bench.py's unfused row does)
 except ImportError:  # no triton, or fused_score.py not copied along
     fused_score = None
 
@@ -206,9 +204,9 @@ def _threshold_sum(z, keys, beta, fused):
     beta else -1 (METHOD.md 4.5). fused: fused_score.py's Triton kernel, products in float32 from the inputs'
     dtype; else the [A, T, K] product in the inputs' dtype, summed in float32 (bf16 sums would reorder the
     sets)."""
-    if fused and (triton is None or fused_score is None):
-        missing = ("triton is not installed (it ships with torch's CUDA builds)" if triton is None
-                   else "fused_score.py, which holds it, cannot be imported")
+    if fused and fused_score is None:
+        missing = ("triton is not installed (it ships with torch's CUDA builds)" if importlib.util.find_spec(
+            "triton") is None else "fused_score.py, which holds it, cannot be imported (or was turned off)")
         raise RuntimeError(f"losses: fused=True runs a Triton kernel, and {missing}; pass fused=False or None")
     if fused:
         return fused_score.threshold_sum(z, keys, float(beta))
@@ -244,7 +242,7 @@ def _guided_choice(z, z_all, r, own, beta, chunk=None, fused=None):
             s_own = torch.einsum("abd,abmkd->abm", zbar, members)
             return (s_all - s_own).argmax(-1)
     if fused is None:
-        fused = (triton is not None and fused_score is not None and z.is_cuda
+        fused = (fused_score is not None and z.is_cuda
                  and z.dtype in (torch.bfloat16, torch.float16))
     per_token = M >= z_all.shape[1]
     keys = z_all.reshape(-1, D) if per_token else z_all[cols, r].reshape(M * n_cols, D)

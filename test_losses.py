@@ -3,6 +3,7 @@ Every loss against a naive Python-loop implementation written from the formulas 
 and gradients), closed forms, argument errors and two-process (gloo) equivalence.
 The naive versions replay the documented draw order of losses.dense_loss from a generator with the same seed.
 """
+import importlib.util
 import math
 import os
 import subprocess
@@ -464,7 +465,8 @@ def test_two_processes_equal_one():
 
 
 def test_fused_without_triton_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(losses, "triton", None)
+    monkeypatch.setattr(losses, "fused_score", None)
+    monkeypatch.setattr(losses.importlib.util, "find_spec", lambda name: None)  # as if triton were absent
     z = torch.nn.functional.normalize(torch.randn(2, 3, 4, 8), dim=-1)
     with pytest.raises(RuntimeError, match="triton is not installed"):
         losses._threshold_sum(z[0], z[1].reshape(-1, 8), 0.5, True)
@@ -498,5 +500,6 @@ def test_losses_without_fused_score_py():
     assert out.returncode == 0, out.stderr[-3000:]
     value, error = out.stdout.splitlines()
     assert float(value) == eval(TINY_GUIDED).item()
-    missing = "triton is not installed" if losses.triton is None else "fused_score.py, which holds it, cannot"
+    missing = "triton is not installed" if importlib.util.find_spec("triton") is None \
+        else "fused_score.py, which holds it, cannot"
     assert error.startswith("losses: fused=True") and missing in error, error
