@@ -77,6 +77,9 @@ def get_args_parser(description=None):
     add("--oracle-negatives", action="store_true", help="a DIAGNOSTIC that reads labels: drop every dense "
         "negative token whose class (from the class masks of a demo-layout set, voc/SegmentationClass) "
         "equals the anchor token's (METHOD.md 4.8)")
+    add("--oracle-shuffle", action="store_true", help="the CONTROL of --oracle-negatives: its token labels "
+        "permuted across the batch's tokens every step (a generator seeded by --seed and the step), so about as "
+        "many negatives leave the sum, but not by class (METHOD.md 4.8)")
     add("--gamma", type=float, default=0.0, help="weight of the auxiliary reconstruction loss")
     add("--recon", choices=["l2", "l1"], default="l2", help="reconstruction loss")
     add("--norm-pix", action="store_true",
@@ -168,9 +171,10 @@ def cross_view(n, tokens):
 
 # Flags that act only in some configurations: given explicitly where they do nothing, they are an error
 NEEDS = [(("neg", "M", "beta", "N", "score_tokens", "xv_exclude", "tau_d", "pair", "lam_warmup", "neg_draw",
-           "detach_neg", "oracle_negatives"), lambda a: a.lam > 0, "a dense loss (--lam > 0)"),
+           "detach_neg", "oracle_negatives", "oracle_shuffle"), lambda a: a.lam > 0, "a dense loss (--lam > 0)"),
          (("neg_draw",), lambda a: a.neg == "random", "--neg random"),
          (("oracle_negatives",), lambda a: a.neg != "densecl", "token negatives (--neg random, guided or all)"),
+         (("oracle_shuffle",), lambda a: a.oracle_negatives, "--oracle-negatives"),
          (("M", "beta", "score_tokens"), lambda a: a.neg == "guided", "--neg guided"),
          (("score_tokens",), lambda a: a.beta is not None and a.beta >= -1,
           "the thresholded set score (--beta >= -1)"),
@@ -256,6 +260,6 @@ def objective_summary(args):
     """The settings in force, for the first log line: a flag NEEDS leaves without effect is not shown, nor a
     switch that is off."""
     keys = ("lam", "neg", "M", "beta", "N", "pair", "gamma", "agg", "crop", "neg_draw", "detach_neg",
-            "oracle_negatives")
+            "oracle_negatives", "oracle_shuffle")
     return " ".join(f"{k}={getattr(args, k)}" for k in keys if getattr(args, k, None) is not False
                     and all(used(args) for dests, used, _ in NEEDS if k in dests))

@@ -338,18 +338,26 @@ def token_labels(masks, batch, grid):
 
 class OracleLabels:
     """--oracle-negatives: the token labels of each batch of a loader. tap(loader) passes its batches on
-    unchanged and keeps each one's crop geometry; next() gives the token_labels of the oldest batch kept, so
-    that it pairs with the views of the same batch however far ahead augment.device_batches reads."""
+    unchanged and keeps each one's crop geometry; next(step) gives the token_labels of the oldest batch kept,
+    so that it pairs with the views of the same batch however far ahead augment.device_batches reads.
+    shuffle_seed (--oracle-shuffle, the oracle's control): the labels of step s permuted across all of the
+    batch's tokens by torch.randperm under a generator seeded with (shuffle_seed, s), the same draw after a
+    resume: the oracle then leaves out about as many negatives, but not by class (METHOD.md 4.8)."""
 
     KEYS = ("index", "size", "box1", "box2", "flip1", "flip2")
 
-    def __init__(self, files, grid):
+    def __init__(self, files, grid, shuffle_seed=None):
         self.masks, self.grid, self.pending = class_masks(files), grid, collections.deque()
+        self.shuffle_seed = shuffle_seed
 
     def tap(self, loader):
         for batch in loader:
             self.pending.append({k: batch[k] for k in self.KEYS})
             yield batch
 
-    def next(self):
-        return token_labels(self.masks, self.pending.popleft(), self.grid)
+    def next(self, step=0):
+        labels = token_labels(self.masks, self.pending.popleft(), self.grid)
+        if self.shuffle_seed is None:
+            return labels
+        g = torch.Generator().manual_seed(self.shuffle_seed * 1_000_003 + step)
+        return labels.flatten()[torch.randperm(labels.numel(), generator=g)].view_as(labels)

@@ -211,7 +211,8 @@ def setup(args, ckpt, rank, world_size, device):
         raise ValueError(f"--decode gpu needs a CUDA device, this run is on {device}: use --decode cpu or auto")
     run.decode_gpu = args.decode == "gpu" or (args.decode == "auto" and run.cuda)
     # the class masks, loaded once (a missing one is an error now)
-    run.oracle = methods.OracleLabels(run.files, run.model.backbone.grid) if args.oracle_negatives else None
+    run.oracle = methods.OracleLabels(run.files, run.model.backbone.grid, args.seed if args.oracle_shuffle
+                                      else None) if args.oracle_negatives else None
     dataset = data.TwoViews(run.files, args.img_size, seed=args.seed, boxes=run.boxes,
                             ccrop_alpha=args.ccrop_alpha, ccrop_warmup=args.ccrop_warmup,
                             device_decode=run.decode_gpu)
@@ -284,7 +285,7 @@ def train(args, ckpt=None, changed=()):
             run.sampler.set_steps(run.step, loader_pass(run, args, rank, device))
             loader = run.oracle.tap(run.loader) if run.oracle else run.loader
             for x, batch_skipped in augment.device_batches(loader, device, run.photometric, args.img_size):
-                labels = run.oracle.next().to(device, non_blocking=True) if run.oracle else None
+                labels = run.oracle.next(run.step).to(device, non_blocking=True) if run.oracle else None
                 lr = lr_at(run.step, peak_lr, run.warmup_steps, run.total_steps)
                 for group in run.opt.param_groups:
                     group["lr"] = lr

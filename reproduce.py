@@ -148,6 +148,7 @@ def rows_of(table, quick=False, tokens=196):
                    ("DenseCL", "detached", f["DenseCL"] + ["--detach-neg"]),
                    ("DenseCL++", "detached", DENSECLPP + ["--detach-neg"]),
                    ("DenseCL++", "oracle", DENSECLPP + ["--oracle-negatives"]),
+                   ("DenseCL++", "oracle shuffled", DENSECLPP + ["--oracle-negatives", "--oracle-shuffle"]),
                    ("DenseCL++*", "oracle", f["DenseCL++*"] + ["--oracle-negatives"])]
         changes += [(m, f"{k} {v}", f[m] + [f"--{k}", v]) for m in ("DenseCL", "DenseCL++")
                     for k, vs in (("tau-d", ("0.1", "0.5")), ("lam", ("0.1", "0.3"))) for v in vs]

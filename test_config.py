@@ -29,7 +29,7 @@ def test_abbreviated_flags_are_refused(module, argv, capsys):
     (["--beta", "-2", "--score-tokens", "4"], "--score-tokens"),
     (["--N", "0", "--xv-exclude", "2"], "--xv-exclude"),
     (["--norm-pix"], "--norm-pix"), (["--montage-r", "2"], "--montage-r"),
-    (["--ccrop-k", "0.2"], "--ccrop-k")])
+    (["--ccrop-k", "0.2"], "--ccrop-k"), (["--neg", "random", "--N", "0", "--oracle-shuffle"], "--oracle-shuffle")])
 
 
 def test_flags_that_do_nothing_are_errors(tmp_path, flags, named, capsys):

@@ -373,3 +373,28 @@ def test_oracle_labels_of_a_demo_set(tmp_path):
         assert labels.shape == (4, 16) and torch.equal(labels, methods.token_labels(masks, batch, 4))
     with pytest.raises(ValueError, match="--oracle-negatives"):
         methods.class_masks(data.list_images(make_images(tmp_path / "plain", n=2)))
+
+
+def test_oracle_shuffle_permutes_each_steps_labels_replayably(tmp_path):
+    """--oracle-shuffle: next(step) is the oracle's labels of the batch permuted across its tokens (the same
+    multiset of labels, other positions), the same permutation for the same (seed, step), as after a resume,
+    another one for another step."""
+    import demo
+    root = demo.make_demo(str(tmp_path / "demo"), n_train=4, n_val=1)
+    files = data.list_images(f"{root}/images/train")
+    views = data.TwoViews(files, img_size=32, seed=0)
+    batch = data.two_view_batch([views[i] for i in range(4)])
+    plain, shuffled, again = (methods.OracleLabels(files, 4, seed) for seed in (None, 7, 7))
+    out = {}
+    for name, oracle in (("plain", plain), ("shuffled", shuffled), ("again", again)):
+        list(oracle.tap([batch, batch]))
+        out[name] = [oracle.next(step) for step in (5, 6)]
+    truth = methods.token_labels(methods.class_masks(files), batch, 4)
+    assert torch.equal(out["plain"][0], truth) and len(truth.unique()) > 2
+    for k in (0, 1):
+        assert torch.equal(out["shuffled"][k], out["again"][k]) and out["shuffled"][k].shape == truth.shape
+        assert torch.equal(out["shuffled"][k].flatten().sort().values, truth.flatten().sort().values)
+        assert not torch.equal(out["shuffled"][k], truth)
+    assert not torch.equal(out["shuffled"][0], out["shuffled"][1])
+    g = torch.Generator().manual_seed(7 * 1_000_003 + 6)
+    assert torch.equal(out["shuffled"][1], truth.flatten()[torch.randperm(truth.numel(), generator=g)].view(8, 16))

@@ -141,7 +141,7 @@ def test_a_killed_table_continues_to_the_numbers_of_an_uninterrupted_one(demo_di
 
 
 @pytest.mark.parametrize("table,n", [("main", 11), ("agg-pair", 5), ("lambda", 10),
-                                     ("negatives", 36), ("recon", 7), ("controls", 18)])
+                                     ("negatives", 36), ("recon", 7), ("controls", 19)])
 def test_tables_have_their_rows_and_references(table, n):
     rows = reproduce.rows_of(table)
     names = [name for name, _, _ in rows]
