@@ -129,7 +129,7 @@ def test_device_batches_decode_on_the_device_equal_the_workers(tmp_path):
     this process, here on the CPU) feeds the step exactly the input of the worker-decoding loader, with the
     same skipped files."""
     import data
-    from test_data import decode_set
+    from test_decode import decode_set
     files = decode_set(tmp_path)
 
     def feed(device_decode):
