@@ -100,7 +100,7 @@ def voc_scan(items):
     """(1 + the largest class index (255 excluded) in the masks, the usable items, [(image, why)] of the pairs
     left out): every mask is read and every image's header, so that a pair whose mask is not a palette PNG or
     whose image is missing, unreadable or of another size than its mask is named and skipped here, not met in
-    the middle of training. Raises when no pair is usable."""
+    the middle of training."""
     top, good, bad, bar = 0, [], [], probing.Progress("scanning masks", len(items))
     for img_path, mask_path in items:
         try:
@@ -115,8 +115,6 @@ def voc_scan(items):
             top = max(top, int(mask[mask != 255].max(initial=0)))
             good.append((img_path, mask_path))
         bar.update()
-    if not good:
-        raise ValueError(f"no usable image/mask pair among {len(items)}: {bad[0][1]}")
     return top + 1, good, bad
 
 
@@ -327,7 +325,7 @@ def datasets(args, demo, size, patch):
         train_items, val_items = [i for i in train_items if i in good], [i for i in val_items if i in good]
         if not train_items or not val_items:
             raise ValueError(f"--root {root}: no usable image/mask pair in the {'val' if train_items else 'train'}"
-                             f" split")
+                             f" split" + (f" (e.g. {bad[0][1]})" if bad else ""))
         names = ["background"] + [f"class {c}" for c in range(1, n_classes)]
         if demo and n_classes == 1 + len(demo_set.DEMO_CATEGORIES):
             names = ["background"] + [c[1] for c in demo_set.DEMO_CATEGORIES]
