@@ -123,12 +123,12 @@ def save_demo_backbone(tmp_path):
 
 
 def small_run(tmp_path, name="run", extra=()):
+    """A 2-step run with a checkpoint, in this process (a subprocess would spend seconds importing torch)."""
+    import pretrain
     images = make_images(tmp_path / "imgs")
     out = tmp_path / name
-    r = run_pretrain(TINY + GUIDED + ["--data", images, "--batch-size", "4", "--max-steps", "2",
-                                      "--out-dir", str(out)]
-                     + list(extra))
-    assert r.returncode == 0, r.stderr
+    assert pretrain.main(TINY + GUIDED + ["--data", images, "--batch-size", "4", "--max-steps", "2",
+                                          "--out-dir", str(out)] + list(extra)) == 0
     return images, out
 
 

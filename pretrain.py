@@ -191,7 +191,7 @@ def setup(args, ckpt, rank, world_size, device):
             run.opt.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:  # another architecture / flags than this run's
             raise ValueError(f"--resume: {args.out_dir}/ckpt.pt does not fit this model: "
-                             f"{str(e)[:600]}") from None
+                             f"{' '.join(str(e).split())[:600]}") from None  # one line, as every error
         # skipped: unreadable files met on this rank
         run.step, run.skipped = ckpt["step"], set(ckpt["skipped"])
         torch.set_rng_state(ckpt["rng"]["torch"])

@@ -113,7 +113,8 @@ def test_a_killed_table_continues_to_the_numbers_of_an_uninterrupted_one(demo_di
     pretraining starts again, then resumes at step 20, and the run ends with the weights and probe numbers of an
     uninterrupted one."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert subprocess.run(quick_row(straight), cwd=demo_dir, env=ENV, capture_output=True).returncode == 0
+    uninterrupted = subprocess.Popen(quick_row(straight), cwd=demo_dir, env=ENV, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)  # beside the killed runs (one thread each)
     run = killed / "quick" / "simclr-gap" / "seed0"
     log = run / "pretrain" / "log.jsonl"
     for kill_after in (4, 22):
@@ -129,6 +130,7 @@ def test_a_killed_table_continues_to_the_numbers_of_an_uninterrupted_one(demo_di
         assert (run / "pretrain" / "ckpt.pt").exists() == (kill_after > 20)
     assert subprocess.run(quick_row(killed), cwd=demo_dir, env=ENV, capture_output=True).returncode == 0
     assert "resumed at step 20" in (run / "log.txt").read_text()
+    assert uninterrupted.wait(timeout=300) == 0
     a, b = (torch.load(d / "quick" / "simclr-gap" / "seed0" / "pretrain" / "ckpt.pt", weights_only=True)
             for d in (straight, killed))
     assert a["step"] == b["step"] == 40
