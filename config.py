@@ -75,8 +75,9 @@ def get_args_parser(description=None):
     add("--detach-neg", action="store_true", help="the dense negatives carry no gradient, as a momentum "
         "encoder's keys (anchors and positives keep theirs; METHOD.md 4.1)")
     add("--oracle-negatives", action="store_true", help="a DIAGNOSTIC that reads labels: drop every dense "
-        "negative token whose class (from the class masks of a demo-layout set, voc/SegmentationClass) "
-        "equals the anchor token's (METHOD.md 4.8)")
+        "negative token whose class equals the anchor token's (METHOD.md 4.8). The classes: a demo-layout "
+        "set's voc/SegmentationClass masks, or with --data a COCO instances .json its annotations (the 80 "
+        "things, the rest one class 0; ~10 ms an image the first time a process meets it)")
     add("--oracle-shuffle", action="store_true", help="the CONTROL of --oracle-negatives: its token labels "
         "permuted across the batch's tokens every step (a generator seeded by --seed and the step), so about as "
         "many negatives leave the sum, but not by class (METHOD.md 4.8)")

@@ -4,7 +4,8 @@ The two optional pretraining methods on top of pretrain.py, as plain functions:
     ContrastiveCrop (--crop ccrop, METHOD.md 9)  ccrop_due, heat_maps, heat_to_boxes / heat_to_box, localise
     MCL montage (--montage, METHOD.md 8)         assemble_montage, build_montages, block_attn_mask,
                                                  cell_means, montage_loss, mcl_loss
-    oracle negatives (--oracle-negatives, 4.8)   class_masks, token_labels, OracleLabels (a diagnostic)
+    oracle negatives (--oracle-negatives, 4.8)   class_masks, CocoClassMasks, token_labels, OracleLabels
+                                                 (a diagnostic)
 
 Every random draw comes from the torch.Generator passed in, in the order the docstrings give, so tests replay
 them.
@@ -21,6 +22,7 @@ from PIL import Image
 import augment
 import data
 import losses
+import probing
 
 HEATS = ("cls_attn", "token_norm", "channel_sum")
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)
@@ -315,22 +317,52 @@ def class_masks(files):
     return masks
 
 
-def token_labels(masks, batch, grid):
+class CocoClassMasks:
+    """The class masks of a COCO instances .json given as --data (data.list_images: its images in the json's
+    order): mask i is probing.coco_mask of image i (0 the unlabelled rest, 1..K the json's categories in id
+    order, 255 crowd), made on first use and kept at every `stride`-th pixel of both axes (pixel (y, x) of the
+    image is mask[y // stride, x // stride]). At 640x480 a mask takes ~10 ms to make (pycocotools, in the
+    training process, once per image) and ~19 KB to keep at stride 4: ~2.3 GB a process once all of COCO
+    train2017 has passed."""
+
+    def __init__(self, json_path, files, image_root=None, stride=4):
+        self.coco = probing.load_coco(json_path, image_root or data.coco_image_root(json_path), check_images=False)
+        self.ids = [im["id"] for im in self.coco.dataset["images"]]
+        if len(self.ids) != len(files):
+            raise ValueError(f"--oracle-negatives: {json_path} names {len(self.ids)} images, --data {len(files)}")
+        if len(self.coco.cats) > 254:
+            raise ValueError(f"--oracle-negatives: {json_path} has {len(self.coco.cats)} categories, at most 254 "
+                             f"fit a uint8 mask")
+        self.cat_index = {c: k + 1 for k, c in enumerate(sorted(self.coco.cats))}
+        self.stride, self.kept = stride, {}
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        if i not in self.kept:
+            mask = probing.coco_mask(self.coco, self.ids[i], self.cat_index)
+            self.kept[i] = torch.from_numpy(np.ascontiguousarray(mask[::self.stride, ::self.stride]))
+        return self.kept[i]
+
+
+def token_labels(masks, batch, grid, stride=1):
     """The class of every token of both views of a data.TwoViews batch: [2B, grid*grid] int64 (view 1 of
     every image, then view 2; -1 where the class is void). For view k of image b: the mask of file
-    batch['index'][b] (its size must be batch['size'][b]), cropped to the view's box (top, left, h, w) =
-    batch['boxk'][b] on the original image, token (r, c) of the grid takes the pixel at its centre
-        (top + floor((r + 1/2) h / grid), left + floor((c + 1/2) w / grid))
+    batch['index'][b] (of size batch['size'][b], or kept at every `stride`-th pixel: ceil(H / stride) x
+    ceil(W / stride)), cropped to the view's box (top, left, h, w) = batch['boxk'][b] on the original image,
+    token (r, c) of the grid takes the pixel at its centre
+        (top + floor((r + 1/2) h / grid), left + floor((c + 1/2) w / grid))   (each divided by stride, floored)
     and the grid is mirrored left-right where batch['flipk'][b] (the view was)."""
     out, odd = [], 2 * torch.arange(grid) + 1  # token centres at (2r + 1) / (2 grid), in integers
     for k in (1, 2):
         for b, i in enumerate(batch["index"].tolist()):
             mask = masks[i]
-            if list(mask.shape) != batch["size"][b].tolist():
-                raise ValueError(f"--oracle-negatives: the class mask of image {i} is {tuple(mask.shape)}, the "
-                                 f"image {tuple(batch['size'][b].tolist())}")
+            if list(mask.shape) != [-(-n // stride) for n in batch["size"][b].tolist()]:
+                raise ValueError(f"--oracle-negatives: the class mask of image {i} is {tuple(mask.shape)} (every "
+                                 f"{stride}th pixel), the image {tuple(batch['size'][b].tolist())}")
             top, left, h, w = (int(v) for v in batch[f"box{k}"][b].tolist())
-            labels = mask[top + odd * h // (2 * grid)][:, left + odd * w // (2 * grid)].long()
+            labels = mask[(top + odd * h // (2 * grid)) // stride][:, (left + odd * w // (2 * grid)) // stride].long()
             out.append((labels.flip(-1) if batch[f"flip{k}"][b] else labels).flatten())
     labels = torch.stack(out)
     return labels.masked_fill_(labels == 255, -1)
@@ -346,9 +378,12 @@ class OracleLabels:
 
     KEYS = ("index", "size", "box1", "box2", "flip1", "flip2")
 
-    def __init__(self, files, grid, shuffle_seed=None):
-        self.masks, self.grid, self.pending = class_masks(files), grid, collections.deque()
-        self.shuffle_seed = shuffle_seed
+    def __init__(self, files, grid, shuffle_seed=None, coco_json=None, image_root=None):
+        """The class masks of a demo-layout set (class_masks, all loaded now), or with coco_json (a COCO
+        instances .json given as --data) made from its annotations as batches need them (CocoClassMasks)."""
+        self.masks = CocoClassMasks(coco_json, files, image_root) if coco_json else class_masks(files)
+        self.stride = self.masks.stride if coco_json else 1
+        self.grid, self.pending, self.shuffle_seed = grid, collections.deque(), shuffle_seed
 
     def tap(self, loader):
         for batch in loader:
@@ -356,7 +391,7 @@ class OracleLabels:
             yield batch
 
     def next(self, step=0):
-        labels = token_labels(self.masks, self.pending.popleft(), self.grid)
+        labels = token_labels(self.masks, self.pending.popleft(), self.grid, self.stride)
         if self.shuffle_seed is None:
             return labels
         g = torch.Generator().manual_seed(self.shuffle_seed * 1_000_003 + step)

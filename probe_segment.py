@@ -118,17 +118,6 @@ def voc_scan(items):
     return top + 1, good, bad
 
 
-def coco_mask(coco, img_id, cat_index):
-    """[H, W] uint8 semantic mask of one COCO image: 0 background, cat_index[category_id] for each instance,
-    255 for crowd regions; instances are drawn in descending area so smaller objects are painted last and stay
-    visible."""
-    info = coco.imgs[img_id]
-    mask = np.zeros((info["height"], info["width"]), dtype=np.uint8)
-    for ann in sorted(coco.imgToAnns.get(img_id, []), key=lambda a: -a["area"]):
-        mask[coco.annToMask(ann) > 0] = 255 if ann.get("iscrowd") else cat_index[ann["category_id"]]
-    return mask
-
-
 def augment(img, label, size):
     """Training pair (METHOD.md 6.2): scale the short side to size * U(0.5, 2), pad to at least size x size
     (image with 0 = the mean colour after normalisation, label with 255), random size x size crop, horizontal
@@ -167,7 +156,7 @@ class SegData(Dataset):
 
     def label(self, i):
         src = self.items[i][1]
-        return coco_mask(self.coco, src, self.cat_index) if self.coco else voc_mask(src)
+        return probing.coco_mask(self.coco, src, self.cat_index) if self.coco else voc_mask(src)
 
     def __getitem__(self, i):
         """Training (image, label, ok), evaluation (image, label, (h, w), ok); ok is False for a file that

@@ -226,6 +226,17 @@ def same_categories(train, val, train_json, val_json):
     return ids
 
 
+def coco_mask(coco, img_id, cat_index):
+    """[H, W] uint8 semantic mask of one COCO image: 0 background, cat_index[category_id] for each instance,
+    255 for crowd regions; instances are drawn in descending area so smaller objects are painted last and stay
+    visible. (probe_segment.py's COCO labels, and the oracle's class masks of a COCO --data: methods.py)"""
+    info = coco.imgs[img_id]
+    mask = np.zeros((info["height"], info["width"]), dtype=np.uint8)
+    for ann in sorted(coco.imgToAnns.get(img_id, []), key=lambda a: -a["area"]):
+        mask[coco.annToMask(ann) > 0] = 255 if ann.get("iscrowd") else cat_index[ann["category_id"]]
+    return mask
+
+
 def multi_hot(coco, cat_ids):
     """[n_images, n_classes] float multi-hot labels, images in sorted-id order, class c = cat_ids[c] (the
     sorted non-contiguous COCO ids -> 0..C-1); crowd annotations count, images without annotations are

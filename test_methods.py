@@ -347,6 +347,10 @@ def test_token_labels_hand_computed():
     # rows 1 + (1, 3)*4 // 4 = 2, 4, columns (1, 3)*4 // 4 = 1, 3 -> [[3, 3], [4, 3]], mirrored
     want = torch.tensor([[23, 26, 43, -1], [3, 3, 5, 3], [16, 12, -1, 42], [3, 3, 3, 4]])
     assert torch.equal(got, want)
+    # masks kept at every 2nd pixel: pixel (y, x) reads the full mask at (2 (y // 2), 2 (x // 2)); image 1,
+    # view 1: rows 2, 4 and columns 2, 6 (void); view 2: rows 0, 4 and columns 2, 6, mirrored; image 0: 3
+    want2 = torch.tensor([[22, 26, 42, -1], [3, 3, 3, 3], [6, 2, -1, 42], [3, 3, 3, 3]])
+    assert torch.equal(methods.token_labels([small[::2, ::2], big[::2, ::2]], batch, 2, stride=2), want2)
     batch["size"][0] = torch.tensor([8, 6])
     with pytest.raises(ValueError, match="oracle-negatives"):
         methods.token_labels([small, big], batch, 2)
@@ -373,6 +377,33 @@ def test_oracle_labels_of_a_demo_set(tmp_path):
         assert labels.shape == (4, 16) and torch.equal(labels, methods.token_labels(masks, batch, 4))
     with pytest.raises(ValueError, match="--oracle-negatives"):
         methods.class_masks(data.list_images(make_images(tmp_path / "plain", n=2)))
+
+
+def test_oracle_labels_of_a_coco_json_match_the_demo_masks(tmp_path):
+    """--data a COCO instances .json: CocoClassMasks makes each image's class mask from its annotations
+    (probing.coco_mask, the categories numbered in id order as the demo's PNGs number them). At stride 1 every
+    token has the PNG's class wherever both know one (the PNG's void band and the json's crowd regions are -1 on
+    one side only); at stride 4 the label of the pixel at the start of its 4x4 cell; OracleLabels reads them."""
+    import demo
+    root = demo.make_demo(str(tmp_path / "demo"), n_train=8, n_val=1)
+    json_path = f"{root}/annotations/instances_train.json"
+    files = data.list_images(json_path)
+    assert files == data.list_images(f"{root}/images/train")
+    views = data.TwoViews(files, img_size=32, seed=0)
+    batch = data.two_view_batch([views[i] for i in range(8)])
+    png = methods.token_labels(methods.class_masks(files), batch, 4)
+    full = methods.CocoClassMasks(json_path, files, stride=1)
+    coco = methods.token_labels(full, batch, 4)
+    both = (png >= 0) & (coco >= 0)
+    assert both.float().mean() > 0.8 and len(png[both].unique()) > 2
+    assert torch.equal(coco[both], png[both])
+    quarter = methods.CocoClassMasks(json_path, files)
+    assert quarter.stride == 4 and torch.equal(quarter[3], full[3][::4, ::4]) and quarter[3].shape == (24, 24)
+    oracle = methods.OracleLabels(files, 4, coco_json=json_path)
+    list(oracle.tap([batch]))
+    assert torch.equal(oracle.next(), methods.token_labels(quarter, batch, 4, stride=4))
+    with pytest.raises(ValueError, match="names 8 images, --data 7"):
+        methods.CocoClassMasks(json_path, files[:7])
 
 
 def test_oracle_shuffle_permutes_each_steps_labels_replayably(tmp_path):

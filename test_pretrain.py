@@ -448,15 +448,18 @@ def test_keep_every_keeps_snapshots_the_probes_read(tmp_path):
 
 def test_oracle_and_its_shuffled_control_end_to_end(tmp_path, capsys):
     """--oracle-negatives on a demo-layout set reaches the loss from pretrain.py (the first step's loss differs
-    from the same run without it), and --oracle-shuffle, its control, gives a third first-step loss."""
+    from the same run without it), and --oracle-shuffle, its control, gives a third first-step loss. The same
+    images given as their COCO json: the same plain run, and the oracle reads the json's annotations."""
     import demo
     root = demo.make_demo(str(tmp_path / "demo"), n_train=8, n_val=1)
-    first = {}
-    for name, flags in (("plain", []), ("oracle", ["--oracle-negatives"]),
-                        ("shuffled", ["--oracle-negatives", "--oracle-shuffle"])):
+    first, folder, json_path = {}, f"{root}/images/train", f"{root}/annotations/instances_train.json"
+    for name, images, flags in (("plain", folder, []), ("oracle", folder, ["--oracle-negatives"]),
+                                ("shuffled", folder, ["--oracle-negatives", "--oracle-shuffle"]),
+                                ("coco plain", json_path, []), ("coco oracle", json_path, ["--oracle-negatives"])):
         out = tmp_path / name
-        assert pretrain.main(TINY + ["--data", f"{root}/images/train", "--batch-size", "4", "--max-steps", "1",
+        assert pretrain.main(TINY + ["--data", images, "--batch-size", "4", "--max-steps", "1",
                                      "--neg", "random", "--N", "0", "--out-dir", str(out)] + flags) == 0
         first[name] = losses_by_step(out)[1]
     assert "oracle_negatives=True oracle_shuffle=True" in capsys.readouterr().out
     assert len({first["plain"], first["oracle"], first["shuffled"]}) == 3, first
+    assert first["coco plain"] == first["plain"] and first["coco oracle"] != first["plain"], first

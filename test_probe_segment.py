@@ -9,8 +9,8 @@ from PIL import Image
 
 import probe_segment
 from conftest import error_of, tiny_coco
-from probing import load_coco
-from probe_segment import coco_mask, confusion_matrix, miou
+from probe_segment import confusion_matrix, miou
+from probing import coco_mask, load_coco
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools")  # numpy-2 copy= notice
 
