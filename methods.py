@@ -13,6 +13,7 @@ them.
 import collections
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -323,7 +324,8 @@ class CocoClassMasks:
     order, 255 crowd), made on first use and kept at every `stride`-th pixel of both axes (pixel (y, x) of the
     image is mask[y // stride, x // stride]). At 640x480 a mask takes ~10 ms to make (pycocotools, in the
     training process, once per image) and ~19 KB to keep at stride 4: ~2.3 GB a process once all of COCO
-    train2017 has passed."""
+    train2017 has passed. A mask that cannot be made (an annotation that does not fit its image's size in
+    the json) is kept empty, so that token_labels finds it unfit."""
 
     def __init__(self, json_path, files, image_root=None, stride=4):
         self.coco = probing.load_coco(json_path, image_root or data.coco_image_root(json_path), check_images=False)
@@ -341,24 +343,32 @@ class CocoClassMasks:
 
     def __getitem__(self, i):
         if i not in self.kept:
-            mask = probing.coco_mask(self.coco, self.ids[i], self.cat_index)
-            self.kept[i] = torch.from_numpy(np.ascontiguousarray(mask[::self.stride, ::self.stride]))
+            try:
+                mask = probing.coco_mask(self.coco, self.ids[i], self.cat_index)[::self.stride, ::self.stride]
+            except (ValueError, IndexError, TypeError, KeyError):  # an annotation that does not fit its image
+                mask = np.zeros((0, 0), np.uint8)  # fits no image: token_labels finds it unfit
+            self.kept[i] = torch.from_numpy(np.ascontiguousarray(mask))
         return self.kept[i]
 
 
-def token_labels(masks, batch, grid, stride=1):
+def token_labels(masks, batch, grid, stride=1, unfit=None):
     """The class of every token of both views of a data.TwoViews batch: [2B, grid*grid] int64 (view 1 of
     every image, then view 2; -1 where the class is void). For view k of image b: the mask of file
     batch['index'][b] (of size batch['size'][b], or kept at every `stride`-th pixel: ceil(H / stride) x
     ceil(W / stride)), cropped to the view's box (top, left, h, w) = batch['boxk'][b] on the original image,
     token (r, c) of the grid takes the pixel at its centre
         (top + floor((r + 1/2) h / grid), left + floor((c + 1/2) w / grid))   (each divided by stride, floored)
-    and the grid is mirrored left-right where batch['flipk'][b] (the view was)."""
+    and the grid is mirrored left-right where batch['flipk'][b] (the view was). A mask of another size is an
+    error, or with a set `unfit` (a long run) its image's index is added to it and its tokens are unknown."""
     out, odd = [], 2 * torch.arange(grid) + 1  # token centres at (2r + 1) / (2 grid), in integers
     for k in (1, 2):
         for b, i in enumerate(batch["index"].tolist()):
             mask = masks[i]
             if list(mask.shape) != [-(-n // stride) for n in batch["size"][b].tolist()]:
+                if unfit is not None:
+                    unfit.add(i)
+                    out.append(torch.full((grid * grid,), -1, dtype=torch.long))
+                    continue
                 raise ValueError(f"--oracle-negatives: the class mask of image {i} is {tuple(mask.shape)} (every "
                                  f"{stride}th pixel), the image {tuple(batch['size'][b].tolist())}")
             top, left, h, w = (int(v) for v in batch[f"box{k}"][b].tolist())
@@ -374,7 +384,9 @@ class OracleLabels:
     so that it pairs with the views of the same batch however far ahead augment.device_batches reads.
     shuffle_seed (--oracle-shuffle, the oracle's control): the labels of step s permuted across all of the
     batch's tokens by torch.randperm under a generator seeded with (shuffle_seed, s), the same draw after a
-    resume: the oracle then leaves out about as many negatives, but not by class (METHOD.md 4.8)."""
+    resume: the oracle then leaves out about as many negatives, but not by class (METHOD.md 4.8). An image
+    whose mask is not its size (a wrong width/height in a COCO json) is named on stderr and its tokens are
+    unknown: a long run goes on."""
 
     KEYS = ("index", "size", "box1", "box2", "flip1", "flip2")
 
@@ -384,6 +396,7 @@ class OracleLabels:
         self.masks = CocoClassMasks(coco_json, files, image_root) if coco_json else class_masks(files)
         self.stride = self.masks.stride if coco_json else 1
         self.grid, self.pending, self.shuffle_seed = grid, collections.deque(), shuffle_seed
+        self.files, self.unfit = files, set()
 
     def tap(self, loader):
         for batch in loader:
@@ -391,7 +404,11 @@ class OracleLabels:
             yield batch
 
     def next(self, step=0):
-        labels = token_labels(self.masks, self.pending.popleft(), self.grid, self.stride)
+        before = set(self.unfit)
+        labels = token_labels(self.masks, self.pending.popleft(), self.grid, self.stride, self.unfit)
+        for i in sorted(self.unfit - before):  # a wrong size in a COCO json: its tokens unknown, the run goes on
+            print(f"--oracle-negatives: the class mask of {self.files[i]} cannot be made or is not the size of the "
+                  f"image (its tokens count as unknown; {len(self.unfit)} such images so far)", file=sys.stderr)
         if self.shuffle_seed is None:
             return labels
         g = torch.Generator().manual_seed(self.shuffle_seed * 1_000_003 + step)

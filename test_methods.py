@@ -379,7 +379,7 @@ def test_oracle_labels_of_a_demo_set(tmp_path):
         methods.class_masks(data.list_images(make_images(tmp_path / "plain", n=2)))
 
 
-def test_oracle_labels_of_a_coco_json_match_the_demo_masks(tmp_path):
+def test_oracle_labels_of_a_coco_json_match_the_demo_masks(tmp_path, capsys):
     """--data a COCO instances .json: CocoClassMasks makes each image's class mask from its annotations
     (probing.coco_mask, the categories numbered in id order as the demo's PNGs number them). At stride 1 every
     token has the PNG's class wherever both know one (the PNG's void band and the json's crowd regions are -1 on
@@ -404,6 +404,16 @@ def test_oracle_labels_of_a_coco_json_match_the_demo_masks(tmp_path):
     assert torch.equal(oracle.next(), methods.token_labels(quarter, batch, 4, stride=4))
     with pytest.raises(ValueError, match="names 8 images, --data 7"):
         methods.CocoClassMasks(json_path, files[:7])
+    # a wrong size in the json: that image's tokens unknown (both views), the others as before, the file named
+    d = json.load(open(json_path))
+    d["images"][2]["width"] = 95
+    json.dump(d, open(json_path, "w"))
+    oracle = methods.OracleLabels(files, 4, coco_json=json_path)
+    list(oracle.tap([batch]))
+    want = methods.token_labels(quarter, batch, 4, stride=4)
+    want[[2, 10]] = -1
+    assert torch.equal(oracle.next(), want) and oracle.unfit == {2}
+    assert "000003.jpg cannot be made or is not the size of the image" in capsys.readouterr().err
 
 
 def test_oracle_shuffle_permutes_each_steps_labels_replayably(tmp_path):
