@@ -78,6 +78,9 @@ def get_args_parser(description=None):
         "negative token whose class equals the anchor token's (METHOD.md 4.8). The classes: a demo-layout "
         "set's voc/SegmentationClass masks, or with --data a COCO instances .json its annotations (the 80 "
         "things, the rest one class 0; ~10 ms an image the first time a process meets it)")
+    add("--oracle-stuff", default=None, help="with --oracle-negatives and --data a COCO instances .json: "
+        "COCO-Stuff's annotations of the same images (stuff_train2017.json), so that the stuff kinds are "
+        "classes of their own instead of one background class (METHOD.md 4.8)")
     add("--oracle-shuffle", action="store_true", help="the CONTROL of --oracle-negatives: its token labels "
         "permuted across the batch's tokens every step (a generator seeded by --seed and the step), so about as "
         "many negatives leave the sum, but not by class (METHOD.md 4.8)")
@@ -172,10 +175,11 @@ def cross_view(n, tokens):
 
 # Flags that act only in some configurations: given explicitly where they do nothing, they are an error
 NEEDS = [(("neg", "M", "beta", "N", "score_tokens", "xv_exclude", "tau_d", "pair", "lam_warmup", "neg_draw",
-           "detach_neg", "oracle_negatives", "oracle_shuffle"), lambda a: a.lam > 0, "a dense loss (--lam > 0)"),
+           "detach_neg", "oracle_negatives", "oracle_shuffle", "oracle_stuff"), lambda a: a.lam > 0,
+          "a dense loss (--lam > 0)"),
          (("neg_draw",), lambda a: a.neg == "random", "--neg random"),
          (("oracle_negatives",), lambda a: a.neg != "densecl", "token negatives (--neg random, guided or all)"),
-         (("oracle_shuffle",), lambda a: a.oracle_negatives, "--oracle-negatives"),
+         (("oracle_shuffle", "oracle_stuff"), lambda a: a.oracle_negatives, "--oracle-negatives"),
          (("M", "beta", "score_tokens"), lambda a: a.neg == "guided", "--neg guided"),
          (("score_tokens",), lambda a: a.beta is not None and a.beta >= -1,
           "the thresholded set score (--beta >= -1)"),

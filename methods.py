@@ -321,21 +321,28 @@ def class_masks(files):
 class CocoClassMasks:
     """The class masks of a COCO instances .json given as --data (data.list_images: its images in the json's
     order): mask i is probing.coco_mask of image i (0 the unlabelled rest, 1..K the json's categories in id
-    order, 255 crowd), made on first use and kept at every `stride`-th pixel of both axes (pixel (y, x) of the
-    image is mask[y // stride, x // stride]). At 640x480 a mask takes ~10 ms to make (pycocotools, in the
-    training process, once per image) and ~19 KB to keep at stride 4: ~2.3 GB a process once all of COCO
-    train2017 has passed. A mask that cannot be made (an annotation that does not fit its image's size in
-    the json) is kept empty, so that token_labels finds it unfit."""
+    order, 255 crowd); with stuff_json (COCO-Stuff's annotations of the same image ids) its stuff categories
+    follow as K+1.., painted first, the things over them. Made on first use and kept at every `stride`-th pixel
+    of both axes (pixel (y, x) of the image is mask[y // stride, x // stride]). At 640x480 a mask takes ~10 ms
+    to make (pycocotools, in the training process, once per image) and ~19 KB to keep at stride 4: ~2.3 GB a
+    process once all of COCO train2017 has passed. A mask that cannot be made (an annotation that does not fit
+    its image's size in the json) is kept empty, so that token_labels finds it unfit."""
 
-    def __init__(self, json_path, files, image_root=None, stride=4):
-        self.coco = probing.load_coco(json_path, image_root or data.coco_image_root(json_path), check_images=False)
-        self.ids = [im["id"] for im in self.coco.dataset["images"]]
+    def __init__(self, json_path, files, image_root=None, stride=4, stuff_json=None):
+        images = image_root or data.coco_image_root(json_path)
+        paths = [json_path] + ([stuff_json] if stuff_json else [])
+        self.cocos = [probing.load_coco(p, images, check_images=False) for p in paths]
+        self.ids = [im["id"] for im in self.cocos[0].dataset["images"]]
         if len(self.ids) != len(files):
             raise ValueError(f"--oracle-negatives: {json_path} names {len(self.ids)} images, --data {len(files)}")
-        if len(self.coco.cats) > 254:
-            raise ValueError(f"--oracle-negatives: {json_path} has {len(self.coco.cats)} categories, at most 254 "
-                             f"fit a uint8 mask")
-        self.cat_index = {c: k + 1 for k, c in enumerate(sorted(self.coco.cats))}
+        cats = [c for coco in self.cocos for c in sorted(coco.cats)]
+        if len(set(cats)) != len(cats) or len(cats) > 254:
+            raise ValueError(f"--oracle-negatives: {len(cats)} categories in {json_path} and --oracle-stuff "
+                             f"{stuff_json}: a uint8 mask needs at most 254, with no id in both")
+        if stuff_json and not set(self.ids) <= set(self.cocos[1].imgs):
+            raise ValueError(f"--oracle-stuff: {stuff_json} lacks images of {json_path}, e.g. id "
+                             f"{min(set(self.ids) - set(self.cocos[1].imgs))}")
+        self.cat_index = {c: k + 1 for k, c in enumerate(cats)}
         self.stride, self.kept = stride, {}
 
     def __len__(self):
@@ -344,7 +351,11 @@ class CocoClassMasks:
     def __getitem__(self, i):
         if i not in self.kept:
             try:
-                mask = probing.coco_mask(self.coco, self.ids[i], self.cat_index)[::self.stride, ::self.stride]
+                mask = probing.coco_mask(self.cocos[-1], self.ids[i], self.cat_index)
+                if len(self.cocos) == 2:  # the things over the stuff
+                    things = probing.coco_mask(self.cocos[0], self.ids[i], self.cat_index)
+                    mask = np.where(things > 0, things, mask)
+                mask = mask[::self.stride, ::self.stride]
             except (ValueError, IndexError, TypeError, KeyError):  # an annotation that does not fit its image
                 mask = np.zeros((0, 0), np.uint8)  # fits no image: token_labels finds it unfit
             self.kept[i] = torch.from_numpy(np.ascontiguousarray(mask))
@@ -390,10 +401,12 @@ class OracleLabels:
 
     KEYS = ("index", "size", "box1", "box2", "flip1", "flip2")
 
-    def __init__(self, files, grid, shuffle_seed=None, coco_json=None, image_root=None):
+    def __init__(self, files, grid, shuffle_seed=None, coco_json=None, image_root=None, stuff_json=None):
         """The class masks of a demo-layout set (class_masks, all loaded now), or with coco_json (a COCO
-        instances .json given as --data) made from its annotations as batches need them (CocoClassMasks)."""
-        self.masks = CocoClassMasks(coco_json, files, image_root) if coco_json else class_masks(files)
+        instances .json given as --data) made from its annotations, and stuff_json's, as batches need them
+        (CocoClassMasks)."""
+        self.masks = CocoClassMasks(coco_json, files, image_root, stuff_json=stuff_json) if coco_json else \
+            class_masks(files)
         self.stride = self.masks.stride if coco_json else 1
         self.grid, self.pending, self.shuffle_seed = grid, collections.deque(), shuffle_seed
         self.files, self.unfit = files, set()

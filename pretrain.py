@@ -211,9 +211,12 @@ def setup(args, ckpt, rank, world_size, device):
         raise ValueError(f"--decode gpu needs a CUDA device, this run is on {device}: use --decode cpu or auto")
     run.decode_gpu = args.decode == "gpu" or (args.decode == "auto" and run.cuda)
     # the class masks: a demo-layout set's loaded once (a missing one is an error now), a COCO json's as needed
+    if args.oracle_stuff and os.path.isdir(args.data):
+        raise ValueError(f"--oracle-stuff adds to the classes of a COCO instances .json as --data, not to a "
+                         f"folder ({args.data})")
     run.oracle = methods.OracleLabels(
         run.files, run.model.backbone.grid, args.seed if args.oracle_shuffle else None,
-        coco_json=None if os.path.isdir(args.data) else args.data,
+        coco_json=None if os.path.isdir(args.data) else args.data, stuff_json=args.oracle_stuff,
         image_root=args.image_root) if args.oracle_negatives else None
     dataset = data.TwoViews(run.files, args.img_size, seed=args.seed, boxes=run.boxes,
                             ccrop_alpha=args.ccrop_alpha, ccrop_warmup=args.ccrop_warmup,

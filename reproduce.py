@@ -79,6 +79,8 @@ def get_args_parser():
         "300 epochs, a global batch of 256 on any number of GPUs)")
     add("--data", default=None, help="pretraining data (pretrain.py --data; default: the preset's set)")
     add("--extra", default="", help="more pretrain.py flags for every row, e.g. \"--epochs 100\"")
+    add("--oracle-stuff", default=None, help="pretrain.py --oracle-stuff for the rows with --oracle-negatives "
+        "(COCO-Stuff's stuff_train2017.json beside --data instances_train2017.json)")
     add("--threads", type=int, default=None, help="OMP_NUM_THREADS of every run (default: inherited); part of "
         "a run's command, so a rerun at another count measures what rounding alone changes")
     add("--nproc-per-node", type=int, default=None, help="processes per node for pretraining (default: the "
@@ -172,9 +174,10 @@ def pretrain_cmd(args, flags, seed, out):
     argv None for the random-init row (flags None), which pretrains nothing."""
     if flags is None:
         return [sys.executable], None
+    stuff = ["--oracle-stuff", args.oracle_stuff] if args.oracle_stuff and "--oracle-negatives" in flags else []
     argv = ["pretrain.py", "--preset", args.recipe] + (["--data", args.data] if args.data else []) + \
-        (QUICK if args.quick else []) + args.extra.split() + flags + ["--seed", str(seed), "--out-dir", out,
-                                                                     "--resume"]
+        (QUICK if args.quick else []) + args.extra.split() + flags + stuff + ["--seed", str(seed), "--out-dir", out,
+                                                                             "--resume"]
     n = args.nproc_per_node
     return ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
             if n > 1 else [sys.executable]), argv

@@ -404,6 +404,19 @@ def test_oracle_labels_of_a_coco_json_match_the_demo_masks(tmp_path, capsys):
     assert torch.equal(oracle.next(), methods.token_labels(quarter, batch, 4, stride=4))
     with pytest.raises(ValueError, match="names 8 images, --data 7"):
         methods.CocoClassMasks(json_path, files[:7])
+    # the clutter set: its stuff (stuff_train.json) are classes 9..13 of the PNGs, after the 8 things
+    clutter = demo.make_demo(str(tmp_path / "clutter"), n_train=8, n_val=1, clutter=True)
+    cfiles = data.list_images(f"{clutter}/annotations/instances_train.json")
+    cviews = data.TwoViews(cfiles, img_size=32, seed=0)
+    cbatch = data.two_view_batch([cviews[i] for i in range(8)])
+    png = methods.token_labels(methods.class_masks(cfiles), cbatch, 4)
+    coco = methods.token_labels(methods.CocoClassMasks(f"{clutter}/annotations/instances_train.json", cfiles,
+                                                       stride=1, stuff_json=f"{clutter}/annotations/stuff_train.json"),
+                                cbatch, 4)
+    both = (png >= 0) & (coco >= 0)
+    assert both.float().mean() > 0.8 and (png[both] > 8).sum() > 20 and torch.equal(coco[both], png[both])
+    with pytest.raises(ValueError, match="no id in both"):
+        methods.CocoClassMasks(json_path, files, stuff_json=json_path)
     # a wrong size in the json: that image's tokens unknown (both views), the others as before, the file named
     d = json.load(open(json_path))
     d["images"][2]["width"] = 95

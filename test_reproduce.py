@@ -166,6 +166,17 @@ def test_cross_view_negatives_keep_the_posters_share_of_tokens(capsys):
     assert "--rows ['no such row']" in capsys.readouterr().err
 
 
+def test_oracle_stuff_goes_to_the_oracle_rows_only():
+    args = reproduce.get_args_parser().parse_args(["--table", "controls", "--oracle-stuff", "stuff.json"])
+    args.recipe, args.nproc_per_node = "coco", 1
+    rows = [(name, flags) for name, flags, _ in reproduce.rows_of("controls", tokens=196)]
+    for name, flags in rows:
+        argv = reproduce.pretrain_cmd(args, flags, 0, "out")[1]
+        stuff = [argv[k + 1] for k, a in enumerate(argv) if a == "--oracle-stuff"]
+        assert stuff == (["stuff.json"] if "--oracle-negatives" in flags else []), name
+    assert sum("--oracle-negatives" in f for _, f in rows) == 3
+
+
 def test_plot_text_keeps_its_spaces():
     """PIL's own font draws a space 2-3 px wide ("SimCLRcls" in the old plots); text() a third of the font
     size, with the bitmap font (no FreeType) too."""
