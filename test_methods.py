@@ -418,9 +418,11 @@ def test_oracle_labels_of_a_coco_json_match_the_demo_masks(tmp_path, capsys):
     with pytest.raises(ValueError, match="no id in both"):
         methods.CocoClassMasks(json_path, files, stuff_json=json_path)
     # a wrong size in the json: that image's tokens unknown (both views), the others as before, the file named
-    d = json.load(open(json_path))
+    with open(json_path) as f:
+        d = json.load(f)
     d["images"][2]["width"] = 95
-    json.dump(d, open(json_path, "w"))
+    with open(json_path, "w") as f:
+        json.dump(d, f)
     oracle = methods.OracleLabels(files, 4, coco_json=json_path)
     list(oracle.tap([batch]))
     want = methods.token_labels(quarter, batch, 4, stride=4)
