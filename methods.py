@@ -345,9 +345,6 @@ class CocoClassMasks:
         self.cat_index = {c: k + 1 for k, c in enumerate(cats)}
         self.stride, self.kept = stride, {}
 
-    def __len__(self):
-        return len(self.ids)
-
     def __getitem__(self, i):
         if i not in self.kept:
             try:

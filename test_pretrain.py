@@ -464,7 +464,7 @@ def test_oracle_and_its_shuffled_control_end_to_end(tmp_path, capsys):
     assert len({first["plain"], first["oracle"], first["shuffled"]}) == 3, first
     assert first["coco plain"] == first["plain"] and first["coco oracle"] != first["plain"], first
     base = TINY + ["--batch-size", "4", "--max-steps", "1", "--neg", "random", "--N", "0"]
-    stuff = ["--oracle-stuff", json_path]  # (the flag's checks; its classes: test_methods.py)
+    stuff = ["--oracle-stuff", json_path]  # (the flag's checks; its classes: test_oracle.py)
     assert "--oracle-negatives" in error_of(pretrain.main, base + ["--data", json_path, "--out-dir",
                                                                    str(tmp_path / "e1")] + stuff, capsys)
     assert "not to a folder" in error_of(pretrain.main, base + ["--data", folder, "--out-dir", str(tmp_path / "e2"),
