@@ -1,6 +1,7 @@
 """
 Tests of the oracle's token classes (methods.py, --oracle-negatives, METHOD.md 4.8): token_labels by hand, the
-class masks of a demo-layout set and of a COCO json (against the demo's PNGs), the shuffled control replayable.
+class masks of a demo-layout set and of a COCO json (against the demo's PNGs), the shuffled control replayable, and pretrain.py end to end with the oracle, its control and
+--oracle-stuff.
 """
 import json
 
@@ -11,7 +12,8 @@ from PIL import Image
 
 import data
 import methods
-from conftest import make_images
+import pretrain
+from conftest import TINY, error_of, losses_by_step, make_images
 
 
 def test_token_labels_hand_computed():
@@ -138,3 +140,28 @@ def test_oracle_shuffle_permutes_each_steps_labels_replayably(tmp_path):
     assert not torch.equal(out["shuffled"][0], out["shuffled"][1])
     g = torch.Generator().manual_seed(7 * 1_000_003 + 6)
     assert torch.equal(out["shuffled"][1], truth.flatten()[torch.randperm(truth.numel(), generator=g)].view(8, 16))
+
+
+def test_oracle_and_its_shuffled_control_end_to_end(tmp_path, capsys):
+    """--oracle-negatives on a demo-layout set reaches the loss from pretrain.py (the first step's loss differs
+    from the same run without it), and --oracle-shuffle, its control, gives a third first-step loss. The same
+    images given as their COCO json: the same plain run, and the oracle reads the json's annotations."""
+    import demo
+    root = demo.make_demo(str(tmp_path / "demo"), n_train=8, n_val=1)
+    first, folder, json_path = {}, f"{root}/images/train", f"{root}/annotations/instances_train.json"
+    for name, images, flags in (("plain", folder, []), ("oracle", folder, ["--oracle-negatives"]),
+                                ("shuffled", folder, ["--oracle-negatives", "--oracle-shuffle"]),
+                                ("coco plain", json_path, []), ("coco oracle", json_path, ["--oracle-negatives"])):
+        out = tmp_path / name
+        assert pretrain.main(TINY + ["--data", images, "--batch-size", "4", "--max-steps", "1",
+                                     "--neg", "random", "--N", "0", "--out-dir", str(out)] + flags) == 0
+        first[name] = losses_by_step(out)[1]
+    assert "oracle_negatives=True oracle_shuffle=True" in capsys.readouterr().out
+    assert len({first["plain"], first["oracle"], first["shuffled"]}) == 3, first
+    assert first["coco plain"] == first["plain"] and first["coco oracle"] != first["plain"], first
+    base = TINY + ["--batch-size", "4", "--max-steps", "1", "--neg", "random", "--N", "0"]
+    stuff = ["--oracle-stuff", json_path]  # (the flag's checks; its classes: test_oracle.py)
+    assert "--oracle-negatives" in error_of(pretrain.main, base + ["--data", json_path, "--out-dir",
+                                                                   str(tmp_path / "e1")] + stuff, capsys)
+    assert "not to a folder" in error_of(pretrain.main, base + ["--data", folder, "--out-dir", str(tmp_path / "e2"),
+                                                                "--oracle-negatives"] + stuff, capsys)
